@@ -1,0 +1,1 @@
+"""Reads runs back from MLflow and turns them into tables, plots and reports."""

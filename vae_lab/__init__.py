@@ -1,0 +1,3 @@
+"""vae_lab: train, track and compare autoencoders (AE, VAE, conv AE, conv VAE)."""
+
+__version__ = "0.1.0"

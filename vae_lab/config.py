@@ -1,0 +1,333 @@
+"""Typed run configuration: defaults, YAML loading, dotted overrides, validation.
+
+A run is described by one `Config`. It is built from defaults, then a YAML file,
+then `section.key=value` overrides, and validated before anything runs: a bad key
+or value raises `ConfigError` with one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+class _NumberSafeLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`)."""
+
+
+_FLOAT_PATTERN = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_NumberSafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", _FLOAT_PATTERN, list("-+0123456789.")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML safely, reading scientific notation such as 1e-4 as numbers."""
+    return yaml.load(text, Loader=_NumberSafeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_yaml_mapping(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        content = parse_yaml(path.read_text())
+    except yaml.YAMLError as error:
+        first_line = str(error).splitlines()[0] if str(error) else "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML ({first_line})") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(content).__name__}"
+        )
+    return content
+
+
+# ----------------------------------------------------------------------------- sections
+
+DATASETS = ("mnist5k", "mnist", "fashion-mnist", "kmnist", "digits")
+MODELS = ("ae", "linear_vae", "conv_ae", "conv_vae")
+VAE_MODELS = ("linear_vae", "conv_vae")
+CONV_MODELS = ("conv_ae", "conv_vae")
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist5k"
+    root: str = ""  # "" = ~/.cache/vae_lab
+    resize: int = 0  # 0 keeps the native size
+    channels: int = 1  # 3 repeats the grey channel
+    binarize: str = "none"
+    download: bool = True
+
+    choices = {"name": DATASETS, "binarize": ("none", "dynamic", "static"), "channels": (1, 3)}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "linear_vae"
+    latent_dim: int = 20
+    hidden_dims: list[int] = field(default_factory=lambda: [400])  # MLP models
+    conv_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # conv models
+    latent_layout: str = "vector"  # conv models: "cube" keeps a C x H x W latent
+
+    choices = {"name": MODELS, "latent_layout": ("vector", "cube")}
+
+
+@dataclass
+class LossConfig:
+    likelihood: str = "bernoulli"
+    kl_weight: float = 1.0
+    kl_warmup_steps: int = 0
+
+    choices = {"likelihood": ("bernoulli", "gaussian")}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    amp: bool = False  # bf16 autocast
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    iwae_samples: int = 100  # 5000 to compare with the literature
+    iwae_points: int = 1000  # test images the IWAE estimate uses
+    max_points: int = 10000  # cap on train/test points for probes, PCA and latents
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else an SQLite file in mlruns/
+    experiment: str = "vae_lab"
+    run_name: str = ""
+    log_every_steps: int = 50
+    log_model: bool = True
+    log_images: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    device: str = "auto"
+
+    choices = {"device": ("auto", "cpu", "cuda")}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to values, e.g. {'model.latent_dim': 20, ...}."""
+        return flatten(self.to_dict())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def is_vae(self) -> bool:
+        return self.model.name in VAE_MODELS
+
+
+def flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in nested.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+# ----------------------------------------------------------------------------- building
+
+def _section_fields(obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def allowed_keys() -> list[str]:
+    """Every dotted key a config accepts."""
+    return list(Config().flat().keys())
+
+
+def _coerce(value: Any, expected: Any, key: str) -> Any:
+    """Check `value` against the annotated type; return it converted (int -> float)."""
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # hidden_dims=400 means [400]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list of {item_type.__name__}, got {value!r}")
+        return [_coerce(item, item_type, key) for item in value]
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if expected is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {expected!r} for {key}")
+
+
+def _set(target, key_path: list[str], value: Any, full_key: str) -> None:
+    name = key_path[0]
+    fields = _section_fields(target)
+    if name not in fields:
+        where = full_key.rsplit(".", 1)[0] if "." in full_key else "the top level"
+        raise ConfigError(
+            f"unknown key {full_key!r}; allowed in {where}: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(type(target))
+    current = getattr(target, name)
+    if dataclasses.is_dataclass(current):
+        if len(key_path) == 1:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full_key} must be a mapping of keys, got {value!r}")
+            for sub_key, sub_value in value.items():
+                _set(current, [str(sub_key)], sub_value, f"{full_key}.{sub_key}")
+            return
+        _set(current, key_path[1:], value, full_key)
+        return
+    if len(key_path) > 1:
+        raise ConfigError(f"unknown key {full_key!r}: {name!r} is a value, not a section")
+    value = _coerce(value, hints[name], full_key)
+    allowed = getattr(target, "choices", {}).get(name)
+    if allowed is not None and value not in allowed:
+        raise ConfigError(
+            f"{full_key}={value!r} is not allowed; choose one of: "
+            + ", ".join(str(choice) for choice in allowed)
+        )
+    setattr(target, name, value)
+
+
+def apply_mapping(config: Config, mapping: dict, prefix: str = "") -> Config:
+    for key, value in mapping.items():
+        full_key = f"{prefix}{key}"
+        _set(config, full_key.split("."), value, full_key)
+    return config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'model.latent_dim=16' -> ('model.latent_dim', 16); values are read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = parse_yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(config, key.split("."), value, key)
+    return config
+
+
+def validate(config: Config) -> Config:
+    """Cross-field and range checks that a type alone does not express."""
+    positive = {
+        "model.latent_dim": config.model.latent_dim,
+        "train.epochs": config.train.epochs,
+        "train.batch_size": config.train.batch_size,
+        "train.lr": config.train.lr,
+        "tracking.log_every_steps": config.tracking.log_every_steps,
+        "eval.iwae_samples": config.eval.iwae_samples,
+        "eval.iwae_points": config.eval.iwae_points,
+        "eval.max_points": config.eval.max_points,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    for key, sizes in (("model.hidden_dims", config.model.hidden_dims),
+                       ("model.conv_channels", config.model.conv_channels)):
+        if any(size <= 0 for size in sizes):
+            raise ConfigError(f"{key} must hold positive sizes, got {sizes}")
+    if not config.model.conv_channels:
+        raise ConfigError("model.conv_channels must hold at least one layer width")
+    non_negative = {
+        "loss.kl_weight": config.loss.kl_weight,
+        "loss.kl_warmup_steps": config.loss.kl_warmup_steps,
+        "train.grad_clip": config.train.grad_clip,
+        "data.resize": config.data.resize,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be zero or positive, got {value}")
+    if config.data.resize and config.data.resize < 8:
+        raise ConfigError(f"data.resize must be 0 (native size) or at least 8, got {config.data.resize}")
+    if config.model.latent_layout == "cube" and config.model.name not in CONV_MODELS:
+        raise ConfigError(
+            f"model.latent_layout=cube needs a conv model (conv_ae, conv_vae), got {config.model.name}"
+        )
+    return config
+
+
+def build_config(
+    mapping: dict | None = None, overrides: list[str] | None = None
+) -> Config:
+    config = Config()
+    if mapping:
+        apply_mapping(config, mapping)
+    if overrides:
+        apply_overrides(config, overrides)
+    return validate(config)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then dotted overrides; validated."""
+    mapping = load_yaml_mapping(path) if path else {}
+    return build_config(mapping, overrides)
+
+
+def config_from_flat(flat: dict[str, Any]) -> Config:
+    """Rebuild a Config from dotted keys (as stored in a run's config.yaml or params)."""
+    config = Config()
+    for key, value in flat.items():
+        _set(config, key.split("."), value, key)
+    return validate(config)

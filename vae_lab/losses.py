@@ -1,0 +1,60 @@
+"""Reconstruction and KL terms, per image, in nats.
+
+Every term is summed over the pixels (or latent dimensions) of one image, so AE and
+VAE report numbers on one scale; the training loss averages them over the batch.
+
+- bernoulli: -log p(x|z) with p = sigmoid(logits), computed stably from the logits.
+- gaussian: the summed squared error between x and sigmoid(logits), i.e. the
+  Gaussian negative log-likelihood with variance 1/2 and its constant dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .models import Posterior
+
+
+def reconstruction_nll(logits: torch.Tensor, images: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """Per-image reconstruction term, shape [B]."""
+    if likelihood == "bernoulli":
+        per_pixel = F.binary_cross_entropy_with_logits(logits, images, reduction="none")
+    elif likelihood == "gaussian":
+        per_pixel = (torch.sigmoid(logits) - images).square()
+    else:
+        raise ValueError(f"unknown likelihood {likelihood!r}")
+    return per_pixel.flatten(1).sum(dim=1)
+
+
+def kl_to_standard_normal(posterior: Posterior) -> torch.Tensor:
+    """Per-dimension KL(q(z|x) || N(0, I)) in closed form, shape [B, latent_dim]."""
+    if posterior.logvar is None:
+        return torch.zeros_like(posterior.mean)
+    mean, logvar = posterior.mean, posterior.logvar
+    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
+
+
+def kl_weight_at(step: int, kl_weight: float, warmup_steps: int) -> float:
+    """β at a training step: linear warm-up from 0 over `warmup_steps`, then constant."""
+    if warmup_steps <= 0:
+        return kl_weight
+    return kl_weight * min(1.0, step / warmup_steps)
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor  # scalar: batch mean of recon + β·kl, what the optimizer sees
+    recon: torch.Tensor  # [B]
+    kl: torch.Tensor  # [B]
+
+
+def loss_terms(logits: torch.Tensor, images: torch.Tensor, posterior: Posterior,
+               likelihood: str, kl_weight: float) -> LossTerms:
+    recon = reconstruction_nll(logits.float(), images, likelihood)
+    kl = kl_to_standard_normal(Posterior(posterior.mean.float(),
+                                         None if posterior.logvar is None else posterior.logvar.float())).sum(dim=1)
+    loss = (recon + kl_weight * kl).mean()
+    return LossTerms(loss, recon, kl)

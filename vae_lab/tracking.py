@@ -1,0 +1,227 @@
+"""MLflow: where the store is, one run's lifecycle, batched metric logging, model logging.
+
+Runs are driven through `MlflowClient` with explicit run ids (no thread-local active run),
+so a sweep can hold a parent run open while its children come and go, in any thread.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from .config import Config, config_from_flat, parse_yaml
+
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MODEL_ARTIFACT = "model"
+STATE_DICT_ARTIFACT = "model_state/state_dict.pt"
+CONFIG_ARTIFACT = "config.yaml"
+
+
+def project_root() -> Path:
+    """The checkout this package lives in (when installed editable), else the current folder."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file():
+        return checkout
+    return Path.cwd().resolve()
+
+
+def default_store_dir() -> Path:
+    return project_root() / "mlruns"
+
+
+def default_tracking_uri() -> str:
+    """An absolute SQLite URI in mlruns/ (MLflow's own default is relative to the cwd)."""
+    return f"sqlite:///{default_store_dir() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(configured: str = "") -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _local_artifact_root(tracking_uri: str) -> str | None:
+    """For an SQLite store, artifacts go in an `artifacts/` folder beside the database."""
+    if tracking_uri.startswith("sqlite:///"):
+        database = Path(tracking_uri[len("sqlite:///"):])
+        return (database.parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def prepare_store(tracking_uri: str) -> None:
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    artifact_root = _local_artifact_root(tracking_uri)
+    location = f"{artifact_root}/{name}" if artifact_root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # another worker created it between our lookup and our create
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True,
+                                text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def environment_tags(device: torch.device) -> dict[str, str]:
+    tags = {
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "mlflow_version": mlflow.__version__,
+    }
+    if device.type == "cuda":
+        tags["device_name"] = torch.cuda.get_device_name(device)
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _param_value(value: Any) -> str:
+    return str(value)[:6000]
+
+
+class RunTracker:
+    """One MLflow run: params, buffered metrics, artifacts, model, and its final status."""
+
+    def __init__(self, client: MlflowClient, tracking_uri: str, run_id: str, experiment_id: str):
+        self.client = client
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self._pending: list[Metric] = []
+        self.ended = False
+
+    @classmethod
+    def start(cls, config: Config, device: torch.device, parent_run_id: str | None = None,
+              run_name: str | None = None, tags: dict[str, str] | None = None) -> "RunTracker":
+        tracking_uri = resolve_tracking_uri(config.tracking.uri)
+        prepare_store(tracking_uri)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment_id = get_or_create_experiment(client, config.tracking.experiment, tracking_uri)
+        all_tags = environment_tags(device)
+        all_tags.update({"model": config.model.name, "dataset": config.data.name})
+        all_tags.update(tags or {})
+        if parent_run_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        name = run_name or config.tracking.run_name or None
+        run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+        tracker = cls(client, tracking_uri, run.info.run_id, experiment_id)
+        tracker.log_params(config.flat())
+        return tracker
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(key, _param_value(value)) for key, value in params.items()]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Buffered: nothing reaches the store until `flush()` (called once per epoch)."""
+        timestamp = int(time.time() * 1000)
+        self._pending.extend(Metric(key, float(value), timestamp, step) for key, value in metrics.items())
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=pending[start:start + MAX_METRICS_PER_BATCH])
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def finish_with_model(self, model: "torch.nn.Module") -> None:
+        """Log the model and end the run FINISHED.
+
+        The model goes in twice: as an MLflow pytorch model in pickle format (so
+        `mlflow.pytorch.load_model` gives back the class with `encode`/`decode`/`sample`;
+        the default `pt2` format would give a bare graph), and as a plain state dict that
+        `load_logged_model` reads with `torch.load(weights_only=True)`.
+        `mlflow.pytorch.log_model` only logs into the active run, so the run is made
+        active for it; leaving that block is what marks the run FINISHED.
+        """
+        self.flush()
+        model = model.to("cpu")
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = Path(folder) / "state_dict.pt"
+            torch.save({"state_dict": model.state_dict(), "image_shape": list(model.image_shape)}, checkpoint)
+            self.client.log_artifact(self.run_id, str(checkpoint), "model_state")
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(
+                model, name=MODEL_ARTIFACT, serialization_format="pickle",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                code_paths=[str(Path(__file__).resolve().parent)],
+            )
+        self.ended = True
+
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        if self.ended:
+            return
+        self.flush()
+        if reason:
+            self.set_tags({"failure_reason": reason[:5000]})
+        self.client.set_terminated(self.run_id, status=status)
+        self.ended = True
+
+
+class NullTracker:
+    """Tracking off: the same calls, no store."""
+
+    run_id = None
+
+    def log_params(self, params): pass
+    def set_tags(self, tags): pass
+    def log_metrics(self, metrics, step): pass
+    def flush(self): pass
+    def log_artifacts(self, local_dir, artifact_path=None): pass
+    def finish_with_model(self, model): pass
+    def end(self, status="FINISHED", reason=None): pass
+
+
+def load_run_config(client: MlflowClient, run_id: str) -> Config:
+    with tempfile.TemporaryDirectory() as folder:
+        path = client.download_artifacts(run_id, CONFIG_ARTIFACT, folder)
+        from .config import flatten
+
+        return config_from_flat(flatten(parse_yaml(Path(path).read_text())))
+
+
+def load_logged_model(run_id: str, tracking_uri: str | None = None,
+                      map_location: str | torch.device = "cpu"):
+    """Rebuild a run's model from its config and state dict (`torch.load(weights_only=True)`)."""
+    from .models import build_model
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri or ""))
+    config = load_run_config(client, run_id)
+    with tempfile.TemporaryDirectory() as folder:
+        path = client.download_artifacts(run_id, STATE_DICT_ARTIFACT, folder)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    model = build_model(config.model, tuple(checkpoint["image_shape"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), config
