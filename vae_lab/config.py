@@ -77,6 +77,8 @@ class DataConfig:
     channels: int = 1  # 3 repeats the grey channel
     binarize: str = "none"
     download: bool = True
+    train_limit: int = 0  # keep only the first N training images; 0 = all
+    test_limit: int = 0  # likewise for the test split
 
     choices = {"name": DATASETS, "binarize": ("none", "dynamic", "static"), "channels": (1, 3)}
 
@@ -295,6 +297,8 @@ def validate(config: Config) -> Config:
         "loss.kl_warmup_steps": config.loss.kl_warmup_steps,
         "train.grad_clip": config.train.grad_clip,
         "data.resize": config.data.resize,
+        "data.train_limit": config.data.train_limit,
+        "data.test_limit": config.data.test_limit,
     }
     for key, value in non_negative.items():
         if value < 0:

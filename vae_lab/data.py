@@ -225,6 +225,10 @@ def load_data(config: DataConfig, device: torch.device | str = "cpu") -> ImageDa
     else:
         raise ValueError(f"unknown dataset {config.name!r}")
     train_x, train_y, test_x, test_y = arrays
+    if config.train_limit:
+        train_x, train_y = train_x[:config.train_limit], train_y[:config.train_limit]
+    if config.test_limit:
+        test_x, test_y = test_x[:config.test_limit], test_y[:config.test_limit]
     return ImageData(
         name=config.name,
         train_images=_prepare(train_x, config, device),
