@@ -167,6 +167,27 @@ def fit(model: Autoencoder, data: ImageData, config: Config, device: torch.devic
     return metrics
 
 
+def finalize_run(model: Autoencoder, data: ImageData, config: Config, device: torch.device,
+                 tracker, metrics: dict[str, float]) -> dict[str, float]:
+    """After training: evaluation metrics, artifacts, the model, and the run ended FINISHED.
+    Returns the metrics with the `eval/` ones added."""
+    metrics = dict(metrics)
+    evaluation = evaluate_model(model, data, config, device) if config.eval.enabled else None
+    if evaluation is not None:
+        metrics.update(evaluation.metrics)
+        tracker.log_metrics(evaluation.metrics, step=0)
+        tracker.set_tags(evaluation.tags)
+    if config.tracking.enabled:
+        with tempfile.TemporaryDirectory() as folder:
+            write_run_artifacts(model, data, config, Path(folder), evaluation,
+                                images=config.tracking.log_images)
+            tracker.log_artifacts(Path(folder))
+        if config.tracking.log_model:
+            tracker.finish_with_model(model)
+    tracker.end("FINISHED")
+    return metrics
+
+
 def run_status_for(error: BaseException) -> str:
     """MLflow status for a run stopped by `error`: interrupted or pruned runs are KILLED."""
     import optuna
@@ -190,23 +211,11 @@ def train(config: Config, *, parent_run_id: str | None = None, run_name: str | N
         data = load_data(config.data, device)
     seed_everything(config.train.seed)
     model = build_model(config.model, data.image_shape).to(device)
-    tracking = config.tracking.enabled
-    tracker = RunTracker.start(config, device, parent_run_id, run_name, tags) if tracking else NullTracker()
+    tracker = RunTracker.start(config, device, parent_run_id, run_name, tags) \
+        if config.tracking.enabled else NullTracker()
     try:
         metrics = fit(model, data, config, device, tracker, on_epoch_end)
-        evaluation = evaluate_model(model, data, config, device) if config.eval.enabled else None
-        if evaluation is not None:
-            metrics.update(evaluation.metrics)
-            tracker.log_metrics(evaluation.metrics, step=0)
-            tracker.set_tags(evaluation.tags)
-        if tracking:
-            with tempfile.TemporaryDirectory() as folder:
-                write_run_artifacts(model, data, config, Path(folder), evaluation,
-                                    images=config.tracking.log_images)
-                tracker.log_artifacts(Path(folder))
-            if config.tracking.log_model:
-                tracker.finish_with_model(model)
-        tracker.end("FINISHED")
+        metrics = finalize_run(model, data, config, device, tracker, metrics)
     except BaseException as error:
         tracker.end(run_status_for(error), reason=f"{type(error).__name__}: {error}")
         raise
