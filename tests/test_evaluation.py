@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+
+from vae_lab.config import ModelConfig, build_config
+from vae_lab.data import load_data
+from vae_lab.evaluation import active_units, evaluate_model, iwae_nll, pca_mse_per_pixel, probe_accuracies
+from vae_lab.losses import kl_to_standard_normal, reconstruction_nll
+from vae_lab.models import build_model
+
+
+@pytest.fixture(scope="module")
+def binary_images():
+    data = load_data(build_config(overrides=["data.binarize=static", "data.train_limit=600",
+                                             "data.test_limit=200"]).data)
+    return data, data.to_float(data.test_images[:8])
+
+
+def _small_vae(seed=0, latent=4):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(name="linear_vae", latent_dim=latent, hidden_dims=[32]), (1, 28, 28)).eval()
+
+
+def test_iwae_with_one_sample_averages_to_the_negative_elbo(binary_images):
+    _, images = binary_images
+    model = _small_vae()
+    repeats = 4000
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        estimates = iwae_nll(model, images, samples=1, generator=generator, chunk=1)
+        many = torch.stack([iwae_nll(model, images, 1, generator) for _ in range(200)]).mean(0)
+        posterior = model.encode(images)
+        noise = torch.randn((repeats, *posterior.mean.shape), generator=generator)
+        z = posterior.mean + noise * posterior.std
+        logits = model.decode(z.reshape(-1, model.latent_dim))
+        recon = reconstruction_nll(logits, images.repeat(repeats, 1, 1, 1), "bernoulli").view(repeats, -1)
+        negative_elbo = recon.mean(0) + kl_to_standard_normal(posterior).sum(1)
+    assert estimates.shape == (8,)
+    assert torch.allclose(many, negative_elbo, rtol=0.01)
+
+
+def test_iwae_with_more_samples_is_not_above_the_negative_elbo(binary_images):
+    _, images = binary_images
+    model = _small_vae(seed=1)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        one = torch.stack([iwae_nll(model, images, 1, generator) for _ in range(50)]).mean()
+        hundred = torch.stack([iwae_nll(model, images, 100, generator) for _ in range(5)]).mean()
+    assert hundred < one
+
+
+def test_active_units_ignore_dimensions_the_encoder_does_not_use(binary_images):
+    data, _ = binary_images
+    model = _small_vae(latent=6)
+    with torch.no_grad():  # the mean of dims 1 and 4 no longer depends on x
+        model.encoder[-1].weight[[1, 4]] = 0.0
+        model.encoder[-1].bias[[1, 4]] = 0.3
+        means = model.encode(data.to_float(data.test_images)).mean.numpy()
+    means = means * 10  # an untrained encoder barely varies; scale the used ones above 0.01
+    assert active_units(means) == 4
+    assert active_units(np.zeros((50, 3))) == 0
+
+
+def test_pca_baseline_equals_an_explicit_projection():
+    rng = np.random.default_rng(0)
+    train = rng.random((200, 30))
+    test = rng.random((50, 30))
+    mean = train.mean(0)
+    _, _, components = np.linalg.svd(train - mean, full_matrices=False)
+    basis = components[:5]
+    reconstructed = (test - mean) @ basis.T @ basis + mean
+    expected = np.mean((reconstructed - test) ** 2)
+    assert pca_mse_per_pixel(train, test, 5) == pytest.approx(expected, rel=1e-6)
+    assert pca_mse_per_pixel(train, test, 30) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_probes_read_separable_latents_perfectly():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    features = labels[:, None] * 10.0 + rng.normal(size=(120, 2))
+    scores = probe_accuracies(features, labels, features, labels)
+    assert scores == {"eval/probe_accuracy": 1.0, "eval/knn_accuracy": 1.0}
+
+
+def test_evaluate_model_reports_iwae_only_for_binarized_bernoulli(binary_images):
+    data, _ = binary_images
+    model = _small_vae()
+    config = build_config(overrides=["data.binarize=static", "eval.iwae_samples=3", "eval.iwae_points=50",
+                                     "model.latent_dim=4"])
+    result = evaluate_model(model, data, config, torch.device("cpu"))
+    assert result.metrics["eval/nll_iwae"] > 0
+    assert result.kl_per_dim.shape == (4,)
+    assert result.metrics["eval/active_units"] <= 4
+    greyscale = build_config(overrides=["eval.iwae_samples=3", "model.latent_dim=4"])
+    result = evaluate_model(model, data, greyscale, torch.device("cpu"))
+    assert "eval/nll_iwae" not in result.metrics
+    assert "not computed" in result.tags["nll_iwae"]

@@ -1,0 +1,64 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vae_lab.losses import kl_to_standard_normal, kl_weight_at, loss_terms, reconstruction_nll
+from vae_lab.models import Posterior
+
+
+def test_bce_with_logits_equals_bce_on_sigmoid():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1, 28, 28) * 3
+    images = torch.rand(4, 1, 28, 28)
+    ours = reconstruction_nll(logits, images, "bernoulli")
+    reference = F.binary_cross_entropy(torch.sigmoid(logits), images, reduction="none").flatten(1).sum(1)
+    assert ours.shape == (4,)
+    assert torch.allclose(ours, reference, rtol=1e-4)
+
+
+def test_bce_is_stable_for_extreme_logits():
+    logits = torch.tensor([[[[200.0, -200.0]]]])
+    images = torch.tensor([[[[0.0, 1.0]]]])
+    assert torch.allclose(reconstruction_nll(logits, images, "bernoulli"), torch.tensor([400.0]))
+
+
+def test_gaussian_is_summed_squared_error_per_image():
+    logits = torch.zeros(2, 1, 2, 2)  # sigmoid -> 0.5
+    images = torch.ones(2, 1, 2, 2)
+    assert torch.allclose(reconstruction_nll(logits, images, "gaussian"), torch.tensor([1.0, 1.0]))
+
+
+def test_kl_closed_form_matches_monte_carlo():
+    torch.manual_seed(0)
+    mean = torch.tensor([[0.5, -1.0, 2.0]])
+    logvar = torch.tensor([[-0.5, 0.3, -1.2]])
+    closed = kl_to_standard_normal(Posterior(mean, logvar)).sum()
+    std = torch.exp(0.5 * logvar)
+    z = mean + std * torch.randn(400_000, 3)
+    log_q = (-0.5 * (math.log(2 * math.pi) + logvar + (z - mean) ** 2 / std**2)).sum(1)
+    log_p = (-0.5 * (math.log(2 * math.pi) + z**2)).sum(1)
+    monte_carlo = (log_q - log_p).mean()
+    assert abs(closed.item() - monte_carlo.item()) < 0.02
+    assert closed.item() > 0
+
+
+def test_kl_is_zero_at_the_prior_and_for_an_ae():
+    zero = torch.zeros(2, 3)
+    assert torch.allclose(kl_to_standard_normal(Posterior(zero, zero)), zero)
+    assert torch.equal(kl_to_standard_normal(Posterior(torch.randn(2, 3), None)), zero)
+
+
+def test_kl_weight_warmup_is_linear_from_zero():
+    assert kl_weight_at(0, 2.0, 100) == 0.0
+    assert kl_weight_at(50, 2.0, 100) == 1.0
+    assert kl_weight_at(500, 2.0, 100) == 2.0
+    assert kl_weight_at(0, 2.0, 0) == 2.0
+
+
+def test_loss_is_batch_mean_of_recon_plus_weighted_kl():
+    torch.manual_seed(0)
+    logits, images = torch.randn(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    posterior = Posterior(torch.randn(3, 2), torch.randn(3, 2))
+    terms = loss_terms(logits, images, posterior, "bernoulli", kl_weight=0.5)
+    assert torch.allclose(terms.loss, (terms.recon + 0.5 * terms.kl).mean())

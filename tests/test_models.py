@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from vae_lab.config import ModelConfig
+from vae_lab.models import build_model
+
+
+@pytest.mark.parametrize("name", ["ae", "linear_vae", "conv_ae", "conv_vae"])
+@pytest.mark.parametrize("size", [28, 32])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_family_round_trips_shapes(name, size, channels):
+    model = build_model(ModelConfig(name=name, latent_dim=6, hidden_dims=[32], conv_channels=[8, 16]),
+                        (channels, size, size))
+    images = torch.rand(5, channels, size, size)
+    output = model(images)
+    assert output.logits.shape == images.shape
+    assert output.posterior.mean.shape == (5, 6)
+    assert model.sample(3).shape == (3, channels, size, size)
+    if name.endswith("vae"):
+        assert output.posterior.logvar.shape == (5, 6)
+        assert not torch.equal(output.z, output.posterior.mean)
+    else:
+        assert output.posterior.logvar is None
+        assert torch.equal(output.z, output.posterior.mean)
+
+
+def test_seed001_latent_cube_is_4x4x4():
+    model = build_model(ModelConfig(name="conv_vae", latent_dim=64, conv_channels=[8, 16, 16],
+                                    latent_layout="cube"), (1, 32, 32))
+    assert model.latent_cube == (4, 4, 4)
+    assert model(torch.rand(2, 1, 32, 32)).logits.shape == (2, 1, 32, 32)
+
+
+def test_cube_latent_size_must_fit_the_feature_map():
+    with pytest.raises(ValueError, match="multiple"):
+        build_model(ModelConfig(name="conv_ae", latent_dim=10, conv_channels=[8, 16, 16],
+                                latent_layout="cube"), (1, 32, 32))
+
+
+def test_logvar_is_clamped():
+    model = build_model(ModelConfig(name="linear_vae", latent_dim=2, hidden_dims=[8]), (1, 8, 8))
+    with torch.no_grad():
+        model.encoder[-1].bias.fill_(1e4)
+    posterior = model.encode(torch.rand(2, 1, 8, 8))
+    assert torch.isfinite(posterior.std).all()
+    assert posterior.logvar.max() <= 20.0
+
+
+def test_seeded_sampling_is_reproducible():
+    model = build_model(ModelConfig(name="linear_vae", latent_dim=4, hidden_dims=[16]), (1, 28, 28))
+    first = model.sample(4, torch.Generator().manual_seed(1))
+    again = model.sample(4, torch.Generator().manual_seed(1))
+    other = model.sample(4, torch.Generator().manual_seed(2))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)

@@ -1,0 +1,180 @@
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from vae_lab.config import build_config
+from vae_lab.data import load_data
+from vae_lab.tracking import load_logged_model
+from vae_lab.train import TrainingDiverged, main, train
+
+EXPECTED_ARTIFACTS = [
+    "config.yaml",
+    "images/reconstructions.png",
+    "images/prior_samples.png",
+    "images/class_panel.png",
+    "images/latent_traversal.png",
+    "latents/test_latents.parquet",
+    "latents/latent_scatter.png",
+    "eval/kl_per_dim.csv",
+    "model_state/state_dict.pt",
+]
+
+
+def _all_artifacts(client, run_id, path=None):
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found.extend(_all_artifacts(client, run_id, item.path) if item.is_dir else [item.path])
+    return found
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    """One tiny conv VAE run with a 2-D latent in its own store, shared by the checks below."""
+    store = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    from conftest import TINY_RUN
+
+    config = build_config(overrides=[*TINY_RUN, f"tracking.uri={uri}", "model.name=conv_vae",
+                                     "model.latent_dim=2", "train.epochs=2", "tracking.experiment=core"])
+    result = train(config)
+    return uri, config, result
+
+
+def test_run_logs_params_tags_and_stepped_metrics(tracked_run):
+    uri, config, result = tracked_run
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "conv_vae"
+    assert run.data.params["loss.kl_weight"] == "1.0"
+    assert set(config.flat()) <= set(run.data.params)
+    assert run.data.tags["device"] == "cpu"
+    assert run.data.tags["torch_version"] == torch.__version__
+    for key in ["train/loss", "train/recon", "train/kl", "test/loss", "test/recon", "test/kl",
+                "test/elbo", "test/mse_per_pixel", "train/images_per_sec"]:
+        assert key in run.data.metrics, key
+    history = client.get_metric_history(result.run_id, "test/loss")
+    assert len(history) == 2 and history[0].step < history[1].step
+    assert run.data.metrics["test/loss"] == pytest.approx(result.metrics["test/loss"])
+    assert run.data.metrics["test/elbo"] == pytest.approx(-(run.data.metrics["test/recon"]
+                                                            + run.data.metrics["test/kl"]))
+
+
+def test_run_logs_every_artifact(tracked_run, tmp_path):
+    uri, config, result = tracked_run
+    client = MlflowClient(uri)
+    artifacts = _all_artifacts(client, result.run_id)
+    for name in EXPECTED_ARTIFACTS:
+        assert name in artifacts, f"{name} missing from {artifacts}"
+    folder = Path(client.download_artifacts(result.run_id, "", str(tmp_path)))
+    for png in folder.rglob("*.png"):
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size[0] > 20
+    latents = pd.read_parquet(folder / "latents" / "test_latents.parquet")
+    assert list(latents.columns) == ["z0", "z1", "label"]
+    assert len(latents) == 256
+    with Image.open(folder / "images" / "class_panel.png") as panel:
+        assert panel.size[1] > panel.size[0] // 2  # ten rows of (input + 8 samples)
+
+
+def test_logged_model_loads_back_and_decodes(tracked_run):
+    uri, config, result = tracked_run
+    model, loaded_config = load_logged_model(result.run_id, uri)
+    assert loaded_config.model.name == "conv_vae"
+    z = torch.zeros(3, 2)
+    assert torch.allclose(model.decode(z), result.model.cpu().eval().decode(z), atol=1e-6)
+    mlflow.set_tracking_uri(uri)
+    pickled = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")  # the MLflow-native copy
+    samples = pickled.sample(4, torch.Generator().manual_seed(0))
+    assert samples.shape == (4, 1, 28, 28)
+    assert pickled.encode(torch.rand(2, 1, 28, 28)).mean.shape == (2, 2)
+
+
+def test_training_lowers_the_test_loss(tracked_run):
+    uri, _, _ = tracked_run
+    config = build_config(overrides=["model.hidden_dims=[128]", "model.latent_dim=8", "train.epochs=3",
+                                     "train.progress=false", "eval.enabled=false",
+                                     "tracking.enabled=false", f"tracking.uri={uri}"])
+    per_epoch = []
+    result = train(config, on_epoch_end=lambda epoch, metrics: per_epoch.append(metrics["test/loss"]))
+    untrained = 784 * math.log(2)  # BCE of p=0.5 per pixel, the loss of a blank model
+    assert per_epoch[-1] < 0.5 * untrained
+    assert per_epoch[-1] < per_epoch[0] - 10  # nats per image
+    assert result.run_id is None  # tracking off
+
+
+def test_nan_loss_stops_the_run_and_marks_it_failed(tracked_run):
+    from conftest import TINY_RUN
+
+    tracking_uri = tracked_run[0]
+    config = build_config(overrides=[*TINY_RUN, f"tracking.uri={tracking_uri}", "train.lr=1e12",
+                                     "tracking.experiment=nan", "tracking.log_every_steps=1"])
+    with pytest.raises(TrainingDiverged, match="diverged"):
+        train(config)
+    runs = MlflowClient(tracking_uri).search_runs(
+        [MlflowClient(tracking_uri).get_experiment_by_name("nan").experiment_id])
+    assert [run.info.status for run in runs] == ["FAILED"]
+    assert "diverged" in runs[0].data.tags["failure_reason"]
+
+
+def test_interrupt_marks_the_run_killed(tracked_run):
+    from conftest import TINY_RUN
+
+    tracking_uri = tracked_run[0]
+    config = build_config(overrides=[*TINY_RUN, f"tracking.uri={tracking_uri}",
+                                     "tracking.experiment=interrupted", "train.epochs=2"])
+
+    def interrupt(epoch, metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, on_epoch_end=interrupt)
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("interrupted").experiment_id])
+    assert [run.info.status for run in runs] == ["KILLED"]
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (["model.name=resnet"], ["model.name", "conv_vae"]),
+    (["data.name=imagenet"], ["data.name", "mnist5k"]),
+    (["model.latnt_dim=3"], ["model.latnt_dim"]),
+    (["model.latent_dim=two"], ["model.latent_dim", "integer"]),
+    (["model.latent_dim=-4"], ["positive"]),
+    (["loss.kl_weight=-0.5"], ["loss.kl_weight"]),
+    (["data.name=kmnist", "data.download=false", "data.root=/nonexistent"], ["kmnist", "download"]),
+])
+def test_bad_input_exits_2_with_one_line_and_no_run(arguments, words, tracking_uri, capsys):
+    assert main(arguments) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    for word in words:
+        assert word in error
+    database = Path(tracking_uri[len("sqlite:///"):])
+    assert not database.exists()  # no store, experiment or run was created
+
+
+def test_bad_yaml_file_exits_2(tmp_path, tracking_uri, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("[1, 2]\n")
+    assert main(["--config", str(path)]) == 2
+    assert "mapping" in capsys.readouterr().err
+
+
+def test_command_line_run_end_to_end(tmp_path, tiny_overrides):
+    result = subprocess.run([sys.executable, "-m", "vae_lab.train", *tiny_overrides, "model.name=ae",
+                             "tracking.log_model=false"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "mlflow ui --backend-store-uri sqlite:///" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "vae_lab.train", "model.name=nope"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "model.name" in bad.stderr
