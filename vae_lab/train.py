@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import math
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -222,6 +223,10 @@ def train(config: Config, *, parent_run_id: str | None = None, run_name: str | N
     return RunResult(metrics=metrics, run_id=tracker.run_id, model=model.to(device))
 
 
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vae_lab.train",
@@ -238,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         result = train(config, data=data)
     except TrainingDiverged as error:
