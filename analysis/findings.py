@@ -1,0 +1,292 @@
+"""Findings in words, generated from the numbers, each sentence backed by the table.
+
+Every function takes the configuration summary (`analysis.tables.configuration_summary`,
+columns `<metric> mean` / `<metric> std`) or the finished runs, and returns sentences.
+A function whose data is missing returns no sentence rather than a guess.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .runs import display_param, parse_param
+from .tables import VAE_FAMILIES, pareto_front
+
+NAMES = {"test/recon": "reconstruction loss (test/recon)", "test/elbo": "test ELBO", "test/kl": "KL (test/kl)"}
+
+
+def _number(value: float) -> str:
+    if value is None or np.isnan(value):
+        return "n/a"
+    return f"{value:.4f}" if abs(value) < 1 else f"{value:.1f}"
+
+
+def _plain(value) -> str:
+    """4.0 -> '4', 0.5 -> '0.5': swept values as a person writes them."""
+    number = float(value)
+    return str(int(number)) if number.is_integer() else f"{number:g}"
+
+
+def _percent(before: float, after: float) -> float | None:
+    if before is None or after is None or np.isnan(before) or np.isnan(after) or abs(before) < 1e-12:
+        return None
+    return 100.0 * (after - before) / abs(before)
+
+
+def _group_name(family: str, settings: dict) -> str:
+    extra = ", ".join(f"{key.split('.')[-1]}={display_param(value)}" for key, value in settings.items())
+    return f"{family} ({extra})" if extra else family
+
+
+def _groups(summary: pd.DataFrame, config_params: list[str], varying: str):
+    """(family, {other param: value}, rows sorted by `varying`) for every group where only `varying` changes."""
+    others = [key for key in config_params if key not in (varying, "model.name") and key in summary]
+    keys = ["family", *others]
+    for values, group in summary.groupby(keys, sort=False, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        numbers = pd.to_numeric(group[varying], errors="coerce")
+        if numbers.isna().any() or numbers.nunique() < 2:
+            continue
+        yield values[0], dict(zip(others, values[1:])), group.assign(_x=numbers).sort_values("_x")
+
+
+# ----------------------------------------------------------------------------- trends
+
+def improving_steps(values: Sequence[float], lower_is_better: bool = True) -> tuple[int, int]:
+    """How many consecutive steps of `values` improve (strictly), out of how many steps."""
+    values = [float(value) for value in values]
+    steps = list(zip(values[:-1], values[1:]))
+    improved = sum((after < before) if lower_is_better else (after > before) for before, after in steps)
+    return improved, len(steps)
+
+
+def trend_sentence(metric: str, x_name: str, xs: Sequence, ys: Sequence[float],
+                   lower_is_better: bool = True, context: str = "",
+                   spread: float | None = None) -> str | None:
+    """'Reconstruction improves monotonically with latent size (5/5 steps; ...)', or the honest count.
+
+    `spread` is the seed-to-seed std of the points (when replicated); a trend whose every
+    step is smaller than it is said to be within the noise.
+    """
+    if len(xs) < 2 or any(np.isnan(float(y)) for y in ys):
+        return None
+    improved, steps = improving_steps(ys, lower_is_better)
+    where = f" for {context}" if context else ""
+    span = f"{_number(ys[0])} at {x_name} {_plain(xs[0])} → {_number(ys[-1])} at {_plain(xs[-1])}"
+    unit = "step" if steps == 1 else "steps"
+    if improved == steps:
+        how = "improves monotonically" if steps > 1 else "improves"
+        sentence = f"{metric} {how} with {x_name}{where} ({improved}/{steps} {unit}; {span})"
+    elif improved == 0:
+        sentence = f"{metric} gets worse at every step of {x_name}{where} (0/{steps} {unit} improve; {span})"
+    else:
+        sentence = (f"{metric} improves with {x_name}{where} in {improved}/{steps} steps only, "
+                    f"not monotonically ({span})")
+    changes = np.abs(np.diff(np.asarray(ys, dtype=float)))
+    if spread is not None and not np.isnan(spread) and (changes < spread).all():
+        sentence += f"; every step is smaller than the seed-to-seed std of {_number(spread)}, so this is noise"
+    return sentence + "."
+
+
+def latent_size_findings(summary: pd.DataFrame, config_params: list[str]) -> list[str]:
+    if "model.latent_dim" not in summary or "test/recon mean" not in summary:
+        return []
+    sentences = []
+    for family, settings, group in _groups(summary, config_params, "model.latent_dim"):
+        spread = group["test/recon std"].max() if "test/recon std" in group else None
+        sentence = trend_sentence("Reconstruction", "latent size", list(group["_x"]),
+                                  list(group["test/recon mean"]), True, _group_name(family, settings), spread)
+        if sentence:
+            sentences.append(sentence)
+    return sentences
+
+
+# ----------------------------------------------------------------------------- KL weight
+
+def kl_weight_findings(summary: pd.DataFrame, config_params: list[str]) -> list[str]:
+    """Each KL weight against the smallest one, at otherwise equal settings."""
+    if "loss.kl_weight" not in summary or "test/kl mean" not in summary:
+        return []
+    sentences = []
+    for family, settings, group in _groups(summary, config_params, "loss.kl_weight"):
+        if family not in VAE_FAMILIES or group["test/kl mean"].isna().any():
+            continue
+        base = group.iloc[0]
+        for _, row in group.iloc[1:].iterrows():
+            kl_change = _percent(base["test/kl mean"], row["test/kl mean"])
+            recon_change = _percent(base["test/recon mean"], row["test/recon mean"])
+            if kl_change is None or recon_change is None:
+                continue
+            kl_words = f"{'cut' if kl_change < 0 else 'raised'} KL by {abs(kl_change):.0f}%"
+            recon_words = f"{'raised' if recon_change > 0 else 'lowered'} reconstruction loss by {abs(recon_change):.0f}%"
+            sentences.append(
+                f"{_group_name(family, settings)}: KL weight {_plain(row['_x'])} {kl_words} and "
+                f"{recon_words} compared with KL weight {_plain(base['_x'])} "
+                f"(KL {_number(base['test/kl mean'])} → {_number(row['test/kl mean'])} nats, "
+                f"reconstruction {_number(base['test/recon mean'])} → {_number(row['test/recon mean'])} nats).")
+    return sentences
+
+
+# ----------------------------------------------------------------------------- families
+
+def _spread_note(first: pd.Series, second: pd.Series, metric: str, difference: float) -> str:
+    stds = [row.get(f"{metric} std") for row in (first, second)]
+    stds = [std for std in stds if std is not None and not np.isnan(std)]
+    if not stds:
+        return ""
+    largest = max(stds)
+    if abs(difference) > largest:
+        return f"; larger than the seed-to-seed std of {_number(largest)}"
+    return f"; within the seed-to-seed std of {_number(largest)}, so not a clear difference"
+
+
+def family_findings(summary: pd.DataFrame) -> list[str]:
+    """Best configuration of each family against the others: ELBO among VAEs, reconstruction among all."""
+    sentences = []
+    for metric, higher_better, unit, families in (
+            ("test/elbo", True, "nats", [f for f in summary["family"].unique() if f in VAE_FAMILIES]),
+            ("test/recon", False, "nats", list(summary["family"].unique()))):
+        column = f"{metric} mean"
+        if column not in summary or len(families) < 2:
+            continue
+        best = {}
+        for family in families:
+            rows = summary[(summary["family"] == family) & summary[column].notna()]
+            if len(rows):
+                best[family] = rows.loc[rows[column].idxmax() if higher_better else rows[column].idxmin()]
+        ranked = sorted(best, key=lambda family: best[family][column], reverse=higher_better)
+        for winner, loser in zip(ranked[:-1], ranked[1:]):
+            gap = abs(best[winner][column] - best[loser][column])
+            if gap == 0:
+                sentences.append(f"{winner} and {loser} tie on {NAMES[metric]} ({_number(best[winner][column])}).")
+                continue
+            sentences.append(
+                f"{winner} beats {loser} on {NAMES[metric]} by {_number(gap)} {unit} "
+                f"(best configuration of each: {_number(best[winner][column])} vs {_number(best[loser][column])}"
+                f"{_spread_note(best[winner], best[loser], metric, gap)}).")
+    return sentences
+
+
+def best_configuration_findings(summary: pd.DataFrame) -> list[str]:
+    if "best" not in summary:
+        return []
+    sentences = []
+    for _, row in summary[summary["best"]].iterrows():
+        metric = row["ranked_by"].split(" (")[0]
+        sentences.append(f"Best {row['family']} configuration by {row['ranked_by']}: {row['label']} "
+                         f"({metric} {_number(row[f'{metric} mean'])}).")
+    return sentences
+
+
+# ----------------------------------------------------------------------------- baselines and diagnostics
+
+def pca_baseline_findings(summary: pd.DataFrame) -> list[str]:
+    model, pca = "eval/mse_per_pixel mean", "eval/pca_mse_per_pixel mean"
+    if model not in summary or pca not in summary:
+        return []
+    rows = summary.dropna(subset=[model, pca])
+    if rows.empty:
+        return []
+    beats = rows[model] < rows[pca]
+    losers = rows[~beats]
+    head = (f"{int(beats.sum())}/{len(rows)} configurations beat their PCA baseline "
+            f"(test MSE per pixel against PCA with as many components as latent units)")
+    if losers.empty:
+        return [f"{head}."]
+    worst = "; ".join(f"{row['label']}: {_number(row[model])} vs PCA {_number(row[pca])}"
+                      for _, row in losers.head(5).iterrows())
+    more = f"; and {len(losers) - 5} more" if len(losers) > 5 else ""
+    return [f"{head}; these did not: {worst}{more}."]
+
+
+def collapse_findings(runs: pd.DataFrame) -> list[str]:
+    vaes = runs[runs["family"].isin(VAE_FAMILIES)]
+    if vaes.empty or "tags.posterior_collapse" not in vaes:
+        return []
+    flags = vaes["tags.posterior_collapse"].dropna()
+    if flags.empty:
+        return []
+    collapsed = vaes.loc[flags[flags == "true"].index]
+    if collapsed.empty:
+        return [f"No posterior collapse: {len(flags)}/{len(flags)} VAE runs keep at least half of their "
+                "latent units active (posterior-mean variance above 0.01)."]
+    names = ", ".join(f"{row['label']} ({_active(row)})" for _, row in collapsed.head(6).iterrows())
+    return [f"Posterior collapse flagged in {len(collapsed)}/{len(flags)} VAE runs "
+            f"(fewer than half of the latent units active): {names}."]
+
+
+def _active(row: pd.Series) -> str:
+    units = row.get("metrics.eval/active_units")
+    latent = parse_param(row.get("params.model.latent_dim"))
+    if units is None or np.isnan(units):
+        return "active units not logged"
+    return f"{int(units)}/{latent} units active"
+
+
+def iwae_findings(runs: pd.DataFrame) -> list[str]:
+    """Where eval/nll_iwae was computed, its best value; where not, why not."""
+    sentences = []
+    column = "metrics.eval/nll_iwae"
+    computed = runs[runs[column].notna()] if column in runs else runs.iloc[0:0]
+    if len(computed):
+        best = computed.loc[computed[column].idxmin()]
+        how = best.get("tags.nll_iwae") or "importance samples"
+        sentences.append(f"eval/nll_iwae (importance-weighted -log p(x), {how}) was computed for "
+                         f"{len(computed)} run(s); lowest {_number(best[column])} nats/image ({best['label']}).")
+    vaes = runs[runs["family"].isin(VAE_FAMILIES) & ~runs.index.isin(computed.index)]
+    if len(vaes):
+        reasons = vaes.get("tags.nll_iwae", pd.Series(index=vaes.index, dtype=object)).fillna(
+            "not computed: the run has no eval/nll_iwae (evaluation off or an older run)")
+        for reason, group in vaes.groupby(reasons):
+            sentences.append(f"eval/nll_iwae was not computed for {len(group)} VAE run(s): "
+                             f"{reason.removeprefix('not computed: ')}.")
+    aes = runs[~runs["family"].isin(VAE_FAMILIES)]
+    if len(aes):
+        sentences.append(f"eval/nll_iwae does not apply to the {len(aes)} plain autoencoder run(s): "
+                         "they define no likelihood p(x).")
+    return sentences
+
+
+def pareto_findings(runs: pd.DataFrame) -> list[str]:
+    needed = ["metrics.test/kl", "metrics.test/recon"]
+    if not all(column in runs for column in needed):
+        return []
+    points = runs.dropna(subset=needed)
+    if len(points) < 2:
+        return []
+    front = pareto_front(points, *needed)
+    seeds = front.get("params.train.seed")
+    names = "; ".join(label if seeds is None else f"{label} [seed {seed}]"
+                      for label, seed in zip(front["label"], seeds if seeds is not None else front["label"]))
+    return [f"{len(front)}/{len(points)} VAE runs lie on the rate–distortion Pareto front "
+            f"(no other run has both lower KL and lower reconstruction loss): {names}."]
+
+
+def seed_spread_findings(summary: pd.DataFrame) -> list[str]:
+    if "test/recon std" not in summary:
+        return []
+    replicated = summary[summary["runs"] > 1].dropna(subset=["test/recon std"])
+    if replicated.empty:
+        return []
+    return [f"Seed-to-seed spread: over {len(replicated)} replicated configuration(s), test/recon varies "
+            f"with a std of {_number(replicated['test/recon std'].mean())} nats on average "
+            f"(largest {_number(replicated['test/recon std'].max())}); smaller differences are noise."]
+
+
+def all_findings(summary: pd.DataFrame, finished: pd.DataFrame, config_params: list[str]) -> list[str]:
+    if summary.empty:
+        return ["No run finished, so there are no numbers to draw findings from."]
+    return [
+        *best_configuration_findings(summary),
+        *family_findings(summary),
+        *latent_size_findings(summary, config_params),
+        *kl_weight_findings(summary, config_params),
+        *pareto_findings(finished),
+        *pca_baseline_findings(summary),
+        *collapse_findings(finished),
+        *iwae_findings(finished),
+        *seed_spread_findings(summary),
+    ]

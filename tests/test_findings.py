@@ -1,0 +1,239 @@
+"""The report's sentences and numbers, on small hand-made tables with known answers."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import findings
+from analysis.runs import config_label, display_param, parse_objectives, parse_param, swept_params
+from analysis.tables import configuration_summary, display_table, mark_best, markdown_table, pareto_front
+
+
+def summary_frame(rows: list[dict]) -> pd.DataFrame:
+    """A configuration summary as `configuration_summary` returns it (single runs: std NaN)."""
+    frame = pd.DataFrame(rows)
+    for column in [c for c in frame.columns if c.endswith(" mean")]:
+        std = column.replace(" mean", " std")
+        if std not in frame:
+            frame[std] = np.nan
+    if "runs" not in frame:
+        frame["runs"] = 1
+    if "label" not in frame:
+        frame["label"] = [f"{row['family']} #{index}" for index, row in frame.iterrows()]
+    return frame
+
+
+# ----------------------------------------------------------------------------- trends
+
+def test_monotone_series_counts_every_step():
+    assert findings.improving_steps([50, 40, 30, 25, 20, 18]) == (5, 5)
+    sentence = findings.trend_sentence("Reconstruction", "latent size", [2, 4, 8, 16, 32, 64],
+                                       [50, 40, 30, 25, 20, 18])
+    assert "improves monotonically" in sentence
+    assert "(5/5 steps" in sentence
+    assert "50.0 at latent size 2 → 18.0 at 64" in sentence
+
+
+def test_non_monotone_series_does_not_claim_monotonicity():
+    ys = [50, 40, 45, 25, 20, 18]
+    assert findings.improving_steps(ys) == (4, 5)
+    sentence = findings.trend_sentence("Reconstruction", "latent size", [2, 4, 8, 16, 32, 64], ys)
+    assert "improves monotonically" not in sentence
+    assert "4/5 steps only, not monotonically" in sentence
+
+
+def test_flat_steps_are_not_improvements_and_higher_is_better_flips():
+    assert findings.improving_steps([3, 3, 2]) == (1, 2)
+    assert findings.improving_steps([0.5, 0.6, 0.7], lower_is_better=False) == (2, 2)
+    sentence = findings.trend_sentence("Accuracy", "latent size", [2, 4], [0.7, 0.6], lower_is_better=False)
+    assert "gets worse at every step" in sentence and "0/1 step improve" in sentence
+
+
+def test_trend_within_seed_noise_is_called_noise():
+    noisy = findings.trend_sentence("Reconstruction", "latent size", [2, 4, 8], [100, 99, 98], spread=5.0)
+    assert "so this is noise" in noisy
+    clear = findings.trend_sentence("Reconstruction", "latent size", [2, 4, 8], [100, 90, 80], spread=5.0)
+    assert "noise" not in clear
+
+
+def test_trend_needs_two_points():
+    assert findings.trend_sentence("Reconstruction", "latent size", [2], [100]) is None
+
+
+def test_latent_size_findings_per_family_and_setting():
+    summary = summary_frame([
+        {"family": "linear_vae", "model.latent_dim": d, "loss.kl_weight": 1.0, "test/recon mean": r}
+        for d, r in [(2, 140.0), (4, 120.0), (8, 110.0), (16, 100.0), (32, 95.0), (64, 94.0)]
+    ] + [{"family": "ae", "model.latent_dim": d, "loss.kl_weight": 1.0, "test/recon mean": r}
+         for d, r in [(2, 130.0), (4, 131.0)]])
+    sentences = findings.latent_size_findings(summary, ["model.name", "model.latent_dim", "loss.kl_weight"])
+    assert len(sentences) == 2
+    vae = next(s for s in sentences if "linear_vae" in s)
+    assert "improves monotonically" in vae and "5/5 steps" in vae and "kl_weight=1" in vae
+    ae = next(s for s in sentences if s.startswith("Reconstruction") and "for ae" in s)
+    assert "gets worse" in ae
+
+
+# ----------------------------------------------------------------------------- KL weight, families
+
+def test_kl_weight_sentence_has_the_right_percentages():
+    summary = summary_frame([
+        {"family": "linear_vae", "loss.kl_weight": 1.0, "test/kl mean": 10.0, "test/recon mean": 100.0},
+        {"family": "linear_vae", "loss.kl_weight": 100.0, "test/kl mean": 2.0, "test/recon mean": 135.0},
+    ])
+    [sentence] = findings.kl_weight_findings(summary, ["model.name", "loss.kl_weight"])
+    assert "KL weight 100 cut KL by 80% and raised reconstruction loss by 35% compared with KL weight 1" in sentence
+
+
+def test_kl_weight_sentence_reports_the_other_direction_too():
+    summary = summary_frame([
+        {"family": "conv_vae", "loss.kl_weight": 0.5, "test/kl mean": 4.0, "test/recon mean": 100.0},
+        {"family": "conv_vae", "loss.kl_weight": 2.0, "test/kl mean": 5.0, "test/recon mean": 90.0},
+    ])
+    [sentence] = findings.kl_weight_findings(summary, ["loss.kl_weight"])
+    assert "KL weight 2 raised KL by 25% and lowered reconstruction loss by 10%" in sentence
+
+
+def test_kl_weight_ignores_plain_autoencoders():
+    summary = summary_frame([
+        {"family": "ae", "loss.kl_weight": 1.0, "test/kl mean": np.nan, "test/recon mean": 100.0},
+        {"family": "ae", "loss.kl_weight": 10.0, "test/kl mean": np.nan, "test/recon mean": 101.0},
+    ])
+    assert findings.kl_weight_findings(summary, ["loss.kl_weight"]) == []
+
+
+def test_family_comparison_on_elbo_and_reconstruction():
+    summary = summary_frame([
+        {"family": "conv_vae", "test/elbo mean": -90.0, "test/recon mean": 80.0},
+        {"family": "linear_vae", "test/elbo mean": -102.0, "test/recon mean": 95.0},
+        {"family": "linear_vae", "test/elbo mean": -110.0, "test/recon mean": 90.0},
+        {"family": "ae", "test/elbo mean": np.nan, "test/recon mean": 70.0},
+    ])
+    sentences = findings.family_findings(summary)
+    assert any(s.startswith("conv_vae beats linear_vae on test ELBO by 12.0 nats") for s in sentences)
+    recon = [s for s in sentences if "reconstruction loss" in s]
+    assert recon[0].startswith("ae beats conv_vae on reconstruction loss (test/recon) by 10.0 nats")
+    assert recon[1].startswith("conv_vae beats linear_vae on reconstruction loss (test/recon) by 10.0 nats")
+    assert not any(s.startswith("ae ") and "ELBO" in s for s in sentences)
+
+
+def test_family_gap_inside_seed_spread_is_not_called_clear():
+    summary = summary_frame([
+        {"family": "conv_vae", "test/elbo mean": -100.0, "test/elbo std": 3.0, "runs": 3},
+        {"family": "linear_vae", "test/elbo mean": -101.0, "test/elbo std": 2.0, "runs": 3},
+    ])
+    [sentence] = findings.family_findings(summary)
+    assert "within the seed-to-seed std of 3.0, so not a clear difference" in sentence
+
+
+# ----------------------------------------------------------------------------- baselines and diagnostics
+
+def test_pca_baseline_counts_winners_and_names_losers():
+    summary = summary_frame([
+        {"family": "ae", "label": "ae, latent_dim=2", "eval/mse_per_pixel mean": 0.05, "eval/pca_mse_per_pixel mean": 0.06},
+        {"family": "ae", "label": "ae, latent_dim=4", "eval/mse_per_pixel mean": 0.04, "eval/pca_mse_per_pixel mean": 0.05},
+        {"family": "linear_vae", "label": "linear_vae, latent_dim=4", "eval/mse_per_pixel mean": 0.07,
+         "eval/pca_mse_per_pixel mean": 0.05},
+    ])
+    [sentence] = findings.pca_baseline_findings(summary)
+    assert sentence.startswith("2/3 configurations beat their PCA baseline")
+    assert "these did not: linear_vae, latent_dim=4: 0.0700 vs PCA 0.0500" in sentence
+    assert "ae, latent_dim=2:" not in sentence
+
+
+def runs_frame(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    frame["label"] = frame.get("label", frame["family"])
+    return frame
+
+
+def test_collapse_flags_are_counted_from_the_tags():
+    runs = runs_frame([
+        {"family": "linear_vae", "label": "a", "tags.posterior_collapse": "true",
+         "metrics.eval/active_units": 1.0, "params.model.latent_dim": "8"},
+        {"family": "linear_vae", "label": "b", "tags.posterior_collapse": "false",
+         "metrics.eval/active_units": 8.0, "params.model.latent_dim": "8"},
+        {"family": "ae", "label": "c", "tags.posterior_collapse": "false",
+         "metrics.eval/active_units": np.nan, "params.model.latent_dim": "8"},
+    ])
+    [sentence] = findings.collapse_findings(runs)
+    assert sentence.startswith("Posterior collapse flagged in 1/2 VAE runs")
+    assert "a (1/8 units active)" in sentence
+    healthy = findings.collapse_findings(runs.iloc[1:])
+    assert healthy == ["No posterior collapse: 1/1 VAE runs keep at least half of their latent units active "
+                       "(posterior-mean variance above 0.01)."]
+
+
+def test_iwae_sentences_say_where_computed_and_why_not():
+    runs = runs_frame([
+        {"family": "linear_vae", "label": "binarized", "metrics.eval/nll_iwae": 95.25,
+         "tags.nll_iwae": "100 samples on 1000 test images"},
+        {"family": "conv_vae", "label": "grey", "metrics.eval/nll_iwae": np.nan,
+         "tags.nll_iwae": "not computed: needs loss.likelihood=bernoulli and data.binarize=dynamic or static"},
+        {"family": "ae", "label": "ae", "metrics.eval/nll_iwae": np.nan, "tags.nll_iwae": None},
+    ])
+    sentences = findings.iwae_findings(runs)
+    assert sentences[0].startswith("eval/nll_iwae (importance-weighted -log p(x), 100 samples on 1000 test images)")
+    assert "lowest 95.2 nats/image (binarized)" in sentences[0]
+    assert sentences[1] == ("eval/nll_iwae was not computed for 1 VAE run(s): needs loss.likelihood=bernoulli "
+                            "and data.binarize=dynamic or static.")
+    assert "1 plain autoencoder run(s)" in sentences[2]
+    only_grey = findings.iwae_findings(runs.iloc[1:2])
+    assert not any("was computed" in s for s in only_grey)
+
+
+def test_no_finished_run_gives_no_claims():
+    assert findings.all_findings(pd.DataFrame(), pd.DataFrame(), []) == [
+        "No run finished, so there are no numbers to draw findings from."]
+
+
+# ----------------------------------------------------------------------------- tables
+
+def test_pareto_front_keeps_only_undominated_points():
+    frame = pd.DataFrame({"kl": [1.0, 2.0, 3.0, 2.5, 0.5], "recon": [10.0, 8.0, 9.0, 7.0, 12.0]})
+    front = pareto_front(frame, "kl", "recon")
+    assert front.index.tolist() == [4, 0, 1, 3]  # (3, 9) is beaten by (2.5, 7)
+
+
+def test_configuration_summary_mean_std_and_best():
+    runs = pd.DataFrame({
+        "family": ["linear_vae"] * 4 + ["ae"],
+        "params.loss.kl_weight": ["1.0", "1.0", "10.0", "10.0", "1.0"],
+        "params.train.seed": ["0", "1", "0", "1", "0"],
+        "metrics.test/recon": [100.0, 104.0, 120.0, 122.0, 90.0],
+        "metrics.test/elbo": [-103.0, -107.0, -121.0, -123.0, np.nan],
+    })
+    runs["label"] = [config_label(row, ["loss.kl_weight"]) for _, row in runs.iterrows()]
+    summary = configuration_summary(runs, ["loss.kl_weight"], ["test/recon", "test/elbo"])
+    assert summary["label"].tolist() == ["ae, kl_weight=1", "linear_vae, kl_weight=1", "linear_vae, kl_weight=10"]
+    row = summary.set_index("label").loc["linear_vae, kl_weight=1"]
+    assert row["test/recon mean"] == pytest.approx(102.0)
+    assert row["test/recon std"] == pytest.approx(np.std([100.0, 104.0], ddof=1))
+    assert row["runs"] == 2 and row["seeds"] == "0,1"
+    assert np.isnan(summary.set_index("label").loc["ae, kl_weight=1", "test/recon std"])
+
+    best = mark_best(summary, objectives=[])
+    assert best.loc[best["best"], "label"].tolist() == ["ae, kl_weight=1", "linear_vae, kl_weight=1"]
+    assert best.set_index("family").loc["linear_vae", "ranked_by"].iloc[0] == "test/elbo (max)"
+    table = display_table(best, ["loss.kl_weight"], ["test/recon", "test/elbo"])
+    assert table.loc[1, "test/recon"] == f"102.00 ± {np.std([100.0, 104.0], ddof=1):.2f}"
+    assert table[""].tolist() == ["★", "★", ""]
+    assert markdown_table(table).splitlines()[0].startswith("|  | family | loss.kl_weight | runs |")
+
+    by_objective = mark_best(summary, objectives=[("test/recon", "minimize")])
+    assert by_objective.set_index("label").loc["linear_vae, kl_weight=1", "ranked_by"] == "test/recon (min)"
+
+
+def test_swept_params_from_tag_or_from_differences():
+    runs = pd.DataFrame({"params.model.latent_dim": ["2", "4"], "params.loss.kl_weight": ["1.0", "1.0"],
+                         "params.train.seed": ["0", "1"]})
+    assert swept_params({"vae_lab.swept_params": "model.latent_dim, train.seed"}, runs) == \
+        ["model.latent_dim", "train.seed"]
+    assert swept_params({}, runs) == ["model.latent_dim", "train.seed"]
+
+
+def test_param_parsing_and_objectives():
+    assert parse_param("4") == 4 and parse_param("1e-3") == pytest.approx(0.001) and parse_param("ae") == "ae"
+    assert display_param("1.0") == "1" and display_param("0.001") == "0.001" and display_param("[64]") == "[64]"
+    assert parse_objectives("test/recon:minimize,test/kl:minimize") == [
+        ("test/recon", "minimize"), ("test/kl", "minimize")]
