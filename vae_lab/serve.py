@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import secrets
+import signal
 import sys
 import threading
 from collections import OrderedDict
@@ -82,7 +84,7 @@ class RunCatalog:
             folder = STATE_DICT_ARTIFACT.rsplit("/", 1)[0]
             try:
                 paths = {info.path for info in self.client.list_artifacts(run_id, folder)}
-            except Exception:  # artifact store unreachable or gone: nothing to serve
+            except (MlflowException, OSError):  # artifact store unreachable or gone
                 paths = set()
             self._has_model[run_id] = STATE_DICT_ARTIFACT in paths
         return self._has_model[run_id]
@@ -362,6 +364,16 @@ def url_of(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both end `serve_forever` through KeyboardInterrupt. SIGINT is set
+    explicitly: a process started in the background inherits it ignored."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vae_lab.serve",
@@ -382,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --port {args.port} is out of range; allowed 0..65535", file=sys.stderr)
         return 2
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per request
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     problem = missing_store(tracking_uri)
     if problem:
@@ -406,12 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run {summary['run_id']} ({summary['model']}, latent {summary['latent_dim']}, "
           f"experiment {summary['experiment']!r})")
     print(f"serving on {url_of(args.host, server.server_port)}   (Ctrl-C stops)", flush=True)
+    stop_on_signals()
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopped", flush=True)
+        server.serve_forever()  # werkzeug's returns quietly on KeyboardInterrupt
     finally:
         server.server_close()
+    print("stopped", flush=True)
     return 0
 
 

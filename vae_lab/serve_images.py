@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torchvision.utils import make_grid, save_image
 
@@ -45,6 +47,9 @@ def png_bytes(pixels: torch.Tensor) -> bytes:
 
 
 def grid(images: torch.Tensor, per_row: int) -> torch.Tensor:
+    """Images in rows with a 2-pixel white border (make_grid leaves a lone image unpadded)."""
+    if len(images) == 1:
+        return F.pad(images[0].float(), (2, 2, 2, 2), value=1.0)
     return make_grid(images.float(), nrow=per_row, padding=2, pad_value=1.0)
 
 
@@ -68,7 +73,7 @@ def seeded(seed: int) -> torch.Generator:
 _data_cache: dict[tuple, ImageData] = {}
 
 
-def test_split(config: DataConfig) -> ImageData:
+def cached_data(config: DataConfig) -> ImageData:
     """The run's dataset on the CPU; runs with the same data settings share one copy."""
     key = astuple(config)
     if key not in _data_cache:
@@ -85,9 +90,9 @@ class ServedRun:
     _latents: tuple[np.ndarray, np.ndarray, str] | None = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, run_id: str, tracking_uri: str) -> "ServedRun":
+    def load(cls, run_id: str, tracking_uri: str) -> ServedRun:
         model, config = load_logged_model(run_id, tracking_uri, map_location="cpu")
-        return cls(run_id, model.eval(), config, test_split(config.data))
+        return cls(run_id, model.eval(), config, cached_data(config.data))
 
     # ------------------------------------------------------------------ facts the page needs
 
@@ -178,8 +183,8 @@ class ServedRun:
                 path = MlflowClient(tracking_uri=tracking_uri).download_artifacts(
                     self.run_id, LATENTS_ARTIFACT, folder)
                 frame = pd.read_parquet(Path(path))
-        except Exception:  # not logged (tracking.log_images=false) or unreadable: encode instead
-            return None
+        except (MlflowException, OSError, ValueError):
+            return None  # not logged (tracking.log_images=false) or unreadable: encode instead
         if not set(columns) <= set(frame.columns) or "label" not in frame or len(frame) > self.test_count:
             return None
         return frame[columns].to_numpy(np.float32), frame["label"].to_numpy(np.int64), "artifact"
