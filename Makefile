@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup sweep train test bench browser clean
+.PHONY: setup sweep train test report browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 sweep: $(STAMP)
-	$(BIN)/python -m vae_lab.train
+	$(BIN)/python -m vae_lab.sweep
 
 train: $(STAMP)
 	$(BIN)/python -m vae_lab.train
@@ -32,8 +32,8 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/train_speed.py
+report: $(STAMP)
+	$(BIN)/python -m analysis.report --experiment vae_lab
 
 clean:
 	rm -rf $(VENV) reports

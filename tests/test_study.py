@@ -1,0 +1,113 @@
+"""Study files: parsing, expansion of points/seeds, and bad files refused before anything exists."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vae_lab import sweep
+from vae_lab.config import ConfigError
+from vae_lab.study import load_study_spec, parse_study, point_key
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def test_points_and_seeds_expand_as_points_times_axes_times_seeds():
+    spec = parse_study({
+        "study": {"sampler": "grid"},
+        "search_space": {
+            "points": [{"model.hidden_dims": [32], "model.latent_dim": 4},
+                       {"model.hidden_dims": [64], "model.latent_dim": 8}],
+            "loss.kl_weight": [0.5, 1.0],
+            "seeds": [0, 1, 2],
+        },
+    })
+    points = spec.grid_points()
+    assert len(points) == 2 * 2 * 3
+    assert points[:3] == [{"model.hidden_dims": [32], "model.latent_dim": 4, "loss.kl_weight": 0.5,
+                           "train.seed": seed} for seed in (0, 1, 2)]
+    pairs = {(tuple(p["model.hidden_dims"]), p["model.latent_dim"]) for p in points}
+    assert pairs == {((32,), 4), ((64,), 8)}  # paired values stay paired
+    assert len({point_key(p) for p in points}) == len(points)
+    assert spec.swept_keys() == ["loss.kl_weight", "model.hidden_dims", "model.latent_dim", "train.seed"]
+    config = spec.trial_config(points[-1])
+    assert (config.model.hidden_dims, config.model.latent_dim, config.train.seed) == ([64], 8, 2)
+
+
+def test_overrides_reach_study_base_and_search_space(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("study: {sampler: tpe, n_trials: 3}\nsearch_space:\n  loss.kl_weight: {low: 1e-2, high: 10, log: true}\n")
+    spec = load_study_spec(path, ["study.n_trials=40", "base.train.epochs=20", "search_space.model.latent_dim=[2,8]"])
+    assert spec.n_trials == 40 and spec.base_config().train.epochs == 20
+    assert spec.space["loss.kl_weight"].low == 0.01 and spec.space["loss.kl_weight"].log  # 1e-2 is a number
+    assert spec.space["model.latent_dim"].values == (2, 8)
+    assert spec.name == "s"
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in EXPERIMENTS.glob("*.yaml")))
+def test_shipped_study_files_are_valid(name):
+    spec = load_study_spec(EXPERIMENTS / name)
+    assert spec.swept_keys()
+    if spec.is_grid:
+        assert all(spec.trial_config(point) for point in spec.grid_points())
+
+
+def test_shipped_study_files_say_what_the_brief_asks():
+    nas = load_study_spec(EXPERIMENTS / "seed000_nas.yaml").grid_points()
+    assert [(p["model.hidden_dims"], p["model.latent_dim"]) for p in nas] == \
+        [([32], 4), ([64], 8), ([128], 16), ([256], 32), ([512], 64)]
+    kl = load_study_spec(EXPERIMENTS / "seed001_kl.yaml")
+    configs = [kl.trial_config(p) for p in kl.grid_points()]
+    assert [c.model.name for c in configs] == ["ae", "linear_vae", "linear_vae", "conv_ae", "conv_vae"]
+    assert [c.loss.kl_weight for c in configs[1:3]] == [1.0, 100.0] and configs[1].model.latent_dim == 2
+    assert (configs[4].loss.kl_weight, configs[4].model.latent_layout, configs[4].model.latent_dim,
+            configs[4].data.resize) == (0.8, "cube", 64, 32)
+    optuna_study = load_study_spec(EXPERIMENTS / "latent_kl_optuna.yaml")
+    assert [str(o) for o in optuna_study.objectives] == ["test/recon:minimize", "test/kl:minimize"]
+    assert optuna_study.sampler == "tpe" and optuna_study.pruner == "none"
+    assert optuna_study.space["loss.kl_weight"].log
+    assert load_study_spec(EXPERIMENTS / "fashion_mnist.yaml").base_config().data.name == "fashion-mnist"
+
+
+GOOD = {"study": {"name": "bad", "sampler": "grid"}, "base": {"train": {"epochs": 1}},
+        "search_space": {"model.latent_dim": [2, 4]}}
+BAD_FILES = {
+    "unknown base key": ({"base": {"train": {"epochz": 1}}}, "train.epochz"),
+    "unknown search key": ({"search_space": {"model.latent_size": [2]}}, "model.latent_size"),
+    "continuous range under grid": ({"search_space": {"loss.kl_weight": {"low": 0.1, "high": 1.0}}},
+                                    "continuous range"),
+    "empty space": ({"search_space": {}}, "empty"),
+    "empty list": ({"search_space": {"model.latent_dim": []}}, "empty list"),
+    "unknown sampler": ({"study": {"name": "bad", "sampler": "bayes"}}, "bayes"),
+    "unknown metric": ({"study": {"name": "bad", "sampler": "grid", "objectives": ["test/rec"]}}, "test/rec"),
+    "metric an AE does not log": ({"study": {"name": "bad", "sampler": "grid", "objectives": ["test/kl"]},
+                                   "search_space": {"model.name": ["ae", "linear_vae"]}}, "test/kl"),
+    "pruning two objectives": ({"study": {"name": "bad", "sampler": "tpe", "n_trials": 2, "pruner": "median",
+                                          "objectives": ["test/recon", "test/kl"]}}, "single objective"),
+    "bad value in a point": ({"search_space": {"points": [{"model.name": "vae"}]}}, "model.name"),
+    "unknown section": ({"studies": {}}, "studies"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_file_exits_2_with_one_line_and_creates_nothing(case, tmp_path, capsys):
+    change, expected = BAD_FILES[case]
+    document = {**GOOD, **change}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(document))
+    store = tmp_path / "store"
+    code = sweep.main([str(path), "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(error.splitlines()) == 1 and error.startswith("error:") and expected in error
+    assert not store.exists()  # no MLflow store, no Optuna study
+
+
+def test_bad_override_is_refused(tmp_path, capsys):
+    path = tmp_path / "good.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    with pytest.raises(ConfigError, match="must start with one of"):
+        load_study_spec(path, ["train.epochs=3"])
+    assert sweep.main([str(path), "study.n_trials=-1", "--tracking-uri", f"sqlite:///{tmp_path}/s/m.db"]) == 2
+    assert "study.n_trials" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -1,0 +1,263 @@
+"""Studies end to end: real Optuna and MLflow stores in tmp_path, tiny models and data."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY_RUN
+from vae_lab import sweep
+from vae_lab.config import parse_override
+from vae_lab.study_storage import POINT_ATTR, RUN_ID_ATTR, WORKER_ATTR, open_storage
+
+PYTHON = sys.executable
+DATA = sweep.DataCache()  # one mnist5k slice for every in-process study in this module
+FAST = {"tracking.log_model": False, "tracking.log_images": False, "eval.enabled": False}
+
+
+def tiny_base(**extra) -> dict:
+    base = dict(parse_override(text) for text in TINY_RUN)
+    base.update(FAST)
+    base.update(extra)
+    return base
+
+
+def write_study(path: Path, name: str, search_space: dict, study: dict | None = None, **base) -> Path:
+    document = {"study": {"name": name, "sampler": "grid", **(study or {})},
+                "base": tiny_base(**base), "search_space": search_space}
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def run(path: Path, tracking_uri: str, *args: str) -> int:
+    return sweep.main([str(path), "--tracking-uri", tracking_uri, *args], data_cache=DATA)
+
+
+def runs_of(tracking_uri: str) -> pd.DataFrame:
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("vae_lab")
+    return pd.DataFrame([{"run_id": r.info.run_id, "status": r.info.status, **r.data.tags,
+                          **{f"param:{k}": v for k, v in r.data.params.items()}}
+                         for r in client.search_runs([experiment.experiment_id], max_results=1000)])
+
+
+def optuna_trials(tracking_uri: str, name: str, storage_url: str | None = None) -> list:
+    folder = Path(tracking_uri[len("sqlite:///"):]).parent
+    storage = open_storage(storage_url or f"sqlite:///{folder / 'optuna.db'}")
+    return [t for t in optuna.load_study(study_name=name, storage=storage).get_trials()
+            if not t.user_attrs.get("vae_lab.skipped")]
+
+
+def children(runs: pd.DataFrame, parent: str) -> pd.DataFrame:
+    return runs[runs.get("mlflow.parentRunId") == parent]
+
+
+def test_grid_runs_each_point_once_as_children_of_one_parent_and_resumes(tmp_path, tracking_uri, capsys):
+    path = write_study(tmp_path / "grid.yaml", "grid", {"model.name": ["ae", "linear_vae"], "seeds": [0, 1]})
+    assert run(path, tracking_uri) == 0
+    out = capsys.readouterr().out
+    runs = runs_of(tracking_uri)
+    parent = runs[runs["vae_lab.role"] == "study"]
+    assert len(parent) == 1
+    parent_id = parent.iloc[0]["run_id"]
+    assert parent.iloc[0]["status"] == "FINISHED"
+    assert parent.iloc[0]["vae_lab.swept_params"] == "model.name,train.seed"
+    assert parent.iloc[0]["vae_lab.objectives"] == "test/loss:minimize"
+    kids = children(runs, parent_id)
+    assert len(kids) == 4 and set(kids["status"]) == {"FINISHED"} and set(kids["vae_lab.role"]) == {"trial"}
+    assert sorted(zip(kids["param:model.name"], kids["param:train.seed"])) == \
+        [("ae", "0"), ("ae", "1"), ("linear_vae", "0"), ("linear_vae", "1")]
+    assert sorted(kids["vae_lab.trial_number"].astype(int)) == [0, 1, 2, 3]
+
+    trials = optuna_trials(tracking_uri, "grid")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert {t.user_attrs[RUN_ID_ATTR] for t in trials} == set(kids["run_id"])
+    client = MlflowClient(tracking_uri)
+    summary = json.loads(Path(client.download_artifacts(parent_id, "study/summary.json", str(tmp_path))).read_text())
+    assert summary["counts"]["complete"] == 4 and summary["best_trial"]["run_id"] in set(kids["run_id"])
+    table = pd.read_csv(client.download_artifacts(parent_id, "study/trials.csv", str(tmp_path)))
+    assert len(table) == 4 and {"number", "state", "test/loss", "model.name", "train.seed", "run_id",
+                                "seconds"} <= set(table.columns)
+    listed = {a.path for a in client.list_artifacts(parent_id, "study")}
+    assert {"study/study.yaml", "study/best.png"} <= listed
+    assert f"mlflow ui --backend-store-uri {tracking_uri}" in out
+    assert f"python -m analysis.report --run {parent_id}" in out
+
+    # the same command again: nothing is rerun
+    assert run(path, tracking_uri) == 0
+    assert len(children(runs_of(tracking_uri), parent_id)) == 4
+    # a changed search space is refused (exit 2, nothing new) unless --new-study
+    assert run(path, tracking_uri, "search_space.model.name=[ae]") == 2
+    assert "--new-study" in capsys.readouterr().err
+    assert len(runs_of(tracking_uri)) == 5
+    assert run(path, tracking_uri, "search_space.model.name=[ae]", "--new-study") == 0
+    runs = runs_of(tracking_uri)
+    assert len(runs[runs["vae_lab.role"] == "study"]) == 2 and len(runs) == 5 + 3
+
+
+def test_failing_trial_is_failed_and_the_study_completes(tmp_path, tracking_uri):
+    path = write_study(tmp_path / "fail.yaml", "fail", {"train.lr": [1e-3, 1e12]})
+    assert run(path, tracking_uri) == 0
+    runs = runs_of(tracking_uri)
+    parent_id = runs[runs["vae_lab.role"] == "study"].iloc[0]["run_id"]
+    kids = children(runs, parent_id).set_index("param:train.lr")
+    assert kids.loc["0.001", "status"] == "FINISHED"
+    assert kids.loc["1000000000000.0", "status"] == "FAILED"
+    assert "diverged" in kids.loc["1000000000000.0", "failure_reason"]
+    states = {t.params["train.lr"]: t.state.name for t in optuna_trials(tracking_uri, "fail")}
+    assert states == {0.001: "COMPLETE", 1e12: "FAIL"}
+    assert runs[runs["vae_lab.role"] == "study"].iloc[0]["status"] == "FINISHED"
+
+
+def test_pruned_trial_is_killed_in_mlflow(tmp_path, tracking_uri):
+    study = {"pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+             "objectives": ["test/recon"]}
+    path = write_study(tmp_path / "prune.yaml", "prune", {"train.lr": [1e-2, 1e-7]}, study)
+    assert run(path, tracking_uri) == 0
+    kids = runs_of(tracking_uri).dropna(subset=["mlflow.parentRunId"]).set_index("param:train.lr")
+    assert kids.loc["0.01", "status"] == "FINISHED" and kids.loc["1e-07", "status"] == "KILLED"
+    states = {t.params["train.lr"]: t.state.name for t in optuna_trials(tracking_uri, "prune")}
+    assert states == {0.01: "COMPLETE", 1e-07: "PRUNED"}
+
+
+def subprocess_env(tracking_uri: str) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def wait_for_running_child(tracking_uri: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, f"the sweep ended early with exit code {process.returncode}"
+        try:
+            runs = runs_of(tracking_uri)
+            if "mlflow.parentRunId" in runs and ((runs["status"] == "RUNNING")
+                                                 & runs["mlflow.parentRunId"].notna()).any():
+                return
+        except Exception:  # the store is still being created
+            pass
+        time.sleep(0.3)
+    raise AssertionError("no trial started")
+
+
+def test_interrupt_and_sigkill_mid_trial_then_resume_runs_each_point_once(tmp_path, tracking_uri):
+    # digits (8x8) loads in no time; 3 epochs give a window to stop a trial in the middle
+    path = write_study(tmp_path / "kill.yaml", "kill", {"model.latent_dim": [2, 3, 4]},
+                       **{"data.name": "digits", "train.epochs": 3, "train.batch_size": 16})
+    command = [PYTHON, "-m", "vae_lab.sweep", str(path)]
+    env = subprocess_env(tracking_uri)
+
+    terminated = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_running_child(tracking_uri, terminated)
+    terminated.send_signal(signal.SIGTERM)
+    assert terminated.wait(timeout=60) == 130
+    runs = runs_of(tracking_uri)
+    assert "RUNNING" not in set(runs["status"])  # the trial ended KILLED, the parent too
+    assert "KILLED" in set(children(runs, runs[runs["vae_lab.role"] == "study"].iloc[0]["run_id"])["status"])
+    assert "FAIL" in {t.state.name for t in optuna_trials(tracking_uri, "kill")}
+
+    killed = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    wait_for_running_child(tracking_uri, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert "RUNNING" in set(runs_of(tracking_uri)["status"])  # what a power cut leaves behind
+
+    assert run(path, tracking_uri) == 0
+    runs = runs_of(tracking_uri)
+    assert "RUNNING" not in set(runs["status"])
+    parent_id = runs[runs["vae_lab.role"] == "study"].iloc[0]["run_id"]
+    kids = children(runs, parent_id)
+    finished = kids[kids["status"] == "FINISHED"]
+    assert sorted(finished["param:model.latent_dim"]) == ["2", "3", "4"]
+    assert len(kids[kids["status"] == "KILLED"]) >= 1
+    trials = optuna_trials(tracking_uri, "kill")
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(t.params["model.latent_dim"] for t in complete) == [2, 3, 4]
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+
+
+def test_two_worker_processes_never_run_a_point_twice(tmp_path, tracking_uri):
+    # processes started together on one journal storage, as on many machines; the second
+    # command also spawns a helper (--workers 2)
+    points = [2, 3, 4, 5, 6, 7, 8, 9]
+    path = write_study(tmp_path / "workers.yaml", "workers", {"model.latent_dim": points},
+                       **{"data.name": "digits", "train.epochs": 3, "train.batch_size": 16})
+    journal = f"journal:///{tmp_path / 'optuna.journal'}"
+    command = [PYTHON, "-m", "vae_lab.sweep", str(path), "--storage", journal]
+    logs = [tmp_path / f"worker{index}.log" for index in range(2)]
+    workers = [subprocess.Popen(command + extra, env=subprocess_env(tracking_uri), stdout=subprocess.DEVNULL,
+                                stderr=log.open("w")) for extra, log in zip(([], ["--workers", "2"]), logs)]
+    for worker, log in zip(workers, logs):
+        assert worker.wait(timeout=240) == 0, log.read_text()
+    trials = optuna_trials(tracking_uri, "workers", journal)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == len(trials) == len(points)
+    assert Counter(t.user_attrs[POINT_ATTR] for t in complete).most_common(1)[0][1] == 1
+    assert len({t.user_attrs[WORKER_ATTR] for t in complete}) >= 2  # both commands took points
+    runs = runs_of(tracking_uri)
+    assert len(runs[runs["vae_lab.role"] == "study"]) == 1
+    kids = runs.dropna(subset=["mlflow.parentRunId"])
+    assert sorted(kids["param:model.latent_dim"].astype(int)) == points
+    assert set(runs["status"]) == {"FINISHED"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    mlflow = Path(PYTHON).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+        time.sleep(0.3)
+    yield url
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def test_study_against_a_real_mlflow_server(tmp_path, mlflow_server, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = write_study(tmp_path / "server.yaml", "server", {"model.name": ["ae", "linear_vae"]})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert sweep.main([str(path), "--tracking-uri", mlflow_server, "--storage", storage], data_cache=DATA) == 0
+    assert f"open {mlflow_server}" in capsys.readouterr().out
+    runs = runs_of(mlflow_server)
+    parent = runs[runs["vae_lab.role"] == "study"].iloc[0]
+    kids = children(runs, parent["run_id"])
+    assert parent["status"] == "FINISHED" and len(kids) == 2 and set(kids["status"]) == {"FINISHED"}
+    assert sorted(kids["param:model.name"]) == ["ae", "linear_vae"]
+    client = MlflowClient(mlflow_server)
+    table = pd.read_csv(client.download_artifacts(parent["run_id"], "study/trials.csv", str(tmp_path)))
+    assert list(table["state"]) == ["COMPLETE", "COMPLETE"]
+    assert (tmp_path / "server-artifacts").is_dir()

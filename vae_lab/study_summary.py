@@ -1,0 +1,150 @@
+"""The end-of-study summary on the parent run: trials.csv, summary.json, best.png / pareto.png."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from .study import StudySpec  # noqa: E402
+from .study_storage import REASON_ATTR, RUN_ID_ATTR, assignment_of, real_trials  # noqa: E402
+
+STATE_NAMES = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL",
+               TrialState.RUNNING: "RUNNING", TrialState.WAITING: "WAITING"}
+
+
+def trials_table(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
+    """One row per trial: number, state, objective values, swept params, run_id, seconds."""
+    metrics = [objective.metric for objective in spec.objectives]
+    swept = spec.swept_keys()
+    rows = []
+    for trial in real_trials(study):
+        assignment = assignment_of(trial)
+        row = {"number": trial.number, "state": STATE_NAMES.get(trial.state, str(trial.state))}
+        values = trial.values if trial.state == TrialState.COMPLETE and trial.values else [None] * len(metrics)
+        row.update(zip(metrics, values))
+        row.update({key: _cell(assignment.get(key)) for key in swept})
+        row["run_id"] = trial.user_attrs.get(RUN_ID_ATTR, "")
+        row["seconds"] = round(trial.duration.total_seconds(), 2) if trial.duration else None
+        row["failure_reason"] = trial.user_attrs.get(REASON_ATTR, "")
+        rows.append(row)
+    columns = ["number", "state", *metrics, *swept, "run_id", "seconds", "failure_reason"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _cell(value):
+    return json.dumps(value) if isinstance(value, (list, tuple)) else value
+
+
+def best_trials(study: optuna.Study, spec: StudySpec) -> list[optuna.trial.FrozenTrial]:
+    """The best trial (one objective) or the Pareto front (several); [] before any completes."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return []
+    return list(study.best_trials) if len(spec.objectives) > 1 else [study.best_trial]
+
+
+def summarize(study: optuna.Study, spec: StudySpec, table: pd.DataFrame, wall_seconds: float) -> dict:
+    counts = {name.lower(): int((table["state"] == name).sum())
+              for name in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    counts["failed"] = counts.pop("fail")
+    best = [{"number": trial.number, "run_id": trial.user_attrs.get(RUN_ID_ATTR, ""),
+             "values": dict(zip([o.metric for o in spec.objectives], trial.values)),
+             "params": assignment_of(trial)} for trial in best_trials(study, spec)]
+    summary = {
+        "study_name": spec.name,
+        "sampler": spec.sampler,
+        "objectives": [str(objective) for objective in spec.objectives],
+        "swept_params": spec.swept_keys(),
+        "counts": {**counts, "total": int(len(table))},
+        "total_seconds": round(wall_seconds, 1),
+        "trial_seconds": round(float(table["seconds"].fillna(0).sum()), 1),
+    }
+    summary["pareto_front" if len(spec.objectives) > 1 else "best_trial"] = \
+        best if len(spec.objectives) > 1 else (best[0] if best else None)
+    return summary
+
+
+def plot_best(table: pd.DataFrame, spec: StudySpec, path: Path) -> bool:
+    objective = spec.objectives[0]
+    done = table[table["state"] == "COMPLETE"].sort_values("number")
+    if done.empty:
+        return False
+    values = done[objective.metric].astype(float)
+    best_so_far = values.cummin() if objective.direction == "minimize" else values.cummax()
+    figure, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(done["number"], values, s=18, label="trial")
+    ax.step(done["number"], best_so_far, where="post", color="C3", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"{objective.metric} ({objective.direction})")
+    ax.set_title(f"study {spec.name}")
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def plot_pareto(table: pd.DataFrame, spec: StudySpec, front_numbers: set[int], path: Path) -> bool:
+    if len(spec.objectives) != 2:
+        return False
+    done = table[table["state"] == "COMPLETE"]
+    if done.empty:
+        return False
+    x_metric, y_metric = (objective.metric for objective in spec.objectives)
+    on_front = done["number"].isin(front_numbers)
+    figure, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(done.loc[~on_front, x_metric], done.loc[~on_front, y_metric], s=18, color="0.6", label="trial")
+    front = done[on_front].sort_values(x_metric)
+    ax.plot(front[x_metric], front[y_metric], "o-", color="C3", label="Pareto front")
+    for _, row in front.iterrows():
+        ax.annotate(str(int(row["number"])), (row[x_metric], row[y_metric]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(x_metric)
+    ax.set_ylabel(y_metric)
+    ax.set_title(f"study {spec.name}: trade-off")
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def log_summary(client: MlflowClient, parent_run_id: str, study: optuna.Study, spec: StudySpec) -> dict:
+    """Write the summary artifacts and metrics on the parent run; returns summary.json's content."""
+    started = client.get_run(parent_run_id).info.start_time or time.time() * 1000
+    wall_seconds = time.time() - started / 1000
+    table = trials_table(study, spec)
+    summary = summarize(study, spec, table, wall_seconds)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (folder / "study.yaml").write_text(spec.to_yaml())
+        table.to_csv(folder / "trials.csv", index=False)
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if len(spec.objectives) > 1:
+            front = {entry["number"] for entry in summary["pareto_front"]}
+            plot_pareto(table, spec, front, folder / "pareto.png")
+        else:
+            plot_best(table, spec, folder / "best.png")
+        client.log_artifacts(parent_run_id, str(folder), "study")
+    counts = summary["counts"]
+    metrics = {f"study/{name}": float(counts[name]) for name in ("complete", "pruned", "failed")}
+    metrics["study/total_seconds"] = summary["total_seconds"]
+    best = summary.get("best_trial")
+    if best:
+        metrics.update({f"best/{metric}": value for metric, value in best["values"].items()
+                        if math.isfinite(value)})
+        client.set_tag(parent_run_id, "vae_lab.best_run_id", best["run_id"])
+    for key, value in metrics.items():
+        client.log_metric(parent_run_id, key, value)
+    return summary
