@@ -17,6 +17,7 @@ setup: $(STAMP)
 
 sweep: $(STAMP)
 	$(BIN)/python -m vae_lab.sweep
+	$(BIN)/python -m analysis.report --experiment vae_lab
 
 train: $(STAMP)
 	$(BIN)/python -m vae_lab.train

@@ -6,6 +6,7 @@ so a sweep can hold a parent run open while its children come and go, in any thr
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -172,6 +173,8 @@ class RunTracker:
             torch.save({"state_dict": model.state_dict(), "image_shape": list(model.image_shape)}, checkpoint)
             self.client.log_artifact(self.run_id, str(checkpoint), "model_state")
         mlflow.set_tracking_uri(self.tracking_uri)
+        # MLflow warns about pickle on every call; the state dict above is the safe copy
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         with mlflow.start_run(run_id=self.run_id):
             mlflow.pytorch.log_model(
                 model, name=MODEL_ARTIFACT, serialization_format="pickle",
