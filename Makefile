@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup sweep train test report browser clean
+.PHONY: setup sweep train test report bench browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/single_run.py
+	$(BIN)/python benchmarks/sweep.py
 
 report: $(STAMP)
 	$(BIN)/python -m analysis.report --experiment vae_lab

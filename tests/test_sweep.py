@@ -153,9 +153,9 @@ def wait_for_running_child(tracking_uri: str, process: subprocess.Popen, timeout
 
 
 def test_interrupt_and_sigkill_mid_trial_then_resume_runs_each_point_once(tmp_path, tracking_uri):
-    # digits (8x8) loads in no time; 3 epochs give a window to stop a trial in the middle
+    # digits (8x8) loads in no time; 20 epochs give a window to stop a trial in the middle
     path = write_study(tmp_path / "kill.yaml", "kill", {"model.latent_dim": [2, 3, 4]},
-                       **{"data.name": "digits", "train.epochs": 3, "train.batch_size": 16})
+                       **{"data.name": "digits", "train.epochs": 20, "train.batch_size": 16})
     command = [PYTHON, "-m", "vae_lab.sweep", str(path)]
     env = subprocess_env(tracking_uri)
 
@@ -261,3 +261,26 @@ def test_study_against_a_real_mlflow_server(tmp_path, mlflow_server, monkeypatch
     table = pd.read_csv(client.download_artifacts(parent["run_id"], "study/trials.csv", str(tmp_path)))
     assert list(table["state"]) == ["COMPLETE", "COMPLETE"]
     assert (tmp_path / "server-artifacts").is_dir()
+
+
+def test_batched_trials_each_get_their_own_child_run_and_optuna_trial(tmp_path, tracking_uri):
+    space = {"loss.kl_weight": [0.5, 1.0, 2.0], "model.name": ["ae", "linear_vae"]}
+    path = write_study(tmp_path / "batched.yaml", "batched", space, study={"batch_trials": "auto"})
+    assert run(path, tracking_uri) == 0
+    runs = runs_of(tracking_uri)
+    parent_id = runs[runs["vae_lab.role"] == "study"].iloc[0]["run_id"]
+    kids = children(runs, parent_id)
+    assert len(kids) == 6 and set(kids["status"]) == {"FINISHED"}
+    assert sorted(zip(kids["param:model.name"], kids["param:loss.kl_weight"])) == sorted(
+        (name, str(weight)) for name in ["ae", "linear_vae"] for weight in [0.5, 1.0, 2.0])
+    # the three KL weights of each model family trained as one batch
+    assert list(kids["vae_lab.batched_trials"]) == ["3"] * 6
+    trials = optuna_trials(tracking_uri, "batched")
+    assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 6
+    assert {t.user_attrs[RUN_ID_ATTR] for t in trials} == set(kids["run_id"])
+    off = write_study(tmp_path / "off.yaml", "unbatched", space, study={"batch_trials": "off"})
+    assert run(off, tracking_uri) == 0
+    runs = runs_of(tracking_uri)
+    parent_off = runs[(runs["vae_lab.role"] == "study") & (runs["vae_lab.study_name"] == "unbatched")]
+    alone = children(runs, parent_off.iloc[0]["run_id"])
+    assert alone.get("vae_lab.batched_trials", pd.Series([None])).isna().all()

@@ -138,7 +138,7 @@ def read_idx(path: Path) -> np.ndarray:
     if dtype_code != 0x08:
         raise ValueError(f"{path}: expected unsigned bytes in IDX file, got type {dtype_code:#x}")
     shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:

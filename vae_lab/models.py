@@ -11,6 +11,7 @@ stack stride-2 convolutions (`conv_channels`) and mirror them with transposed on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +97,7 @@ class MLPAutoencoder(Autoencoder):
 
     def __init__(self, image_shape, latent_dim: int, hidden_dims: list[int], variational: bool):
         super().__init__(image_shape, latent_dim, variational)
-        pixels = int(torch.tensor(image_shape).prod())
+        pixels = math.prod(image_shape)
         stats_size = 2 * latent_dim if variational else latent_dim
         self.encoder = _mlp([pixels, *hidden_dims, stats_size])
         self.decoder = _mlp([latent_dim, *reversed(hidden_dims), pixels])

@@ -2,7 +2,8 @@
 
 A study file has three sections:
 
-    study:        name, sampler, pruner, objectives, n_trials, timeout
+    study:        name, sampler, pruner, objectives, n_trials, timeout,
+                  batch_trials (auto | off | N: train same-shaped trials together)
     base:         a run config applied to every trial (sections data, model, loss, ...)
     search_space: dotted config keys -> a list of values, or {low, high, log, step, type};
                   plus `points:` (whole assignments, for paired values) and `seeds:`
@@ -31,7 +32,7 @@ SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median", "hyperband")
 DIRECTIONS = ("minimize", "maximize")
 SECTIONS = ("study", "base", "search_space")
-STUDY_KEYS = ("name", "sampler", "pruner", "objectives", "n_trials", "timeout")
+STUDY_KEYS = ("name", "sampler", "pruner", "objectives", "n_trials", "timeout", "batch_trials")
 RANGE_KEYS = ("low", "high", "log", "step", "type")
 POINTS_KEY, SEEDS_KEY = "points", "seeds"
 SEED_PARAM = "train.seed"
@@ -84,6 +85,7 @@ class StudySpec:
     objectives: list[Objective]
     n_trials: int | None
     timeout: float | None
+    batch_trials: str | int  # "auto", "off" or a cap; how trials run, not what they are
     base: dict  # the `base` mapping as written (plus overrides); configs are built from it
     space: dict[str, Choices | Range]
     points: list[dict[str, Any]]
@@ -208,6 +210,16 @@ def _set_dotted(mapping: dict, key: str, value: Any) -> None:
     target[rest] = value
 
 
+def _batch_trials(value: Any) -> str | int:
+    if value is False or value == "off":
+        return "off"
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError(f"study.batch_trials={value!r} is not allowed; choose auto, off or a positive integer")
+
+
 def load_study_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
     document = load_yaml_mapping(path)
     for text in overrides or []:
@@ -237,6 +249,7 @@ def parse_study(document: dict, default_name: str = "study") -> StudySpec:
     objectives = _objectives(study.get("objectives", ["test/loss"]))
     n_trials = _positive_number(study.get("n_trials"), "study.n_trials", int)
     timeout = _positive_number(study.get("timeout"), "study.timeout", float)
+    batch_trials = _batch_trials(study.get("batch_trials", "auto"))
 
     space, points, seeds = _search_space(space_doc, sampler)
     if not space and not points and not seeds:
@@ -255,7 +268,7 @@ def parse_study(document: dict, default_name: str = "study") -> StudySpec:
 
     spec = StudySpec(name=name, sampler=sampler, sampler_options=sampler_options, pruner=pruner,
                      pruner_options=pruner_options, objectives=objectives, n_trials=n_trials,
-                     timeout=timeout, base=base, space=space, points=points, seeds=seeds,
+                     timeout=timeout, batch_trials=batch_trials, base=base, space=space, points=points, seeds=seeds,
                      document=document)
     _check_trial_configs(spec)
     return spec

@@ -94,16 +94,26 @@ def trial_id(storage, study: optuna.Study, number: int) -> int:
     return storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
 
-def pop_waiting_trial(study: optuna.Study, storage) -> optuna.Trial | None:
-    """Claim one WAITING trial (atomic in the storage), or None when the queue is empty."""
+def pop_waiting_trial(study: optuna.Study, storage, wanted=None) -> optuna.Trial | None:
+    """Claim one WAITING trial (atomic in the storage) for which `wanted(frozen_trial)` holds,
+    or None when there is none. The claim records this worker, so a resume can tell whether
+    the trial's worker is still alive."""
     for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if wanted is not None and not wanted(waiting):
+            continue
         waiting_id = trial_id(storage, study, waiting.number)
         try:
             if storage.set_trial_state_values(waiting_id, state=TrialState.RUNNING):
+                mark_claimed(storage, waiting_id)
                 return optuna.Trial(study, waiting_id)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None
+
+
+def mark_claimed(storage, claimed_id: int) -> None:
+    storage.set_trial_user_attr(claimed_id, WORKER_ATTR, worker_name())
+    storage.set_trial_user_attr(claimed_id, HEARTBEAT_ATTR, time.time())
 
 
 def earlier_claim(study: optuna.Study, number: int, point: str) -> int | None:

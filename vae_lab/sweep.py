@@ -33,12 +33,14 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from . import study_storage as store
+from .batched import DEFAULT_CAP as DEFAULT_BATCH_CAP
+from .batched import PER_TRIAL_KEYS, batch_key, plan_batches, train_batch
 from .config import Config, ConfigError
 from .data import DataUnavailable, ImageData, load_data
 from .study import Choices, Range, StudySpec, load_study_spec, point_key, fingerprint_changes
 from .study_summary import log_summary
 from .tracking import default_store_dir, get_or_create_experiment, prepare_store, resolve_tracking_uri
-from .train import resolve_device, train
+from .train import RunResult, resolve_device, train
 
 DEFAULT_STUDY_FILE = Path(__file__).resolve().parents[1] / "experiments" / "default.yaml"
 READY_WAIT_SECONDS = 120
@@ -72,6 +74,7 @@ class Session:
     parent_run_id: str
     data_cache: "DataCache"
     my_trials: set[int] = field(default_factory=set)
+    point_batch_keys: dict = field(default_factory=dict)
     deadline: float | None = None
     failures: int = 0
 
@@ -315,32 +318,49 @@ def skip(session: Session, trial: optuna.Trial, why: str) -> None:
 def ask_trials(session: Session, count: int = 1) -> list[optuna.Trial]:
     """Claim up to `count` trials to run now; [] when the study has nothing left for us.
 
-    Asking for several at once is the seam for a batched trainer that runs same-shaped
-    trials together.
+    With count > 1 (batched trials), a grid claims only points that can train in one batch
+    with the first one it claims, so other workers keep the rest.
     """
     claimed: list[optuna.Trial] = []
     spec = session.spec
+    first_key = None
     while len(claimed) < count:
         if session.deadline is not None and time.time() > session.deadline:
             break
         if spec.is_grid:
-            trial = store.pop_waiting_trial(session.study, session.storage)
+            wanted = None if first_key is None else (
+                lambda waiting: batch_key_of_point(session, waiting.user_attrs.get(store.ASSIGNMENT_ATTR)) == first_key)
+            trial = store.pop_waiting_trial(session.study, session.storage, wanted)
             if trial is None:
                 break
             earlier = store.earlier_claim(session.study, trial.number, trial.user_attrs[store.POINT_ATTR])
             if earlier is not None:
                 skip(session, trial, f"grid point already held by trial {earlier}")
                 continue
+            if first_key is None and count > 1:
+                first_key = batch_key_of_point(session, trial.user_attrs.get(store.ASSIGNMENT_ATTR))
         else:
             if budget_used(session) >= spec.n_trials or session.failures >= spec.n_trials:
                 break
             trial = session.study.ask()
+            store.mark_claimed(session.storage, store.trial_id(session.storage, session.study, trial.number))
             if budget_used(session, before=trial.number) >= spec.n_trials:
                 skip(session, trial, "study.n_trials reached by other workers")
                 break
         session.my_trials.add(trial.number)
         claimed.append(trial)
     return claimed
+
+
+def batch_key_of_point(session: Session, assignment_json: str | None):
+    """The batch key of a grid point's config (vae_lab.batched.batch_key), cached per point."""
+    if assignment_json not in session.point_batch_keys:
+        try:
+            config = session.spec.trial_config(json.loads(assignment_json or "{}"))
+            session.point_batch_keys[assignment_json] = batch_key(config)
+        except Exception:  # an invalid point fails when it runs, alone
+            session.point_batch_keys[assignment_json] = None
+    return session.point_batch_keys[assignment_json]
 
 
 def pruning_callback(trial: optuna.Trial, spec: StudySpec):
@@ -366,47 +386,106 @@ def find_child_run(session: Session, number: int) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def run_trial(session: Session, trial: optuna.Trial, progress: bool) -> TrialState:
-    """Build the trial's config, train it as a child run, and tell Optuna the result."""
+def prepare_trial(session: Session, trial: optuna.Trial, progress: bool) -> tuple[Config, dict[str, str]]:
+    """The trial's run config and child-run tags; records its assignment on the Optuna trial."""
     spec = session.spec
-    trial_id = store.trial_id(session.storage, session.study, trial.number)
-    with store.Heartbeat(session.storage, trial_id):
-        state, values, reason = TrialState.FAIL, None, ""
-        try:
-            assignment = suggest_assignment(trial, spec)
-            config = spec.trial_config(assignment, extra=[f"tracking.uri={session.settings.tracking_uri}"]
-                                       + ([] if progress else ["train.progress=false"]))
-            swept = config.flat()
-            trial.set_user_attr(store.ASSIGNMENT_ATTR, json.dumps({key: swept[key] for key in spec.swept_keys()}))
-            tags = {"vae_lab.role": "trial", "vae_lab.study_name": spec.name,
-                    "vae_lab.trial_number": str(trial.number)}
-            result = train(config, parent_run_id=session.parent_run_id, run_name=f"{spec.name} trial {trial.number}",
-                           tags=tags, data=session.data_cache.get(config),
-                           on_epoch_end=pruning_callback(trial, spec))
-            trial.set_user_attr(store.RUN_ID_ATTR, result.run_id)
-            missing = [o.metric for o in spec.objectives if o.metric not in result.metrics]
-            if missing:
-                reason = f"the run logged no {missing[0]}"
-            else:
-                values, state = [float(result.metrics[o.metric]) for o in spec.objectives], TrialState.COMPLETE
-        except optuna.TrialPruned as pruned:
-            state, reason = TrialState.PRUNED, str(pruned)
-        except KeyboardInterrupt as interrupt:
-            reason = f"interrupted ({type(interrupt).__name__})"
-            raise
-        except Exception as error:  # a failed trial is recorded; the study goes on
-            reason = f"{type(error).__name__}: {error}"
-        finally:
-            if state != TrialState.COMPLETE:
-                run_id = find_child_run(session, trial.number)
-                if run_id:
-                    trial.set_user_attr(store.RUN_ID_ATTR, run_id)
-                trial.set_user_attr(store.REASON_ATTR, reason[:2000])
-                session.failures += state == TrialState.FAIL
-            session.study.tell(trial, values=values if state == TrialState.COMPLETE else None, state=state)
-    if state == TrialState.FAIL:
+    assignment = suggest_assignment(trial, spec)
+    config = spec.trial_config(assignment, extra=[f"tracking.uri={session.settings.tracking_uri}"]
+                               + ([] if progress else ["train.progress=false"]))
+    swept = config.flat()
+    trial.set_user_attr(store.ASSIGNMENT_ATTR, json.dumps({key: swept[key] for key in spec.swept_keys()}))
+    tags = {"vae_lab.role": "trial", "vae_lab.study_name": spec.name,
+            "vae_lab.trial_number": str(trial.number)}
+    return config, tags
+
+
+def trial_name(session: Session, trial: optuna.Trial) -> str:
+    return f"{session.spec.name} trial {trial.number}"
+
+
+def record_outcome(session: Session, trial: optuna.Trial, outcome: RunResult | BaseException) -> TrialState:
+    """Tell Optuna how the trial ended: COMPLETE with its objective values, PRUNED, or FAIL."""
+    spec = session.spec
+    state, values, reason = TrialState.FAIL, None, ""
+    if isinstance(outcome, RunResult):
+        trial.set_user_attr(store.RUN_ID_ATTR, outcome.run_id)
+        missing = [o.metric for o in spec.objectives if o.metric not in outcome.metrics]
+        if missing:
+            reason = f"the run logged no {missing[0]}"
+        else:
+            values, state = [float(outcome.metrics[o.metric]) for o in spec.objectives], TrialState.COMPLETE
+    elif isinstance(outcome, optuna.TrialPruned):
+        state, reason = TrialState.PRUNED, str(outcome)
+    elif isinstance(outcome, KeyboardInterrupt):
+        reason = f"interrupted ({type(outcome).__name__})"
+    else:
+        reason = f"{type(outcome).__name__}: {outcome}"
+    if state != TrialState.COMPLETE:
+        run_id = find_child_run(session, trial.number)
+        if run_id:
+            trial.set_user_attr(store.RUN_ID_ATTR, run_id)
+        trial.set_user_attr(store.REASON_ATTR, reason[:2000])
+        session.failures += state == TrialState.FAIL
+    session.study.tell(trial, values=values, state=state)
+    if state == TrialState.FAIL and not isinstance(outcome, KeyboardInterrupt):
         tqdm.write(f"trial {trial.number} failed: {reason.splitlines()[0] if reason else ''}")
     return state
+
+
+def run_trial(session: Session, trial: optuna.Trial, progress: bool) -> TrialState:
+    """Build the trial's config, train it as a child run, and tell Optuna the result."""
+    trial_id = store.trial_id(session.storage, session.study, trial.number)
+    with store.Heartbeat(session.storage, trial_id):
+        try:
+            config, tags = prepare_trial(session, trial, progress)
+            outcome = train(config, parent_run_id=session.parent_run_id, run_name=trial_name(session, trial),
+                            tags=tags, data=session.data_cache.get(config),
+                            on_epoch_end=pruning_callback(trial, session.spec))
+        except KeyboardInterrupt as interrupt:
+            record_outcome(session, trial, interrupt)
+            raise
+        except Exception as error:  # a failed trial is recorded; the study goes on
+            outcome = error
+        return record_outcome(session, trial, outcome)
+
+
+def run_trials_batched(session: Session, trials: list[optuna.Trial], progress: bool) -> None:
+    """Train same-shaped trials together (vae_lab.batched); each keeps its own child run and
+    Optuna trial. Trials that cannot share a batch run one by one."""
+    prepared, outcomes = {}, {}
+    for trial in trials:
+        try:
+            prepared[trial.number] = prepare_trial(session, trial, progress)
+        except Exception as error:
+            outcomes[trial.number] = error
+    ready = [trial for trial in trials if trial.number in prepared]
+    groups = plan_batches([prepared[trial.number][0] for trial in ready], session.spec.batch_trials)
+    pending = {trial.number: trial for trial in trials}
+    try:
+        for trial in trials:
+            if trial.number in outcomes:
+                record_outcome(session, pending.pop(trial.number), outcomes[trial.number])
+        for group in groups:
+            members = [ready[index] for index in group]
+            if len(members) == 1:
+                run_trial(session, pending.pop(members[0].number), progress)
+                continue
+            configs = [prepared[trial.number][0] for trial in members]
+            with contextlib.ExitStack() as beats:
+                for trial in members:
+                    beats.enter_context(store.Heartbeat(
+                        session.storage, store.trial_id(session.storage, session.study, trial.number)))
+                results = train_batch(
+                    configs, data=session.data_cache.get(configs[0]), parent_run_id=session.parent_run_id,
+                    run_names=[trial_name(session, trial) for trial in members],
+                    tags=[prepared[trial.number][1] for trial in members],
+                    on_epoch_end=[pruning_callback(trial, session.spec) for trial in members])
+            for trial, outcome in zip(members, results):
+                record_outcome(session, pending.pop(trial.number), outcome)
+    except KeyboardInterrupt as interrupt:
+        for trial in pending.values():  # every claimed trial not yet told: failed, to be retried
+            record_outcome(session, trial, interrupt)
+        raise
 
 
 # ----------------------------------------------------------------------------- progress
@@ -445,13 +524,34 @@ class TrialsBar:
         self.bar.close()
 
 
+def batch_ask_count(session: Session) -> int:
+    """How many trials to claim at once: the batch cap (auto: 16 on CPU, 64 on CUDA).
+
+    `auto` leaves pruned studies unbatched: a pruner compares a trial with trials that
+    finished before it, and trials trained side by side never have any. A sampler (not a
+    grid) asks for several trials only when every swept key is one a batch can vary.
+    """
+    setting, spec = session.spec.batch_trials, session.spec
+    if setting == "off" or (setting == "auto" and spec.pruner != "none"):
+        return 1
+    if not spec.is_grid and not set(spec.swept_keys()) <= set(PER_TRIAL_KEYS):
+        return 1  # sampled trials of different shapes cannot share a batch: ask one at a time
+    if isinstance(setting, int):
+        return setting
+    device = resolve_device(session.spec.base_config().device)
+    return DEFAULT_BATCH_CAP.get(device.type, DEFAULT_BATCH_CAP["cpu"])
+
+
 def work(session: Session, progress: bool, bar: TrialsBar | None = None) -> None:
     """The worker loop: ask, run, tell, until the study has nothing left for this worker."""
-    while trials := ask_trials(session, count=1):
-        for trial in trials:
-            run_trial(session, trial, progress)
-            if bar is not None:
-                bar.refresh()
+    count = batch_ask_count(session)
+    while trials := ask_trials(session, count=count):
+        if len(trials) == 1:
+            run_trial(session, trials[0], progress)
+        else:
+            run_trials_batched(session, trials, progress)
+        if bar is not None:
+            bar.refresh()
 
 
 def _raise_interrupted(signum, frame):

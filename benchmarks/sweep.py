@@ -1,0 +1,132 @@
+"""An 8-point KL-weight study of seed 001's linear VAE on mnist5k: batched against one-by-one.
+
+    python benchmarks/sweep.py                     # 10 epochs (the seed's), device=auto
+    python benchmarks/sweep.py --epochs 3 --threads 1 --amp
+
+Seed 001's MLP VAE (32 px, 1024-128-64-32 encoder, latent 2, Gaussian likelihood, Adam 5e-4,
+batch 64; experiments/runs/seed001_linear_vae.yaml) at 8 KL weights, tracked in a temporary
+MLflow store as two studies (a parent run each, one child run per trial):
+  one-by-one  `vae_lab.train.train` per config, one after another
+  batched     `vae_lab.batched.train_batch` on all 8 at once (one pass over the data)
+Prints the total seconds of each, the median seconds of one trial alone, the ratio
+batched / single trial (goal: <= 3x on a 2-core CPU, <= 1.5x on a GPU), the split of the
+batched time into the shared training pass and the per-trial rest (run creation, per-epoch
+test evaluation, eval/* metrics, images, model logging), and how far each trial's batched
+test loss is from its one-by-one twin (same seed, same data order: should be ~0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from _common import machine_line, ratio, set_threads, temporary_store
+
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from vae_lab.batched import train_batch  # noqa: E402
+from vae_lab.config import load_config  # noqa: E402
+from vae_lab.data import load_data  # noqa: E402
+from vae_lab.tracking import get_or_create_experiment, prepare_store  # noqa: E402
+from vae_lab.train import resolve_device, train  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_001_VAE = REPO / "experiments" / "runs" / "seed001_linear_vae.yaml"
+KL_WEIGHTS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+EXPERIMENT = "sweep_benchmark"
+
+
+def configs_for(args, uri: str, epochs: int | None = None):
+    common = ["data.name=mnist5k", f"device={args.device}", f"train.amp={str(args.amp).lower()}",
+              f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}", "train.progress=false"]
+    if epochs or args.epochs:
+        common.append(f"train.epochs={epochs or args.epochs}")
+    return [load_config(SEED_001_VAE, [*common, f"loss.kl_weight={weight}"]) for weight in KL_WEIGHTS]
+
+
+def study_parent(client: MlflowClient, experiment_id: str, name: str) -> str:
+    run = client.create_run(experiment_id, run_name=name, tags={
+        "vae_lab.role": "study", "vae_lab.study_name": name, "vae_lab.swept_params": "loss.kl_weight",
+        "vae_lab.objectives": "test/loss:minimize", "vae_lab.sampler": "grid"})
+    return run.info.run_id
+
+
+def trial_tags(name: str, number: int) -> dict[str, str]:
+    return {"vae_lab.role": "trial", "vae_lab.study_name": name, "vae_lab.trial_number": str(number)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=0, help="0 = the seed config's 10")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (train.amp=true) in both modes")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    print(machine_line(device))
+
+    with temporary_store() as uri:
+        prepare_store(uri)
+        client = MlflowClient(uri)
+        experiment_id = get_or_create_experiment(client, EXPERIMENT, uri)
+        configs = configs_for(args, uri)
+        data = load_data(configs[0].data, device)
+        print(f"seed 001 linear VAE, {len(configs)} KL weights, {configs[0].train.epochs} epochs, "
+              f"mnist5k ({data.train_images.shape[0]} train images), amp={args.amp}\n")
+        # untimed warm-up: imports, the store's first writes, kernel caches
+        train(configs_for(args, uri, epochs=1)[0], data=data, run_name="warm-up")
+
+        alone_parent = study_parent(client, experiment_id, "one-by-one")
+        alone_seconds, alone_results = [], []
+        for number, config in enumerate(configs):
+            started = time.perf_counter()
+            alone_results.append(train(config, data=data, parent_run_id=alone_parent,
+                                       run_name=f"kl={config.loss.kl_weight:g}",
+                                       tags=trial_tags("one-by-one", number)))
+            alone_seconds.append(time.perf_counter() - started)
+        client.set_terminated(alone_parent)
+
+        batched_parent = study_parent(client, experiment_id, "batched")
+        pass_seconds: list[float] = []
+        record = [lambda epoch, metrics: pass_seconds.append(metrics["train/epoch_seconds"])]
+        started = time.perf_counter()
+        batched_results = train_batch(configs, data=data, parent_run_id=batched_parent,
+                                      run_names=[f"kl={config.loss.kl_weight:g}" for config in configs],
+                                      tags=[trial_tags("batched", number) for number in range(len(configs))],
+                                      on_epoch_end=record + [None] * (len(configs) - 1))
+        batched_total = time.perf_counter() - started
+        client.set_terminated(batched_parent)
+        finished = [run.info.status for run in client.search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{batched_parent}'")]
+
+    print(f"{'kl_weight':>9s} {'alone s':>8s} {'test/loss alone':>16s} {'batched':>10s} {'diff':>8s}")
+    gaps = []
+    for config, seconds, alone, batched in zip(configs, alone_seconds, alone_results, batched_results):
+        if isinstance(batched, BaseException):
+            print(f"{config.loss.kl_weight:9g} {seconds:8.1f} {alone.metrics['test/loss']:16.3f}   {batched!r}")
+            continue
+        gap = abs(batched.metrics["test/loss"] - alone.metrics["test/loss"]) / alone.metrics["test/loss"]
+        gaps.append(gap)
+        print(f"{config.loss.kl_weight:9g} {seconds:8.1f} {alone.metrics['test/loss']:16.3f} "
+              f"{batched.metrics['test/loss']:10.3f} {gap:8.1e}")
+    single = statistics.median(alone_seconds)
+    one_by_one = sum(alone_seconds)
+    training_pass = sum(pass_seconds)
+    print(f"\nbatched child runs: {', '.join(sorted(set(finished)))} ({len(finished)})")
+    print(f"one-by-one total      {one_by_one:7.1f} s")
+    print(f"single trial (median) {single:7.1f} s")
+    print(f"batched total         {batched_total:7.1f} s  (training pass {training_pass:.1f} s, "
+          f"per-trial rest {batched_total - training_pass:.1f} s)")
+    goal = "1.5x (GPU)" if device.type == "cuda" else "3x (2-core CPU)"
+    print(f"batched / single      {ratio(batched_total, single)}   goal <= {goal}")
+    print(f"one-by-one / batched  {ratio(one_by_one, batched_total)}")
+    print(f"largest test/loss gap batched vs alone: {max(gaps):.1e} (criterion 1%)" if gaps else "no trial finished")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

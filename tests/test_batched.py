@@ -1,0 +1,182 @@
+"""Batched trials (vae_lab.batched): same results as alone, one run per trial, failures stay alone."""
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY_RUN
+from vae_lab.batched import PER_TRIAL_KEYS, batch_key, plan_batches, train_batch
+from vae_lab.config import build_config
+from vae_lab.data import load_data
+from vae_lab.tracking import load_logged_model
+from vae_lab.train import TrainingDiverged, train
+
+TWO_EPOCHS = [*TINY_RUN, "train.epochs=2", "data.binarize=dynamic"]
+# what differs between the trials of one batch: KL weight, lr, seed, clipping, warm-up
+TRIALS = [
+    ["train.seed=0", "loss.kl_weight=1.0", "tracking.log_every_steps=3"],
+    ["train.seed=0", "loss.kl_weight=0.5", "train.lr=3e-3"],
+    ["train.seed=7", "loss.kl_weight=2.0", "train.grad_clip=5.0", "loss.kl_warmup_steps=10"],
+]
+
+
+def make_configs(tracking_uri, trial_overrides, common=()):
+    return [build_config(None, [*TWO_EPOCHS, f"tracking.uri={tracking_uri}", *common, *overrides])
+            for overrides in trial_overrides]
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return load_data(build_config(None, TWO_EPOCHS).data, "cpu")
+
+
+def history_steps(client, run_id, key):
+    return [metric.step for metric in client.get_metric_history(run_id, key)]
+
+
+def test_batched_trials_match_alone_and_each_has_its_own_run(tracking_uri, tiny_data):
+    configs = make_configs(tracking_uri, TRIALS)
+    alone = [train(config, data=tiny_data, run_name=f"alone-{index}")
+             for index, config in enumerate(configs)]
+
+    client = MlflowClient(tracking_uri)
+    parent = client.create_run(client.get_experiment_by_name("vae_lab").experiment_id, run_name="study")
+    results = train_batch(configs, data=tiny_data, parent_run_id=parent.info.run_id,
+                          run_names=[f"trial-{index}" for index in range(3)],
+                          tags=[{"vae_lab.trial_number": str(index)} for index in range(3)])
+
+    for index, (single, batched) in enumerate(zip(alone, results)):
+        assert not isinstance(batched, BaseException), batched
+        # the acceptance criterion; in practice they agree to ~1e-5
+        assert batched.metrics["test/loss"] == pytest.approx(single.metrics["test/loss"], rel=0.01)
+        assert batched.metrics["test/recon"] == pytest.approx(single.metrics["test/recon"], rel=0.01)
+        assert set(batched.metrics) == set(single.metrics)
+
+        run = client.get_run(batched.run_id)
+        assert run.info.status == "FINISHED"
+        assert run.info.run_name == f"trial-{index}"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["vae_lab.trial_number"] == str(index)
+        assert run.data.params == client.get_run(single.run_id).data.params
+        assert set(run.data.metrics) == set(client.get_run(single.run_id).data.metrics)
+        for key in ("train/loss", "train/kl_weight", "test/loss", "epoch", "train/images_per_sec"):
+            assert history_steps(client, batched.run_id, key) == history_steps(client, single.run_id, key), key
+        artifacts = {item.path for item in client.list_artifacts(batched.run_id)}
+        assert {"config.yaml", "images", "latents", "eval", "model_state"} <= artifacts
+        assert artifacts == {item.path for item in client.list_artifacts(single.run_id)}
+        images = {item.path for item in client.list_artifacts(batched.run_id, "images")}
+        assert "images/reconstructions.png" in images and "images/latent_traversal.png" in images
+
+    # per-trial logging cadence: trial 0 logs every 3 steps (8 steps per epoch), trial 1 at epoch ends
+    assert history_steps(client, results[0].run_id, "train/loss") == [3, 6, 8, 9, 12, 15, 16]
+    assert history_steps(client, results[1].run_id, "train/loss") == [8, 16]
+    # the warm-up trial logs its own β schedule
+    warmup = client.get_metric_history(results[2].run_id, "train/kl_weight")
+    assert warmup[0].value == pytest.approx(2.0 * 7 / 10)
+    # the trials really differ, and the logged model is the batched trial's own
+    assert results[0].metrics["test/loss"] != pytest.approx(results[1].metrics["test/loss"], rel=0.01)
+    model, config = load_logged_model(results[1].run_id, tracking_uri)
+    assert config.train.lr == pytest.approx(3e-3)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, results[1].model.state_dict()[name].cpu())
+
+
+def test_trials_with_different_seeds_each_match_alone(tracking_uri, tiny_data):
+    configs = make_configs(tracking_uri, [[f"train.seed={seed}"] for seed in (3, 4)],
+                           common=["tracking.enabled=false", "eval.enabled=false", "model.name=ae"])
+    alone = [train(config, data=tiny_data).metrics["test/loss"] for config in configs]
+    batched = [result.metrics["test/loss"] for result in train_batch(configs, data=tiny_data)]
+    assert batched == pytest.approx(alone, rel=0.01)
+    assert alone[0] != pytest.approx(alone[1], rel=1e-4)  # different seeds, different runs
+
+
+def test_a_diverging_trial_fails_alone(tracking_uri, tiny_data):
+    configs = make_configs(tracking_uri, [["train.lr=1e-3"], ["train.lr=1e12"], ["train.lr=2e-3"]],
+                           common=["eval.enabled=false", "tracking.log_model=false"])
+    results = train_batch(configs, data=tiny_data)
+
+    assert isinstance(results[1], TrainingDiverged)
+    assert "diverged" in str(results[1])
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("vae_lab").experiment_id])
+    by_lr = {float(run.data.params["train.lr"]): run for run in runs}
+    assert len(runs) == 3
+    assert by_lr[1e12].info.status == "FAILED"
+    assert "diverged" in by_lr[1e12].data.tags["failure_reason"]
+    for lr, index in ((1e-3, 0), (2e-3, 2)):
+        assert by_lr[lr].info.status == "FINISHED"
+        # the survivors lost a neighbour after epoch 1 (rows and Adam moments re-packed) and
+        # still match their solo runs
+        solo = build_config(None, [*TWO_EPOCHS, f"train.lr={lr}", "tracking.enabled=false", "eval.enabled=false"])
+        assert results[index].metrics["test/loss"] == pytest.approx(
+            train(solo, data=tiny_data).metrics["test/loss"], rel=0.01)
+        assert [m.step for m in client.get_metric_history(by_lr[lr].info.run_id, "test/loss")] == [8, 16]
+
+
+def test_pruning_one_trial_kills_it_alone_and_ctrl_c_kills_all(tracking_uri, tiny_data):
+    quiet = ["eval.enabled=false", "tracking.log_model=false", "tracking.log_images=false"]
+    configs = make_configs(tracking_uri, [["train.lr=1e-3"], ["train.lr=2e-3"], ["train.lr=3e-3"]], common=quiet)
+    seen = []
+
+    def prune(epoch, metrics):
+        raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+    results = train_batch(configs, data=tiny_data,
+                          on_epoch_end=[None, prune, lambda epoch, metrics: seen.append(epoch)])
+    assert isinstance(results[1], optuna.TrialPruned)
+    assert seen == [1, 2]
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_experiment_by_name("vae_lab").experiment_id
+    statuses = sorted(run.info.status for run in client.search_runs([experiment_id]))
+    assert statuses == ["FINISHED", "FINISHED", "KILLED"]
+    # the middle row left after epoch 1; its neighbours still train exactly as alone
+    for index in (0, 2):
+        solo = build_config(None, [*TWO_EPOCHS, f"train.lr={configs[index].train.lr}",
+                                   "tracking.enabled=false", "eval.enabled=false"])
+        assert results[index].metrics["test/loss"] == pytest.approx(
+            train(solo, data=tiny_data).metrics["test/loss"], rel=0.01)
+
+    def interrupt(epoch, metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_batch(configs[:2], data=tiny_data, on_epoch_end=[None, interrupt])
+    statuses = sorted(run.info.status for run in client.search_runs([experiment_id]))
+    assert statuses == ["FINISHED", "FINISHED", "KILLED", "KILLED", "KILLED"]
+
+
+def test_batch_key_groups_what_can_train_together():
+    base = build_config(None, TINY_RUN)
+    for key, value in (("loss.kl_weight", 0.3), ("loss.kl_warmup_steps", 5), ("train.lr", 1e-2),
+                       ("train.seed", 9), ("train.grad_clip", 1.0), ("tracking.run_name", "x"),
+                       ("eval.iwae_samples", 7), ("train.progress", True)):
+        assert batch_key(build_config(None, [*TINY_RUN, f"{key}={value}"])) == batch_key(base), key
+    for override in ("model.hidden_dims=[32]", "model.latent_dim=3", "model.name=ae", "train.epochs=2",
+                     "train.batch_size=32", "train.amp=true", "data.binarize=dynamic",
+                     "loss.likelihood=gaussian", "data.resize=32"):
+        assert batch_key(build_config(None, [*TINY_RUN, override])) != batch_key(base), override
+    assert set(PER_TRIAL_KEYS) <= set(base.flat())
+
+
+def test_plan_batches_caps_and_splits_evenly():
+    small = [build_config(None, [*TINY_RUN, f"loss.kl_weight={0.1 * index}"]) for index in range(5)]
+    other = build_config(None, [*TINY_RUN, "model.latent_dim=3"])
+    configs = [small[0], other, *small[1:]]
+    assert plan_batches(configs, 2) == [[0, 2], [3, 4], [5], [1]]
+    assert plan_batches(configs, "auto") == [[0, 2, 3, 4, 5], [1]]
+    assert plan_batches(configs, "off") == [[index] for index in (0, 2, 3, 4, 5, 1)]
+    assert [len(batch) for batch in plan_batches(configs * 4, "auto")] == [10, 10, 4]  # CPU cap 16
+    # a big model: the memory estimate caps the batch below the default of 16
+    big = [build_config(None, [*TINY_RUN, "model.hidden_dims=[4096,4096]", "train.batch_size=1024",
+                               f"train.seed={seed}"]) for seed in range(4)]
+    assert all(len(batch) < 4 for batch in plan_batches(big, "auto"))
+    assert sorted(index for batch in plan_batches(big, "auto") for index in batch) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="max_batch"):
+        plan_batches(configs, 0)
+
+
+def test_train_batch_refuses_configs_of_different_shapes(tiny_data):
+    configs = [build_config(None, TINY_RUN), build_config(None, [*TINY_RUN, "model.latent_dim=3"])]
+    with pytest.raises(ValueError, match="model.latent_dim"):
+        train_batch(configs, data=tiny_data)
