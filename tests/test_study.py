@@ -62,6 +62,7 @@ def test_shipped_study_files_say_what_the_brief_asks():
     assert [c.loss.kl_weight for c in configs[1:3]] == [1.0, 100.0] and configs[1].model.latent_dim == 2
     assert (configs[4].loss.kl_weight, configs[4].model.latent_layout, configs[4].model.latent_dim,
             configs[4].data.resize) == (0.8, "cube", 64, 32)
+    assert {c.loss.likelihood for c in configs} == {"gaussian"}  # the seed's summed squared error
     optuna_study = load_study_spec(EXPERIMENTS / "latent_kl_optuna.yaml")
     assert [str(o) for o in optuna_study.objectives] == ["test/recon:minimize", "test/kl:minimize"]
     assert optuna_study.sampler == "tpe" and optuna_study.pruner == "none"

@@ -109,12 +109,19 @@ class MLPAutoencoder(Autoencoder):
         return self.decoder(z).view(-1, *self.image_shape)
 
 
+def _norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm, not BatchNorm: no running statistics, so a model behaves the same in train
+    and eval mode, and stacked copies of it train under vmap (vae_lab.batched)."""
+    return nn.GroupNorm(min(8, channels), channels)
+
+
 def _conv_output_size(size: int) -> int:
     return (size + 2 * 1 - 3) // 2 + 1  # kernel 3, stride 2, padding 1
 
 
 class ConvAutoencoder(Autoencoder):
-    """`conv_ae` / `conv_vae`: stride-2 3x3 convolutions, mirrored by transposed ones.
+    """`conv_ae` / `conv_vae`: stride-2 3x3 convolutions (each followed by GroupNorm and ReLU),
+    mirrored by transposed ones.
 
     With `latent_layout="vector"` a linear layer maps the last feature map to the latent
     vector. With `"cube"` the latent stays a C x H x W feature cube (seed 001's 4x4x4):
@@ -134,7 +141,8 @@ class ConvAutoencoder(Autoencoder):
 
         encoder: list[nn.Module] = []
         for channels_in, channels_out in zip([in_channels, *conv_channels[:-1]], conv_channels):
-            encoder += [nn.Conv2d(channels_in, channels_out, 3, stride=2, padding=1), nn.ReLU()]
+            encoder += [nn.Conv2d(channels_in, channels_out, 3, stride=2, padding=1),
+                        _norm(channels_out), nn.ReLU()]
         self.encoder = nn.Sequential(*encoder)
 
         feature_size = conv_channels[-1] * sizes[-1][0] * sizes[-1][1]
@@ -148,7 +156,7 @@ class ConvAutoencoder(Autoencoder):
             self.latent_cube = (latent_dim // area, *sizes[-1])
             self.to_stats = nn.Conv2d(conv_channels[-1], stats_factor * self.latent_cube[0], 3, padding=1)
             self.from_latent = nn.Sequential(
-                nn.Conv2d(self.latent_cube[0], conv_channels[-1], 3, padding=1), nn.ReLU())
+                nn.Conv2d(self.latent_cube[0], conv_channels[-1], 3, padding=1), _norm(conv_channels[-1]), nn.ReLU())
         else:
             self.latent_cube = None
             self.to_stats = nn.Linear(feature_size, stats_factor * latent_dim)
@@ -164,7 +172,7 @@ class ConvAutoencoder(Autoencoder):
             decoder.append(nn.ConvTranspose2d(channels_in, channels_out, 3, stride=2, padding=1,
                                               output_padding=output_padding))
             if index < len(channels) - 1:
-                decoder.append(nn.ReLU())
+                decoder += [_norm(channels_out), nn.ReLU()]
             current = target
         self.decoder = nn.Sequential(*decoder)
 

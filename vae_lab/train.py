@@ -28,7 +28,7 @@ from .data import DataUnavailable, ImageData, load_data
 from .evaluation import evaluate_model
 from .losses import kl_to_standard_normal, kl_weight_at, loss_terms, reconstruction_nll
 from .models import Autoencoder, build_model
-from .tracking import NullTracker, RunTracker
+from .tracking import NullTracker, RunTracker, resolve_tracking_uri
 
 EVAL_BATCH_SIZE = 1000
 
@@ -252,8 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the run was marked KILLED", file=sys.stderr)
         return 130
-    from .tracking import resolve_tracking_uri
-
     uri = resolve_tracking_uri(config.tracking.uri)
     print("final metrics:")
     for key, value in sorted(result.metrics.items()):
