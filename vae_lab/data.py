@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import gzip
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -41,6 +41,7 @@ class ImageData:
     test_labels: torch.Tensor
     binarize: str = "none"
     class_names: tuple[str, ...] = tuple(str(digit) for digit in range(10))
+    derived: dict = field(default_factory=dict, repr=False)  # values computed from the data alone
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

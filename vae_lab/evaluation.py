@@ -127,8 +127,13 @@ def evaluate_model(model: Autoencoder, data: ImageData, config: Config,
     test_pixels, test_means, test_labels, kl_sums, squared_error = _encode_split(
         model, data, "test", cap, generator)
 
+    # the baseline depends on the data and the latent size only: trials of one study share it
+    baseline_key = ("pca_mse_per_pixel", model.latent_dim, cap,
+                    config.train.seed if data.binarize == "dynamic" else None)
+    if baseline_key not in data.derived:
+        data.derived[baseline_key] = pca_mse_per_pixel(train_pixels, test_pixels, model.latent_dim)
     metrics = {"eval/mse_per_pixel": squared_error / test_pixels.size,
-               "eval/pca_mse_per_pixel": pca_mse_per_pixel(train_pixels, test_pixels, model.latent_dim)}
+               "eval/pca_mse_per_pixel": data.derived[baseline_key]}
     metrics.update(probe_accuracies(train_means, train_labels, test_means, test_labels))
     result = EvaluationResult(metrics)
 

@@ -21,7 +21,9 @@ from .models import Posterior
 def reconstruction_nll(logits: torch.Tensor, images: torch.Tensor, likelihood: str) -> torch.Tensor:
     """Per-image reconstruction term, shape [B]."""
     if likelihood == "bernoulli":
-        per_pixel = F.binary_cross_entropy_with_logits(logits, images, reduction="none")
+        # BCE with logits as softplus(l) - l*x: the same stable value, one fused elementwise
+        # op (binary_cross_entropy_with_logits decomposes into six under vmap)
+        per_pixel = F.softplus(logits) - logits * images
     elif likelihood == "gaussian":
         per_pixel = (torch.sigmoid(logits) - images).square()
     else:
