@@ -193,8 +193,9 @@ def test_two_worker_processes_never_run_a_point_twice(tmp_path, tracking_uri):
     # processes started together on one journal storage, as on many machines; the second
     # command also spawns a helper (--workers 2)
     points = [2, 3, 4, 5, 6, 7, 8, 9]
+    # 8 epochs: each trial lasts long enough that a worker still importing torch gets points too
     path = write_study(tmp_path / "workers.yaml", "workers", {"model.latent_dim": points},
-                       **{"data.name": "digits", "train.epochs": 3, "train.batch_size": 16})
+                       **{"data.name": "digits", "train.epochs": 8, "train.batch_size": 16})
     journal = f"journal:///{tmp_path / 'optuna.journal'}"
     command = [PYTHON, "-m", "vae_lab.sweep", str(path), "--storage", journal]
     logs = [tmp_path / f"worker{index}.log" for index in range(2)]
