@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,10 +186,14 @@ def _load_torchvision(name: str, root: Path, download: bool):
     found = _load_idx_folder(raw_folder)
     if found is not None:
         return found
+    dataset_folder = root / dataset_class.__name__
+    folder_existed = dataset_folder.exists()
     try:
         train = dataset_class(str(root), train=True, download=download)
         test = dataset_class(str(root), train=False, download=download)
     except Exception as error:  # offline: URLError, RuntimeError("Dataset not found") ...
+        if not folder_existed:  # leave nothing half-downloaded behind
+            shutil.rmtree(dataset_folder, ignore_errors=True)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataUnavailable(
             f"dataset {name!r} is not under {root} and could not be fetched ({reason}); "
