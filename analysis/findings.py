@@ -36,21 +36,30 @@ def _percent(before: float, after: float) -> float | None:
     return 100.0 * (after - before) / abs(before)
 
 
+PAIRED = object()  # a setting that changes together with the varied param
+
+
 def _group_name(family: str, settings: dict) -> str:
-    extra = ", ".join(f"{key.split('.')[-1]}={display_param(value)}" for key, value in settings.items())
+    extra = ", ".join(f"{key.split('.')[-1]} paired with it" if value is PAIRED
+                      else f"{key.split('.')[-1]}={display_param(value)}" for key, value in settings.items())
     return f"{family} ({extra})" if extra else family
 
 
-def _groups(summary: pd.DataFrame, config_params: list[str], varying: str):
-    """(family, {other param: value}, rows sorted by `varying`) for every group where only `varying` changes."""
-    others = [key for key in config_params if key not in (varying, "model.name") and key in summary]
+def _groups(summary: pd.DataFrame, config_params: list[str], varying: str, paired: Sequence[str] = ()):
+    """(family, {other param: value}, rows sorted by `varying`) for every group where only `varying`
+    changes, or `varying` and the params `paired` with it (a study's `points:`) change together."""
+    together = [key for key in paired if key != varying and key in summary] if varying in paired else []
+    others = [key for key in config_params
+              if key not in (varying, "model.name", *together) and key in summary]
     keys = ["family", *others]
     for values, group in summary.groupby(keys, sort=False, dropna=False):
         values = values if isinstance(values, tuple) else (values,)
         numbers = pd.to_numeric(group[varying], errors="coerce")
-        if numbers.isna().any() or numbers.nunique() < 2:
+        if numbers.isna().any() or numbers.nunique() < 2 or not numbers.is_unique:
             continue
-        yield values[0], dict(zip(others, values[1:])), group.assign(_x=numbers).sort_values("_x")
+        settings = dict(zip(others, values[1:]))
+        settings.update({key: PAIRED for key in together if group[key].astype(str).nunique() > 1})
+        yield values[0], settings, group.assign(_x=numbers).sort_values("_x")
 
 
 # ----------------------------------------------------------------------------- trends
@@ -91,11 +100,15 @@ def trend_sentence(metric: str, x_name: str, xs: Sequence, ys: Sequence[float],
     return sentence + "."
 
 
-def latent_size_findings(summary: pd.DataFrame, config_params: list[str]) -> list[str]:
+def latent_size_findings(summary: pd.DataFrame, config_params: list[str],
+                         paired: Sequence[str] = ()) -> list[str]:
+    """Reconstruction against latent size, per family and setting. Params in `paired` (the keys
+    of a study's `points:`, e.g. seed 000's hidden width paired with its latent size) change
+    along with the latent size instead of splitting it into groups."""
     if "model.latent_dim" not in summary or "test/recon mean" not in summary:
         return []
     sentences = []
-    for family, settings, group in _groups(summary, config_params, "model.latent_dim"):
+    for family, settings, group in _groups(summary, config_params, "model.latent_dim", paired):
         spread = group["test/recon std"].max() if "test/recon std" in group else None
         sentence = trend_sentence("Reconstruction", "latent size", list(group["_x"]),
                                   list(group["test/recon mean"]), True, _group_name(family, settings), spread)
@@ -276,13 +289,14 @@ def seed_spread_findings(summary: pd.DataFrame) -> list[str]:
             f"(largest {_number(replicated['test/recon std'].max())}); smaller differences are noise."]
 
 
-def all_findings(summary: pd.DataFrame, finished: pd.DataFrame, config_params: list[str]) -> list[str]:
+def all_findings(summary: pd.DataFrame, finished: pd.DataFrame, config_params: list[str],
+                 paired: Sequence[str] = ()) -> list[str]:
     if summary.empty:
         return ["No run finished, so there are no numbers to draw findings from."]
     return [
         *best_configuration_findings(summary),
         *family_findings(summary),
-        *latent_size_findings(summary, config_params),
+        *latent_size_findings(summary, config_params, paired),
         *kl_weight_findings(summary, config_params),
         *pareto_findings(finished),
         *pca_baseline_findings(summary),

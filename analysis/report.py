@@ -22,7 +22,8 @@ from vae_lab.tracking import resolve_tracking_uri
 
 from . import findings, latents, plots, samples
 from .page import Bullets, Code, Section, Table, Text, render_html, render_markdown
-from .runs import ReportInputError, Study, load_study, newest_study_id, open_store, read_text_artifact
+from .runs import (ReportInputError, Study, load_study, newest_study_id, open_store, paired_params,
+                   read_text_artifact)
 from .tables import configuration_summary, display_table, mark_best, metric_names
 
 REPORT_ARTIFACT_DIR = "report"
@@ -191,7 +192,8 @@ def build_report(study: Study, folder: Path, log_to_mlflow: bool = True) -> Path
     runs_table(study).to_csv(written[0], index=False)
 
     sections = [what_was_run(study),
-                Section("Findings", [Bullets(findings.all_findings(summary, finished, study.config_params))]),
+                Section("Findings", [Bullets(findings.all_findings(summary, finished, study.config_params,
+                                                                   paired_params(study.study_yaml)))]),
                 comparison_section(study, summary, metrics),
                 plot_section(study, folder),
                 latents_section(study, folder),

@@ -19,6 +19,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from vae_lab.config import parse_yaml
+
 # our own tqdm bars count the runs; MLflow's per-download bars would drown them
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -243,3 +245,15 @@ def metric_history(client: MlflowClient, run_id: str, key: str) -> pd.DataFrame:
     history = client.get_metric_history(run_id, key)
     return pd.DataFrame({"step": [metric.step for metric in history],
                          "value": [metric.value for metric in history]})
+
+
+def paired_params(study_yaml: str | None) -> list[str]:
+    """The config keys a study file sets together through `search_space.points`."""
+    if not study_yaml:
+        return []
+    try:
+        document = parse_yaml(study_yaml)
+        points = document.get("search_space", {}).get("points") or []
+    except Exception:  # a hand-written or damaged study.yaml: no pairs
+        return []
+    return sorted({key for point in points if isinstance(point, dict) for key in point})

@@ -74,6 +74,27 @@ def test_latent_size_findings_per_family_and_setting():
     assert "gets worse" in ae
 
 
+def test_latent_size_trend_over_paired_points():
+    # seed 000's NAS: each latent size comes with its own hidden width (study file `points:`)
+    summary = summary_frame([
+        {"family": "linear_vae", "model.latent_dim": d, "model.hidden_dims": f"[{8 * d}]", "test/recon mean": r}
+        for d, r in [(4, 220.0), (8, 200.0), (16, 190.0), (32, 185.0), (64, 179.0)]])
+    params = ["model.latent_dim", "model.hidden_dims"]
+    assert findings.latent_size_findings(summary, params) == []  # unpaired: no two rows share a setting
+    (sentence,) = findings.latent_size_findings(summary, params, paired=params)
+    assert "hidden_dims paired with it" in sentence
+    assert "improves monotonically" in sentence and "4/4 steps" in sentence
+
+
+def test_paired_params_come_from_the_study_files_points():
+    from analysis.runs import paired_params
+
+    study = "search_space:\n  points:\n    - {model.hidden_dims: [32], model.latent_dim: 4}\n"
+    assert paired_params(study) == ["model.hidden_dims", "model.latent_dim"]
+    assert paired_params("search_space:\n  model.latent_dim: [2, 4]\n") == []
+    assert paired_params(None) == []
+
+
 # ----------------------------------------------------------------------------- KL weight, families
 
 def test_kl_weight_sentence_has_the_right_percentages():
