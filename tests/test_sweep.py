@@ -285,3 +285,13 @@ def test_batched_trials_each_get_their_own_child_run_and_optuna_trial(tmp_path, 
     parent_off = runs[(runs["vae_lab.role"] == "study") & (runs["vae_lab.study_name"] == "unbatched")]
     alone = children(runs, parent_off.iloc[0]["run_id"])
     assert alone.get("vae_lab.batched_trials", pd.Series([None])).isna().all()
+
+
+def test_dry_run_lists_the_grid_and_creates_nothing(tmp_path, tracking_uri, capsys):
+    path = write_study(tmp_path / "dry.yaml", "dry", {"loss.kl_weight": [0.5, 2.0], "model.name": ["ae", "linear_vae"],
+                                                      "seeds": [0, 1]})
+    assert run(path, tracking_uri, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "8 grid points, 2 training passes" in out  # each model family's 4 trials share a pass
+    assert out.count("pass ") == 8
+    assert not Path(tracking_uri[len("sqlite:///"):]).parent.exists()

@@ -625,7 +625,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "$MLFLOW_TRACKING_URI, else mlruns/mlflow.db)")
     parser.add_argument("--new-study", action="store_true",
                         help="start the study over even if one with this name is stored (its MLflow runs stay)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the file and list the trials it would run; create and run nothing")
     return parser
+
+
+def print_plan(settings: SweepSettings) -> None:
+    """What a study would run: its grid points (with their batches), or its sampled space."""
+    spec = settings.spec
+    print(f"study {spec.name!r}: sampler {spec.sampler}, pruner {spec.pruner}, objectives "
+          + ", ".join(str(objective) for objective in spec.objectives))
+    print(f"  MLflow: {settings.tracking_uri}   Optuna: {store.redact_url(settings.storage_url)}")
+    if not spec.is_grid:
+        print(f"  {spec.n_trials} trials sampled from:")
+        for key, param in spec.space.items():
+            if isinstance(param, Choices):
+                print(f"    {key}: one of {list(param.values)}")
+            else:
+                scale = ", log scale" if param.log else ""
+                step = f", step {param.step}" if param.step else ""
+                print(f"    {key}: {param.type} in [{param.low}, {param.high}]{scale}{step}")
+        if spec.points:
+            print(f"    points: {len(spec.points)} paired assignments")
+        return
+    points = spec.grid_points()
+    configs = [spec.trial_config(point) for point in points]
+    batched = spec.batch_trials != "off" and not (spec.batch_trials == "auto" and spec.pruner != "none")
+    batches = plan_batches(configs, spec.batch_trials) if batched else [[index] for index in range(len(points))]
+    batch_of = {index: number for number, batch in enumerate(batches) for index in batch}
+    print(f"  {len(points)} grid points, {len(batches)} training passes (study.batch_trials={spec.batch_trials}):")
+    for index, point in enumerate(points):
+        values = ", ".join(f"{key}={value}" for key, value in point.items())
+        print(f"    {index:3d}  pass {batch_of[index]:3d}  {values}")
 
 
 def prepare(args: argparse.Namespace) -> SweepSettings:
@@ -700,6 +731,9 @@ def main(argv: list[str] | None = None, data_cache: DataCache | None = None) -> 
     try:
         try:
             settings = prepare(args)
+            if args.dry_run:
+                print_plan(settings)
+                return 0
             settings.progress = settings.spec.base_config().train.progress
             return run_sweep(settings, workers=args.workers, data_cache=data_cache)
         except (ConfigError, DataUnavailable) as error:
