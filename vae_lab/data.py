@@ -48,10 +48,6 @@ class ImageData:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name == "train":
             return self.train_images, self.train_labels

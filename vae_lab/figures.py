@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
 
 from .models import Autoencoder  # noqa: E402
 
@@ -112,7 +112,3 @@ def save_latent_scatter(latents: np.ndarray, labels: np.ndarray, path: Path, tit
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-def image_grid(images: torch.Tensor, per_row: int = 8) -> torch.Tensor:
-    return make_grid(images.float().cpu(), nrow=per_row, pad_value=1.0)
