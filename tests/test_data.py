@@ -7,8 +7,9 @@ from vae_lab.data import DataUnavailable, load_data
 
 
 def test_mnist5k_is_a_fixed_stratified_4000_1000_split():
-    data = load_data(DataConfig())
+    data = load_data(DataConfig(val_size=0))
     assert data.train_images.shape == (4000, 1, 28, 28)
+    assert not data.has_val
     assert data.test_images.shape == (1000, 1, 28, 28)
     assert data.train_images.dtype == torch.uint8
     assert np.bincount(data.test_labels.numpy()).tolist() == np.bincount(
@@ -19,18 +20,49 @@ def test_mnist5k_is_a_fixed_stratified_4000_1000_split():
 
 
 def test_resize_channels_and_binarize():
-    data = load_data(DataConfig(resize=32, channels=3, binarize="static", train_limit=64, test_limit=32))
+    data = load_data(DataConfig(resize=32, channels=3, binarize="static", train_limit=64, test_limit=32, val_size=0))
     assert data.train_images.shape == (64, 3, 32, 32)
     assert set(data.train_images.unique().tolist()) <= {0, 255}
-    dynamic = load_data(DataConfig(binarize="dynamic", train_limit=64, test_limit=32))
+    dynamic = load_data(DataConfig(binarize="dynamic", train_limit=64, test_limit=32, val_size=0))
     first = next(dynamic.batches("train", 64, noise_generator=torch.Generator().manual_seed(0)))[0]
     again = next(dynamic.batches("train", 64, noise_generator=torch.Generator().manual_seed(1)))[0]
     assert set(first.unique().tolist()) <= {0.0, 1.0}
     assert not torch.equal(first, again)  # resampled per draw
 
 
+def test_validation_split_is_stratified_fixed_and_carved_from_train():
+    whole = load_data(DataConfig(val_size=0))
+    data = load_data(DataConfig(val_size=0.1))
+    assert data.val_images.shape == (400, 1, 28, 28) and data.train_images.shape == (3600, 1, 28, 28)
+    train_counts = np.bincount(whole.train_labels.numpy(), minlength=10)
+    val_counts = np.bincount(data.val_labels.numpy(), minlength=10)
+    assert np.abs(val_counts - 0.1 * train_counts).max() <= 1  # stratified by label
+    # carved from the training images: together they are the training split, the test split untouched
+    together = torch.cat([data.train_images, data.val_images]).flatten(1)
+    assert sorted(map(bytes, together.numpy())) == sorted(map(bytes, whole.train_images.flatten(1).numpy()))
+    assert torch.equal(data.test_images, whole.test_images)
+    # fixed: the same images every load (the split does not depend on train.seed, which load_data never sees)
+    assert torch.equal(load_data(DataConfig(val_size=0.1)).val_images, data.val_images)
+    counted = load_data(DataConfig(val_size=500))
+    assert counted.val_images.shape[0] == 500 and counted.train_images.shape[0] == 3500
+    assert len(list(data.batches("val", 128))) == 4
+
+
+def test_binarized_evaluation_sets_are_drawn_once_and_training_batches_afresh():
+    dynamic = load_data(DataConfig(binarize="dynamic", train_limit=300, test_limit=64, val_size=0.2))
+    for split in ("val", "test"):
+        images, _ = dynamic.split(split)
+        assert set(images.unique().tolist()) <= {0, 255}  # stored binarized
+        one = next(dynamic.batches(split, 64, noise_generator=torch.Generator().manual_seed(0)))[0]
+        two = next(dynamic.batches(split, 64, noise_generator=torch.Generator().manual_seed(5)))[0]
+        assert torch.equal(one, two)  # no draw depends on the run's generator
+    again = load_data(DataConfig(binarize="dynamic", train_limit=300, test_limit=64, val_size=0.2))
+    assert torch.equal(again.test_images, dynamic.test_images) and torch.equal(again.val_images, dynamic.val_images)
+    assert set(dynamic.train_images.unique().tolist()) - {0, 255}  # grey levels kept for fresh draws
+
+
 def test_shuffled_batches_cover_the_split_once():
-    data = load_data(DataConfig(train_limit=300, test_limit=10))
+    data = load_data(DataConfig(train_limit=300, test_limit=10, val_size=0))
     labels = torch.cat([y for _, y in data.batches("train", 64, shuffle=True,
                                                     generator=torch.Generator().manual_seed(0))])
     assert sorted(labels.tolist()) == sorted(data.train_labels.tolist())

@@ -13,8 +13,9 @@ from PIL import Image
 
 from vae_lab.config import build_config
 from vae_lab.data import load_data
+from vae_lab.engine import TrainingDiverged, resolve_device
 from vae_lab.tracking import load_logged_model
-from vae_lab.train import TrainingDiverged, main, train
+from vae_lab.train import main, train
 
 EXPECTED_ARTIFACTS = [
     "config.yaml",
@@ -57,14 +58,21 @@ def test_run_logs_params_tags_and_stepped_metrics(tracked_run):
     assert run.data.params["model.name"] == "conv_vae"
     assert run.data.params["loss.kl_weight"] == "1.0"
     assert set(config.flat()) <= set(run.data.params)
-    assert run.data.tags["device"] == "cpu"
+    assert run.data.tags["device"] == str(resolve_device(config.device))
     assert run.data.tags["torch_version"] == torch.__version__
-    for key in ["train/loss", "train/recon", "train/kl", "test/loss", "test/recon", "test/kl",
-                "test/elbo", "test/mse_per_pixel", "train/images_per_sec"]:
+    for key in ["train/loss", "train/recon", "train/kl", "val/loss", "val/recon", "val/kl", "val/elbo",
+                "val/mse_per_pixel", "test/loss", "test/recon", "test/kl", "test/elbo", "test/mse_per_pixel",
+                "train/images_per_sec", "train/best_epoch", "train/stopped_epoch"]:
         assert key in run.data.metrics, key
-    history = client.get_metric_history(result.run_id, "test/loss")
-    assert len(history) == 2 and history[0].step < history[1].step
+    # val/* every epoch, test/* once, at the step of the last training step
+    val_steps = [metric.step for metric in client.get_metric_history(result.run_id, "val/loss")]
+    epoch_steps = [metric.step for metric in client.get_metric_history(result.run_id, "epoch")]
+    assert len(val_steps) == 2 and val_steps == epoch_steps and val_steps[0] < val_steps[1]
+    test_history = client.get_metric_history(result.run_id, "test/loss")
+    assert [metric.step for metric in test_history] == [val_steps[-1]]
+    assert run.data.metrics["train/stopped_epoch"] == 2
     assert run.data.metrics["test/loss"] == pytest.approx(result.metrics["test/loss"])
+    assert run.data.metrics["val/loss"] == pytest.approx(result.metrics["val/loss"])
     assert run.data.metrics["test/elbo"] == pytest.approx(-(run.data.metrics["test/recon"]
                                                             + run.data.metrics["test/kl"]))
 
@@ -99,13 +107,13 @@ def test_logged_model_loads_back_and_decodes(tracked_run):
     assert pickled.encode(torch.rand(2, 1, 28, 28)).mean.shape == (2, 2)
 
 
-def test_training_lowers_the_test_loss(tracked_run):
+def test_training_lowers_the_validation_loss(tracked_run):
     uri, _, _ = tracked_run
     config = build_config(overrides=["model.hidden_dims=[128]", "model.latent_dim=8", "train.epochs=3",
                                      "train.progress=false", "eval.enabled=false",
                                      "tracking.enabled=false", f"tracking.uri={uri}"])
     per_epoch = []
-    result = train(config, on_epoch_end=lambda epoch, metrics: per_epoch.append(metrics["test/loss"]))
+    result = train(config, on_epoch_end=lambda epoch, metrics: per_epoch.append(metrics["val/loss"]))
     untrained = 784 * math.log(2)  # BCE of p=0.5 per pixel, the loss of a blank model
     assert per_epoch[-1] < 0.5 * untrained
     assert per_epoch[-1] < per_epoch[0] - 10  # nats per image
@@ -151,6 +159,12 @@ def test_interrupt_marks_the_run_killed(tracked_run):
     (["model.latent_dim=-4"], ["positive"]),
     (["loss.kl_weight=-0.5"], ["loss.kl_weight"]),
     (["data.name=kmnist", "data.download=false", "data.root=/nonexistent"], ["kmnist", "download"]),
+    (["data.val_size=1.5"], ["data.val_size", "fraction"]),
+    (["data.val_size=-0.1"], ["data.val_size", "fraction"]),
+    (["data.val_size=4990"], ["data.val_size", "batch"]),
+    (["data.train_limit=256", "data.val_size=0.9"], ["data.val_size", "batch"]),
+    (["train.early_stopping_patience=-1"], ["train.early_stopping_patience"]),
+    (["train.early_stopping_patience=5", "data.val_size=0"], ["train.early_stopping_patience", "data.val_size"]),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_run(arguments, words, tracking_uri, capsys):
     assert main(arguments) == 2

@@ -79,6 +79,7 @@ class DataConfig:
     download: bool = True
     train_limit: int = 0  # keep only the first N training images; 0 = all
     test_limit: int = 0  # likewise for the test split
+    val_size: float = 0.1  # validation images carved from train: a fraction in (0, 1) or a count; 0 = none
 
     choices = {"name": DATASETS, "binarize": ("none", "dynamic", "static"), "channels": (1, 3)}
 
@@ -111,6 +112,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = False  # bf16 autocast
     grad_clip: float = 0.0  # max gradient norm; 0 = off
+    early_stopping_patience: int = 0  # stop after this many epochs without a better val/loss; 0 = off
     progress: bool = True
 
 
@@ -303,6 +305,16 @@ def validate(config: Config) -> Config:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be zero or positive, got {value}")
+    val_size = config.data.val_size
+    if not (val_size == 0 or 0 < val_size < 1 or (val_size >= 1 and float(val_size).is_integer())):
+        raise ConfigError(f"data.val_size must be a fraction in (0, 1), a whole count of images, "
+                          f"or 0 for no validation split; got {val_size:g}")
+    patience = config.train.early_stopping_patience
+    if patience < 0:
+        raise ConfigError(f"train.early_stopping_patience must be 0 (off) or a number of epochs, got {patience}")
+    if patience > 0 and val_size == 0:
+        raise ConfigError(f"train.early_stopping_patience={patience} watches val/loss, but data.val_size=0 "
+                          "leaves no validation split; set data.val_size (e.g. 0.1) or the patience to 0")
     if config.data.resize and config.data.resize < 8:
         raise ConfigError(f"data.resize must be 0 (native size) or at least 8, got {config.data.resize}")
     if config.model.latent_layout == "cube" and config.model.name not in CONV_MODELS:

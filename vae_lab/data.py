@@ -4,6 +4,12 @@ Every dataset is loaded once into uint8 tensors of shape [N, C, H, W] (plus int6
 labels) and moved to the device. A batch is `images[permutation[i:i + batch]]`,
 converted to float in [0, 1] (and binarized when asked) on the device: no per-item
 PIL pipeline, no worker processes.
+
+Three splits: `train`, `val` (carved from the training images by `data.val_size`,
+stratified by label, with a fixed seed: every `train.seed` sees the same split) and
+`test`. Under `data.binarize=dynamic` only training batches get a fresh Bernoulli draw;
+the val and test images are binarized once, with a fixed seed, so every run is scored on
+the same pixels (as the density-estimation literature does).
 """
 
 from __future__ import annotations
@@ -20,27 +26,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DataConfig
+from .config import ConfigError, DataConfig
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 MNIST5K_TEST_SIZE = 1000
-SPLIT_SEED = 0  # the fixed split of mnist5k and the static binarization draw
+SPLIT_SEED = 0  # the fixed splits (mnist5k's test, every dataset's val) and the static binarization draw
+EVAL_BINARIZE_SEED = 1  # the one draw of the val and test images under dynamic binarization
+SPLITS = ("train", "val", "test")
 
 
 class DataUnavailable(RuntimeError):
     """A dataset is not on this machine and could not be fetched; says how to get it."""
 
 
+class SplitTooSmall(ConfigError):
+    """`data.val_size` leaves too little (or too much) of the training split; says what fits."""
+
+
 @dataclass
 class ImageData:
-    """A train/test split held as uint8 image tensors and int64 labels on one device."""
+    """Train, validation and test splits held as uint8 image tensors and int64 labels on one device."""
 
     name: str
     train_images: torch.Tensor  # uint8 [N, C, H, W]
     train_labels: torch.Tensor  # int64 [N]
     test_images: torch.Tensor
     test_labels: torch.Tensor
-    binarize: str = "none"
+    val_images: torch.Tensor | None = None  # None when data.val_size=0
+    val_labels: torch.Tensor | None = None
+    binarize: str = "none"  # "dynamic" draws every training batch afresh; anything else is fixed
     class_names: tuple[str, ...] = tuple(str(digit) for digit in range(10))
     derived: dict = field(default_factory=dict, repr=False)  # values computed from the data alone
 
@@ -48,17 +62,27 @@ class ImageData:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
 
+    @property
+    def has_val(self) -> bool:
+        return self.val_images is not None and self.val_images.shape[0] > 0
+
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name == "train":
             return self.train_images, self.train_labels
         if name == "test":
             return self.test_images, self.test_labels
-        raise ValueError(f"split must be 'train' or 'test', got {name!r}")
+        if name == "val":
+            if not self.has_val:
+                raise ValueError("this dataset has no validation split (data.val_size=0)")
+            return self.val_images, self.val_labels
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {name!r}")
 
-    def to_float(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 -> float in [0, 1]; with dynamic binarization, a fresh Bernoulli draw."""
+    def to_float(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                 fresh_draw: bool = False) -> torch.Tensor:
+        """uint8 -> float in [0, 1]; `fresh_draw` (training batches under dynamic
+        binarization) draws Bernoulli pixels from `generator`."""
         pixels = images.float().div_(255.0)
-        if self.binarize == "dynamic":
+        if fresh_draw and self.binarize == "dynamic":
             pixels = torch.bernoulli(pixels, generator=generator)
         return pixels
 
@@ -74,20 +98,21 @@ class ImageData:
         """Yield (float images, labels) batches of one split, in a shuffled or fixed order.
 
         `generator` (a CPU generator) draws the order; `noise_generator` (on the data's
-        device) draws dynamic binarization.
+        device) draws dynamic binarization of training batches.
         """
         images, labels = self.split(split)
+        fresh = split == "train"
         count = images.shape[0] if limit is None else min(limit, images.shape[0])
         if shuffle:
             order = torch.randperm(images.shape[0], generator=generator, device="cpu")[:count]
             order = order.to(images.device)
             for start in range(0, count, batch_size):
                 index = order[start:start + batch_size]
-                yield self.to_float(images[index], noise_generator), labels[index]
+                yield self.to_float(images[index], noise_generator, fresh), labels[index]
         else:
             for start in range(0, count, batch_size):
                 stop = min(start + batch_size, count)
-                yield self.to_float(images[start:stop], noise_generator), labels[start:stop]
+                yield self.to_float(images[start:stop], noise_generator, fresh), labels[start:stop]
 
     def num_batches(self, split: str, batch_size: int) -> int:
         return -(-self.split(split)[0].shape[0] // batch_size)
@@ -207,22 +232,62 @@ def default_root() -> Path:
     return Path.home() / ".cache" / "vae_lab"
 
 
-def _prepare(images: np.ndarray, config: DataConfig, device: torch.device) -> torch.Tensor:
+def _prepare(images: np.ndarray, config: DataConfig, device: torch.device,
+             fixed_draw: bool = False) -> torch.Tensor:
+    """uint8 [N, C, H, W] on `device`: resized, binarized once when the config (static) or the
+    split (`fixed_draw`: val/test under dynamic) asks, and channels repeated."""
     tensor = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)  # [N, 1, H, W] uint8
     if config.resize and config.resize != tensor.shape[-1]:
         resized = F.interpolate(tensor.float(), size=(config.resize, config.resize),
                                 mode="bilinear", antialias=True, align_corners=False)
         tensor = resized.round_().clamp_(0, 255).to(torch.uint8)
-    if config.binarize == "static":
-        generator = torch.Generator().manual_seed(SPLIT_SEED)
+    if config.binarize == "static" or (config.binarize == "dynamic" and fixed_draw):
+        seed = SPLIT_SEED if config.binarize == "static" else EVAL_BINARIZE_SEED
+        generator = torch.Generator().manual_seed(seed)
         tensor = (torch.bernoulli(tensor.float() / 255.0, generator=generator) * 255).to(torch.uint8)
     if config.channels == 3:
         tensor = tensor.repeat(1, 3, 1, 1)
     return tensor.contiguous().to(device)
 
 
-def load_data(config: DataConfig, device: torch.device | str = "cpu") -> ImageData:
-    """Load `config.name` as tensors on `device`; raise DataUnavailable when it is not here."""
+def validation_count(val_size: float, train_count: int) -> int:
+    """Images `data.val_size` takes from `train_count`: a fraction (0, 1) or a whole count."""
+    if val_size == 0:
+        return 0
+    if val_size < 1:
+        return max(1, round(val_size * train_count))
+    return int(val_size)
+
+
+def carve_validation(images: np.ndarray, labels: np.ndarray, val_size: float, batch_size: int):
+    """(train_x, train_y, val_x, val_y): a stratified, seeded split of the training images.
+
+    The seed is SPLIT_SEED, not train.seed: every seed of a study trains and selects on the
+    same images. Falls back to an unstratified split when a class is too rare to stratify.
+    """
+    count = validation_count(val_size, len(labels))
+    if count == 0:
+        return images, labels, None, None
+    left = len(labels) - count
+    if left < batch_size:
+        raise SplitTooSmall(
+            f"data.val_size={val_size:g} takes {count} of {len(labels)} training images and leaves {left}, "
+            f"less than one batch (train.batch_size={batch_size}); use a smaller data.val_size "
+            f"(a fraction in (0, 1) or a count below {len(labels) - batch_size + 1})")
+    from sklearn.model_selection import train_test_split
+
+    try:
+        train_x, val_x, train_y, val_y = train_test_split(
+            images, labels, test_size=count, stratify=labels, random_state=SPLIT_SEED)
+    except ValueError:  # a class with one image, or fewer val images than classes
+        train_x, val_x, train_y, val_y = train_test_split(
+            images, labels, test_size=count, random_state=SPLIT_SEED)
+    return train_x, train_y, val_x, val_y
+
+
+def load_data(config: DataConfig, device: torch.device | str = "cpu", batch_size: int = 1) -> ImageData:
+    """Load `config.name` as tensors on `device`; raise DataUnavailable when it is not here,
+    SplitTooSmall when `data.val_size` leaves less than `batch_size` training images."""
     device = torch.device(device)
     root = Path(config.root).expanduser() if config.root else default_root()
     if config.name == "mnist5k":
@@ -238,12 +303,19 @@ def load_data(config: DataConfig, device: torch.device | str = "cpu") -> ImageDa
         train_x, train_y = train_x[:config.train_limit], train_y[:config.train_limit]
     if config.test_limit:
         test_x, test_y = test_x[:config.test_limit], test_y[:config.test_limit]
+    train_x, train_y, val_x, val_y = carve_validation(train_x, train_y, config.val_size, batch_size)
+
+    def labels(values):
+        return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(device)
+
     return ImageData(
         name=config.name,
         train_images=_prepare(train_x, config, device),
-        train_labels=torch.from_numpy(np.asarray(train_y, dtype=np.int64)).to(device),
-        test_images=_prepare(test_x, config, device),
-        test_labels=torch.from_numpy(np.asarray(test_y, dtype=np.int64)).to(device),
+        train_labels=labels(train_y),
+        test_images=_prepare(test_x, config, device, fixed_draw=True),
+        test_labels=labels(test_y),
+        val_images=None if val_x is None else _prepare(val_x, config, device, fixed_draw=True),
+        val_labels=None if val_y is None else labels(val_y),
         binarize="dynamic" if config.binarize == "dynamic" else "none",
         class_names=FASHION_CLASSES if config.name == "fashion-mnist" else ImageData.class_names,
     )

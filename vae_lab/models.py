@@ -111,7 +111,9 @@ class MLPAutoencoder(Autoencoder):
 
 def _norm(channels: int) -> nn.GroupNorm:
     """GroupNorm, not BatchNorm: no running statistics, so a model behaves the same in train
-    and eval mode, and stacked copies of it train under vmap (vae_lab.batched)."""
+    and eval mode, and stacked copies of it train under vmap (vae_lab.steps). The convolution
+    before it has no bias: the norm removes it, so its gradient is rounding noise that Adam
+    would turn into a random walk."""
     return nn.GroupNorm(min(8, channels), channels)
 
 
@@ -141,7 +143,7 @@ class ConvAutoencoder(Autoencoder):
 
         encoder: list[nn.Module] = []
         for channels_in, channels_out in zip([in_channels, *conv_channels[:-1]], conv_channels):
-            encoder += [nn.Conv2d(channels_in, channels_out, 3, stride=2, padding=1),
+            encoder += [nn.Conv2d(channels_in, channels_out, 3, stride=2, padding=1, bias=False),
                         _norm(channels_out), nn.ReLU()]
         self.encoder = nn.Sequential(*encoder)
 
@@ -156,7 +158,8 @@ class ConvAutoencoder(Autoencoder):
             self.latent_cube = (latent_dim // area, *sizes[-1])
             self.to_stats = nn.Conv2d(conv_channels[-1], stats_factor * self.latent_cube[0], 3, padding=1)
             self.from_latent = nn.Sequential(
-                nn.Conv2d(self.latent_cube[0], conv_channels[-1], 3, padding=1), _norm(conv_channels[-1]), nn.ReLU())
+                nn.Conv2d(self.latent_cube[0], conv_channels[-1], 3, padding=1, bias=False), _norm(conv_channels[-1]),
+                nn.ReLU())
         else:
             self.latent_cube = None
             self.to_stats = nn.Linear(feature_size, stats_factor * latent_dim)
@@ -169,9 +172,10 @@ class ConvAutoencoder(Autoencoder):
         current = sizes[-1]
         for index, (channels_in, channels_out, target) in enumerate(zip(channels, outs, targets)):
             output_padding = (target[0] - (2 * current[0] - 1), target[1] - (2 * current[1] - 1))
+            normed = index < len(channels) - 1
             decoder.append(nn.ConvTranspose2d(channels_in, channels_out, 3, stride=2, padding=1,
-                                              output_padding=output_padding))
-            if index < len(channels) - 1:
+                                              output_padding=output_padding, bias=not normed))
+            if normed:
                 decoder += [_norm(channels_out), nn.ReLU()]
             current = target
         self.decoder = nn.Sequential(*decoder)

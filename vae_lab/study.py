@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from . import names
 from .config import (VAE_MODELS, Config, ConfigError, allowed_keys, apply_mapping, build_config,
                      load_yaml_mapping, parse_override, validate)
 
@@ -37,14 +38,15 @@ RANGE_KEYS = ("low", "high", "log", "step", "type")
 POINTS_KEY, SEEDS_KEY = "points", "seeds"
 SEED_PARAM = "train.seed"
 
-ALWAYS_LOGGED = ("test/loss", "test/recon", "test/mse_per_pixel", "train/loss", "train/recon",
-                 "train/images_per_sec", "train/epoch_seconds")
-VAE_LOGGED = ("test/kl", "test/elbo", "train/kl")
-EVAL_LOGGED = ("eval/mse_per_pixel", "eval/pca_mse_per_pixel", "eval/probe_accuracy",
-               "eval/knn_accuracy")
-EVAL_VAE_LOGGED = ("eval/active_units", "eval/active_fraction")
-IWAE_METRIC = "eval/nll_iwae"
-KNOWN_METRICS = ALWAYS_LOGGED + VAE_LOGGED + EVAL_LOGGED + EVAL_VAE_LOGGED + (IWAE_METRIC,)
+ALWAYS_LOGGED = (names.TRAIN_LOSS, names.TRAIN_RECON, names.IMAGES_PER_SEC, names.EPOCH_SECONDS,
+                 names.STOPPED_EPOCH, names.TEST_LOSS, names.TEST_RECON, names.TEST_MSE)
+VAL_LOGGED = (names.VAL_LOSS, names.VAL_RECON, names.VAL_MSE, names.BEST_EPOCH)
+VAE_LOGGED = (names.TRAIN_KL, names.VAL_KL, names.VAL_ELBO, names.TEST_KL, names.TEST_ELBO)
+EVAL_LOGGED = (names.EVAL_MSE, names.EVAL_PCA_MSE, names.EVAL_PROBE, names.EVAL_KNN)
+EVAL_VAE_LOGGED = (names.EVAL_ACTIVE_UNITS, names.EVAL_ACTIVE_FRACTION)
+IWAE_METRIC = names.EVAL_NLL_IWAE
+KNOWN_METRICS = ALWAYS_LOGGED + VAL_LOGGED + VAE_LOGGED + EVAL_LOGGED + EVAL_VAE_LOGGED + (IWAE_METRIC,)
+DEFAULT_OBJECTIVE = names.VAL_LOSS
 
 
 @dataclass(frozen=True)
@@ -178,9 +180,11 @@ def _jsonable(spec: Choices | Range) -> Any:
 def metrics_logged(config: Config) -> set[str]:
     """The metric names a finished run with this config has (see vae_lab.train / evaluation)."""
     metrics = set(ALWAYS_LOGGED)
+    if config.data.val_size > 0:
+        metrics.update(VAL_LOGGED)
     vae = config.model.name in VAE_MODELS
     if vae:
-        metrics.update(VAE_LOGGED)
+        metrics.update(name for name in VAE_LOGGED if config.data.val_size > 0 or not name.startswith("val/"))
     if config.eval.enabled:
         metrics.update(EVAL_LOGGED)
         if vae:
@@ -242,11 +246,14 @@ def parse_study(document: dict, default_name: str = "study") -> StudySpec:
     base_config = build_config(base)  # an unknown key or bad value in base fails here
     if base_config.tracking.enabled is False:
         raise ConfigError("base.tracking.enabled=false: a study records every trial in MLflow; remove it")
+    if base_config.data.val_size == 0:
+        raise ConfigError("base.data.val_size=0: a study selects trials on a validation split; "
+                          "give data.val_size a fraction in (0, 1) or a count (default 0.1)")
 
     name = str(study.get("name") or default_name)
     sampler, sampler_options = _named_option(study.get("sampler", "tpe"), "study.sampler", SAMPLERS)
     pruner, pruner_options = _named_option(study.get("pruner", "none"), "study.pruner", PRUNERS)
-    objectives = _objectives(study.get("objectives", ["test/loss"]))
+    objectives = _objectives(study.get("objectives", [DEFAULT_OBJECTIVE]))
     n_trials = _positive_number(study.get("n_trials"), "study.n_trials", int)
     timeout = _positive_number(study.get("timeout"), "study.timeout", float)
     batch_trials = _batch_trials(study.get("batch_trials", "auto"))
@@ -304,7 +311,7 @@ def _objectives(value: Any) -> list[Objective]:
     if isinstance(value, (str, dict)):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise ConfigError("study.objectives must be a list such as [{metric: test/recon, direction: minimize}]")
+        raise ConfigError("study.objectives must be a list such as [{metric: val/recon, direction: minimize}]")
     objectives = []
     for item in value:
         if isinstance(item, str):
@@ -313,6 +320,11 @@ def _objectives(value: Any) -> list[Objective]:
         if not isinstance(item, dict) or set(item) - {"metric", "direction"}:
             raise ConfigError(f"study.objectives: each entry is {{metric, direction}}, got {item!r}")
         metric, direction = item.get("metric"), item.get("direction", "minimize")
+        if isinstance(metric, str) and metric.startswith(names.HELD_OUT_PREFIXES):
+            instead = f"{names.VAL}/{metric.split('/', 1)[1]}"
+            suggestion = f"use {instead}" if instead in KNOWN_METRICS else "use a val/* metric such as val/loss"
+            raise ConfigError(f"study.objectives: {metric} is scored on the test split, which reports and never "
+                              f"selects (choosing on it biases the reported number); {suggestion}")
         if metric not in KNOWN_METRICS:
             raise ConfigError(f"study.objectives: unknown metric {metric!r}; choose from: {', '.join(KNOWN_METRICS)}")
         if direction not in DIRECTIONS:
@@ -434,8 +446,8 @@ def _check_trial_configs(spec: StudySpec) -> None:
         if missing:
             raise ConfigError(
                 f"objective {missing[0]} is not logged by model.name={config.model.name} "
-                f"(eval.enabled={str(config.eval.enabled).lower()}); test/kl and test/elbo need a VAE, "
-                "eval/* need eval.enabled, eval/nll_iwae also a binarized bernoulli VAE")
+                f"(data.val_size={config.data.val_size:g}); val/kl and val/elbo need a VAE, "
+                "val/* a validation split")
 
 
 def _check_sampler_options(sampler: str, options: dict, n_objectives: int) -> None:

@@ -25,6 +25,7 @@ ASSIGNMENT_ATTR = "vae_lab.assignment"  # JSON of the trial's swept values
 WORKER_ATTR = "vae_lab.worker"  # "host:pid" of the process running it
 HEARTBEAT_ATTR = "vae_lab.heartbeat"  # unix time, refreshed while it runs
 RUN_ID_ATTR = "mlflow_run_id"
+REPORTED_ATTR = "vae_lab.test_metrics"  # the finished run's test/* (reported, never used to choose)
 REASON_ATTR = "vae_lab.failure_reason"
 SKIPPED_ATTR = "vae_lab.skipped"  # a claim that lost to another worker: not a real trial
 PARENT_ATTR = "mlflow_parent_run_id"

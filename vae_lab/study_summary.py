@@ -17,8 +17,9 @@ import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from .study import StudySpec  # noqa: E402
-from .study_storage import REASON_ATTR, RUN_ID_ATTR, assignment_of, real_trials  # noqa: E402
+from . import names  # noqa: E402
+from .study import SEED_PARAM, StudySpec  # noqa: E402
+from .study_storage import REASON_ATTR, REPORTED_ATTR, RUN_ID_ATTR, assignment_of, real_trials  # noqa: E402
 
 STATE_NAMES = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL",
                TrialState.RUNNING: "RUNNING", TrialState.WAITING: "WAITING"}
@@ -54,6 +55,48 @@ def best_trials(study: optuna.Study, spec: StudySpec) -> list[optuna.trial.Froze
     return list(study.best_trials) if len(spec.objectives) > 1 else [study.best_trial]
 
 
+def best_configuration(study: optuna.Study, spec: StudySpec) -> dict | None:
+    """The configuration (swept values but the seed) whose objective, averaged over its
+    seeds, is best: a single lucky seed does not win. Carries the test/* means of that
+    configuration's trials, reported for what validation chose. Single-objective studies only."""
+    if len(spec.objectives) != 1:
+        return None
+    objective = spec.objectives[0]
+    groups: dict[str, list[optuna.trial.FrozenTrial]] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        settings = {key: value for key, value in assignment_of(trial).items() if key != SEED_PARAM}
+        groups.setdefault(json.dumps(settings, sort_keys=True, default=str), []).append(trial)
+    if not groups:
+        return None
+    sign = 1 if objective.direction == "minimize" else -1
+    key, trials = min(groups.items(), key=lambda item: sign * _mean([t.values[0] for t in item[1]]))
+    best_trial = min(trials, key=lambda trial: sign * trial.values[0])
+    reported = [trial.user_attrs.get(REPORTED_ATTR) or {} for trial in trials]
+    test_names = sorted({name for metrics in reported for name in metrics})
+    return {
+        "params": json.loads(key),
+        "selected_on": objective.metric,
+        "seeds": len(trials),
+        "trials": sorted(trial.number for trial in trials),
+        "mean": _mean([trial.values[0] for trial in trials]),
+        "std": _std([trial.values[0] for trial in trials]),
+        "test": {name: {"mean": _mean([m[name] for m in reported if name in m]),
+                        "std": _std([m[name] for m in reported if name in m])} for name in test_names},
+        "best_run_id": best_trial.user_attrs.get(RUN_ID_ATTR, ""),
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else math.nan
+
+
+def _std(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = _mean(values)
+    return float(math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1)))
+
+
 def summarize(study: optuna.Study, spec: StudySpec, table: pd.DataFrame, wall_seconds: float) -> dict:
     counts = {name.lower(): int((table["state"] == name).sum())
               for name in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
@@ -72,6 +115,8 @@ def summarize(study: optuna.Study, spec: StudySpec, table: pd.DataFrame, wall_se
     }
     summary["pareto_front" if len(spec.objectives) > 1 else "best_trial"] = \
         best if len(spec.objectives) > 1 else (best[0] if best else None)
+    if len(spec.objectives) == 1:
+        summary["best_configuration"] = best_configuration(study, spec)
     return summary
 
 
@@ -140,11 +185,12 @@ def log_summary(client: MlflowClient, parent_run_id: str, study: optuna.Study, s
     counts = summary["counts"]
     metrics = {f"study/{name}": float(counts[name]) for name in ("complete", "pruned", "failed")}
     metrics["study/total_seconds"] = summary["total_seconds"]
-    best = summary.get("best_trial")
-    if best:
-        metrics.update({f"best/{metric}": value for metric, value in best["values"].items()
-                        if math.isfinite(value)})
-        client.set_tag(parent_run_id, "vae_lab.best_run_id", best["run_id"])
+    chosen = summary.get("best_configuration")
+    if chosen:
+        metrics[f"best/{chosen['selected_on']}"] = chosen["mean"]
+        metrics.update({f"best/{name}": values["mean"] for name, values in chosen["test"].items()
+                        if math.isfinite(values["mean"])})
+        client.set_tag(parent_run_id, names.BEST_RUN_TAG, chosen["best_run_id"])
     for key, value in metrics.items():
         client.log_metric(parent_run_id, key, value)
     return summary

@@ -33,14 +33,16 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from . import study_storage as store
+from . import names
 from .batched import DEFAULT_CAP as DEFAULT_BATCH_CAP
 from .batched import PER_TRIAL_KEYS, batch_key, plan_batches, train_batch
 from .config import Config, ConfigError
 from .data import DataUnavailable, ImageData, load_data
+from .engine import RunResult, resolve_device
 from .study import Choices, Range, StudySpec, load_study_spec, point_key, fingerprint_changes
 from .study_summary import log_summary
 from .tracking import default_store_dir, get_or_create_experiment, prepare_store, resolve_tracking_uri
-from .train import RunResult, resolve_device, train
+from .train import train
 
 DEFAULT_STUDY_FILE = Path(__file__).resolve().parents[1] / "experiments" / "default.yaml"
 READY_WAIT_SECONDS = 120
@@ -92,7 +94,7 @@ class DataCache:
     def get(self, config: Config) -> ImageData:
         key = f"{config.data!r}|{config.device}"
         if key not in self._loaded:
-            self._loaded[key] = load_data(config.data, resolve_device(config.device))
+            self._loaded[key] = load_data(config.data, resolve_device(config.device), config.train.batch_size)
         return self._loaded[key]
 
 
@@ -414,6 +416,8 @@ def record_outcome(session: Session, trial: optuna.Trial, outcome: RunResult | B
             reason = f"the run logged no {missing[0]}"
         else:
             values, state = [float(outcome.metrics[o.metric]) for o in spec.objectives], TrialState.COMPLETE
+            trial.set_user_attr(store.REPORTED_ATTR, {key: value for key, value in outcome.metrics.items()
+                                                      if key.startswith(f"{names.TEST}/")})
     elif isinstance(outcome, optuna.TrialPruned):
         state, reason = TrialState.PRUNED, str(outcome)
     elif isinstance(outcome, KeyboardInterrupt):
@@ -591,11 +595,16 @@ def print_results(session: Session, summary: dict) -> None:
     print(f"\nstudy {session.spec.name!r}: {counts['complete']} complete, {counts['pruned']} pruned, "
           f"{counts['failed']} failed, {counts['running'] + counts['waiting']} left "
           f"({summary['total_seconds']:.0f} s)")
-    best = summary.get("best_trial")
-    if best:
-        values = ", ".join(f"{metric}={value:.4g}" for metric, value in best["values"].items())
-        params = ", ".join(f"{key}={value}" for key, value in best["params"].items())
-        print(f"best: trial {best['number']} ({values}) with {params}")
+    chosen = summary.get("best_configuration")
+    if chosen:
+        params = ", ".join(f"{key}={value}" for key, value in chosen["params"].items()) or "the base config"
+        over = f"mean over {chosen['seeds']} seeds" if chosen["seeds"] > 1 else "1 trial"
+        print(f"best: {params} ({chosen['selected_on']}={chosen['mean']:.4g}, {over}; chosen on validation)")
+        reported = names.held_out_counterpart(chosen["selected_on"])
+        if reported in chosen["test"]:
+            test = chosen["test"][reported]
+            spread = f" ± {test['std']:.3g}" if test["std"] is not None else ""
+            print(f"  its test score (reported, not used to choose): {reported}={test['mean']:.4g}{spread}")
     for entry in summary.get("pareto_front") or []:
         values = ", ".join(f"{metric}={value:.4g}" for metric, value in entry["values"].items())
         print(f"pareto: trial {entry['number']} ({values})")

@@ -1,0 +1,566 @@
+"""The one training loop, for K >= 1 models: a single run is a batch of one.
+
+    results = train_group(configs, data=data, parent_run_id=parent, run_names=names,
+                          tags=[{...}, ...], on_epoch_end=[callback_or_None, ...])
+    # -> one RunResult (or the exception that stopped it) per config, in order
+
+Each model is one trial with its own MLflow run. Per epoch: one pass over the training
+data (`vae_lab.steps`: a plain autograd step for one model, a vmapped one for K), train/*
+every `tracking.log_every_steps`, then val/* on the validation split, the divergence check,
+early stopping and the trial's `on_epoch_end` (Optuna's pruning). When a trial is done
+(its epochs, or early stopping) its best weights are restored when early stopping is on,
+test/* is scored once at its last training step, and `finalize_run` adds eval/*, images,
+latents and the model and ends the run FINISHED.
+
+How a trial in a batch stays the trial it would be alone:
+- its model is built right after `seed_everything(seed)`, so it starts from the same weights;
+- its batches come from a CPU order generator seeded with `train.seed` and a device noise
+  generator seeded with `train.seed + 1` that draws dynamic binarization (batch t) and then
+  the reparameterization noise (step t); trials with equal seeds share one stream;
+- Adam and gradient clipping are per trial (`vae_lab.steps`).
+A trial that diverges (NaN/inf: FAILED), is pruned (KILLED), whose callback fails (FAILED)
+or that stops early (FINISHED) leaves the batch: its run ends with its own status and the
+others go on. KeyboardInterrupt ends every open run KILLED and is re-raised. An error of the
+shared pass itself (out of memory, a bug) ends every open run FAILED and is returned for each.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import names
+from .config import Config
+from .data import ImageData
+from .losses import kl_to_standard_normal, kl_weight_at, reconstruction_nll
+from .models import Autoencoder, Posterior, build_model
+from .steps import NoiseInput, PlainStep, StackedStep, autocast
+
+EVAL_BATCH_SIZE = 1000
+ORDER_SEED_OFFSET, NOISE_SEED_OFFSET, EVAL_NOISE_SEED_OFFSET = 0, 1, 1_000_003
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class RunResult:
+    metrics: dict[str, float]
+    run_id: str | None
+    model: Autoencoder = field(repr=False)
+
+
+def resolve_device(requested: str) -> torch.device:
+    from .config import ConfigError
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but this machine has no usable CUDA GPU; use device=auto or device=cpu")
+    return torch.device(requested)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_status_for(error: BaseException) -> str:
+    """MLflow status for a run stopped by `error`: interrupted or pruned runs are KILLED."""
+    if isinstance(error, KeyboardInterrupt) or type(error).__name__ == "TrialPruned":
+        return "KILLED"
+    return "FAILED"
+
+
+def check_finite(values: dict[str, float], step: int, epoch: int) -> None:
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if bad:
+        name, value = next(iter(bad.items()))
+        raise TrainingDiverged(
+            f"training diverged: {name} is {value} at step {step} (epoch {epoch}); "
+            "try a lower train.lr, train.grad_clip>0 or loss.kl_warmup_steps>0"
+        )
+
+
+# ----------------------------------------------------------------------------- bf16
+
+_warned_amp: set[str] = set()
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """True/False from the CPU's flags (AVX-512 BF16, AMX, Arm BF16); None when unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def effective_amp(requested: bool, device: torch.device) -> bool:
+    """`train.amp` as it will run. On a CPU without native bf16, autocast emulates bf16 and an
+    epoch was measured 7.8x slower (AVX2, 784-400-20 VAE): fall back to fp32 with a warning."""
+    if not requested:
+        return False
+    if device.type == "cpu" and cpu_has_native_bf16() is False:
+        if "cpu" not in _warned_amp:
+            _warned_amp.add("cpu")
+            warnings.warn("train.amp=true ignored: this CPU has no native bf16 (no avx512_bf16/amx_bf16), "
+                          "where bf16 autocast was measured 7.8x slower than fp32; training in fp32",
+                          RuntimeWarning, stacklevel=2)
+        return False
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if "cuda" not in _warned_amp:
+            _warned_amp.add("cuda")
+            warnings.warn("train.amp=true ignored: this GPU has no bf16; training in fp32",
+                          RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- one trial
+
+@dataclass
+class Trial:
+    """One model's run through the engine, and its early-stopping state."""
+
+    index: int  # position in the caller's list
+    config: Config
+    tracker: Any = None
+    on_epoch_end: EpochCallback | None = None
+    running_count: int = 0  # images summed in the engine's running sums since the last log
+    last_train: dict[str, float] = field(default_factory=dict)
+    last_epoch: dict[str, float] = field(default_factory=dict)  # throughput of the last epoch
+    val: dict[str, float] = field(default_factory=dict)  # val/* of the weights it will keep
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None  # kept only under early stopping
+    epochs_trained: int = 0
+    last_step: int = 0
+    outcome: Any = None  # RunResult or the exception that stopped it
+
+    @property
+    def patience(self) -> int:
+        return self.config.train.early_stopping_patience
+
+    def end_of_epoch(self, epoch: int, step: int, val: dict[str, float], state_of: Callable[[], dict]) -> bool:
+        """Record the epoch; True when early stopping says this trial is done."""
+        self.epochs_trained, self.last_step = epoch, step
+        loss = val.get(names.VAL_LOSS)
+        if loss is None:  # no validation split: the last epoch is kept
+            self.best_epoch = epoch
+            return False
+        if loss < self.best_val_loss:
+            self.best_val_loss, self.best_epoch = loss, epoch
+            if self.patience:
+                self.best_state, self.val = state_of(), dict(val)
+        if not self.patience:
+            self.val = dict(val)
+            return False
+        return epoch - self.best_epoch >= self.patience
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate_split(forward, data: ImageData, split: str, configs: list[Config], variational: bool,
+                   latent_dim: int, device: torch.device, noise_dtype=torch.float32) -> list[dict[str, float]]:
+    """`split`/* of K models at once, per image in nats, from one posterior sample per image.
+
+    `forward(images, noise, noise_dim)` gives (logits, mean[, logvar]) with a leading K
+    dimension. The images are the split's fixed pixels, shared by every trial; each trial's
+    noise comes from a generator seeded with its `train.seed` (trials with one seed share it),
+    reseeded on every call so every epoch is scored on the same draws.
+    """
+    seeds, slot = seed_slots(configs, device)
+    generators = [torch.Generator(device=device).manual_seed(seed + EVAL_NOISE_SEED_OFFSET) for seed in seeds]
+    likelihood = configs[0].loss.likelihood
+    totals = torch.zeros(3, len(configs), dtype=torch.float64, device=device)
+    count = 0
+    for images, _ in data.batches(split, EVAL_BATCH_SIZE):
+        noise, noise_dim = draw_noise(generators, slot, images.shape[0], latent_dim, variational, device, noise_dtype)
+        logits, *stats = forward(images, noise, noise_dim)
+        posterior = Posterior(stats[0], stats[1] if len(stats) > 1 else None)
+        logits = logits.float()
+        trials, batch = logits.shape[:2]
+        targets = images.expand(trials, *images.shape)
+        recon = reconstruction_nll(logits.flatten(0, 1), targets.flatten(0, 1), likelihood).view(trials, batch)
+        kl = kl_to_standard_normal(Posterior(posterior.mean.float(), None if posterior.logvar is None
+                                             else posterior.logvar.float())).flatten(2).sum(dim=2)
+        squared = (torch.sigmoid(logits) - targets).square().flatten(2).sum(dim=2)
+        totals += torch.stack([recon.sum(1), kl.sum(1), squared.sum(1)]).double()
+        count += batch
+    recon_sums, kl_sums, squared_sums = totals.tolist()
+    pixels = math.prod(data.image_shape)
+    metrics = []
+    for row, config in enumerate(configs):
+        recon, kl = recon_sums[row] / count, kl_sums[row] / count
+        values = {f"{split}/loss": recon + config.loss.kl_weight * kl, f"{split}/recon": recon,
+                  f"{split}/mse_per_pixel": squared_sums[row] / (count * pixels)}
+        if variational:
+            values.update({f"{split}/kl": kl, f"{split}/elbo": -(recon + kl)})
+        metrics.append(values)
+    return metrics
+
+
+def seed_slots(configs: list[Config], device: torch.device) -> tuple[list[int], torch.Tensor | None]:
+    """The distinct seeds, and each trial's index into them (None when all share one)."""
+    seeds = list(dict.fromkeys(config.train.seed for config in configs))
+    if len(seeds) == 1:
+        return seeds, None
+    return seeds, torch.tensor([seeds.index(config.train.seed) for config in configs], device=device)
+
+
+def gather(per_seed: list[torch.Tensor], slot: torch.Tensor | None):
+    """(tensor, vmap in_dim): one shared tensor, or a [K, ...] stack of each trial's own."""
+    if slot is None:
+        return per_seed[0], None
+    return torch.stack(per_seed).index_select(0, slot), 0
+
+
+def draw_noise(generators, slot, batch: int, latent_dim: int, variational: bool, device, dtype):
+    if not variational:  # an AE's reparameterize draws nothing
+        return None, None
+    return gather([torch.randn((batch, latent_dim), generator=generator, device=device, dtype=dtype)
+                   for generator in generators], slot)
+
+
+def plain_forward(model: Autoencoder, amp: bool, device: torch.device):
+    """`forward` for `evaluate_split` over one plain model."""
+    network = NoiseInput(model).eval()
+
+    def forward(images, noise, noise_dim):
+        with autocast(device, amp):
+            return tuple(output.unsqueeze(0) for output in network(images, noise))
+    return forward
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class Engine:
+    """K trials of one shape through one data pass per epoch."""
+
+    def __init__(self, trials: list[Trial], models: list[Autoencoder], data: ImageData,
+                 device: torch.device, stacked: bool):
+        self.trials = trials
+        self.data = data
+        self.device = device
+        self.config = trials[0].config  # the shared part (vae_lab.batched.batch_key) is the same in each
+        self.amp = effective_amp(self.config.train.amp, device)
+        self.variational = models[0].variational
+        self.latent_dim = models[0].latent_dim
+        self.noise_dtype = torch.bfloat16 if self.amp else torch.float32
+        configs = [trial.config for trial in trials]
+        self.step_impl = (StackedStep(models, configs, device, self.amp) if stacked
+                          else PlainStep(models[0], configs[0], device, self.amp))
+        column = dict(dtype=torch.float32, device=device)
+        self.kl_weight = torch.tensor([config.loss.kl_weight for config in configs], **column)
+        self.warmup = torch.tensor([config.loss.kl_warmup_steps for config in configs], **column)
+        self.warming = any(config.loss.kl_warmup_steps > 0 for config in configs)
+        self.progress = any(config.train.progress for config in configs)
+        self.step = 0
+
+    @property
+    def configs(self) -> list[Config]:
+        return [trial.config for trial in self.trials]
+
+    def kl_weights(self) -> torch.Tensor:
+        """Each trial's β at this step (`kl_weight_at`, on the device without a host sync)."""
+        if not self.warming:
+            return self.kl_weight
+        ramp = torch.where(self.warmup > 0, (self.step / self.warmup.clamp(min=1)).clamp(max=1.0),
+                           torch.ones_like(self.warmup))
+        return self.kl_weight * ramp
+
+    # -- the epochs
+    def run(self) -> None:
+        config = self.config
+        batch_size, epochs = config.train.batch_size, config.train.epochs
+        self.seeds, self.slot = seed_slots(self.configs, self.device)
+        order_generators = [torch.Generator().manual_seed(seed + ORDER_SEED_OFFSET) for seed in self.seeds]
+        noise_generators = [torch.Generator(device=self.device).manual_seed(seed + NOISE_SEED_OFFSET)
+                            for seed in self.seeds]
+        steps_per_epoch = self.data.num_batches("train", batch_size)
+        for epoch in range(1, epochs + 1):
+            running = torch.zeros(len(self.trials), 3, device=self.device)
+            for trial in self.trials:
+                trial.running_count = 0
+            started = time.perf_counter()
+            streams = [self.data.batches("train", batch_size, shuffle=True, generator=order, noise_generator=noise)
+                       for order, noise in zip(order_generators, noise_generators)]
+            bar = tqdm(zip(*streams), total=steps_per_epoch, leave=False, dynamic_ncols=True,
+                       desc=self._describe(f"epoch {epoch}/{epochs}"), disable=not self.progress)
+            for batches in bar:
+                images, images_dim = gather([images for images, _ in batches], self.slot)
+                noise, noise_dim = draw_noise(noise_generators, self.slot, images.shape[-4], self.latent_dim,
+                                              self.variational, self.device, self.noise_dtype)
+                running += self.step_impl.train_step(images, images_dim, noise, noise_dim, self.kl_weights())
+                self.step += 1
+                for trial in self.trials:
+                    trial.running_count += images.shape[-4]
+                running = self._log_train(running, epoch, steps_per_epoch, bar)
+                if not self.trials:
+                    bar.close()
+                    return
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - started
+            bar.close()
+            self._end_epoch(epoch, seconds, last=epoch == epochs)
+            if not self.trials:
+                return
+
+    def _describe(self, what: str) -> str:
+        return what if len(self.trials) == 1 else f"{len(self.trials)} trials, {what}"
+
+    def _log_train(self, running: torch.Tensor, epoch: int, steps_per_epoch: int, bar) -> torch.Tensor:
+        """Log train/* for the trials whose log step this is (one host sync); drop diverged ones."""
+        step = self.step
+        due = [row for row, trial in enumerate(self.trials)
+               if step % trial.config.tracking.log_every_steps == 0 or step % steps_per_epoch == 0]
+        if not due:
+            return running
+        sums = running.tolist()  # the one host sync
+        failed, losses = {}, []
+        for row in due:
+            trial = self.trials[row]
+            loss, recon, kl = (value / trial.running_count for value in sums[row])
+            trial.running_count = 0
+            logged = {names.TRAIN_LOSS: loss, names.TRAIN_RECON: recon}
+            if self.variational:
+                loss_cfg = trial.config.loss
+                logged.update({names.TRAIN_KL: kl, names.TRAIN_KL_WEIGHT: kl_weight_at(
+                    step - 1, loss_cfg.kl_weight, loss_cfg.kl_warmup_steps)})
+            try:
+                check_finite(logged, step, epoch)
+            except TrainingDiverged as error:
+                failed[id(trial)] = error
+                continue
+            trial.tracker.log_metrics(logged, step)
+            trial.last_train = logged
+            losses.append(loss)
+        if losses:
+            bar.set_postfix(loss=f"{losses[0]:.2f}" if len(losses) == 1 else f"{min(losses):.2f}..{max(losses):.2f}")
+        running[torch.tensor(due, device=running.device)] = 0.0
+        return self._drop(running, self._end_failed(failed))
+
+    def _end_epoch(self, epoch: int, seconds: float, last: bool) -> None:
+        """val/*, throughput and `epoch` for every trial; then divergence, early stopping, callbacks."""
+        if self.data.has_val:
+            all_val = evaluate_split(self.step_impl.forward, self.data, "val", self.configs, self.variational,
+                                     self.latent_dim, self.device, self.noise_dtype)
+        else:
+            all_val = [{} for _ in self.trials]
+        throughput = {names.IMAGES_PER_SEC: self.data.train_images.shape[0] / seconds,
+                      names.EPOCH_SECONDS: seconds}
+        failed, done = {}, []
+        for row, (trial, val) in enumerate(zip(self.trials, all_val)):
+            try:
+                check_finite(val, self.step, epoch)
+            except TrainingDiverged as error:
+                failed[id(trial)] = error
+                continue
+            trial.tracker.log_metrics({**val, **throughput, names.EPOCH: epoch}, self.step)
+            trial.tracker.flush()
+            trial.last_epoch = throughput
+            stop = trial.end_of_epoch(epoch, self.step, val, lambda row=row: self.step_impl.state(row))
+            if trial.on_epoch_end is not None:
+                try:
+                    trial.on_epoch_end(epoch, {**trial.last_train, **val})
+                except Exception as error:  # optuna.TrialPruned (KILLED) or a failing callback (FAILED)
+                    failed[id(trial)] = error
+                    continue
+            if stop or last:
+                done.append(trial)
+        if self.progress:
+            self._print_epoch(epoch, all_val, throughput)
+        self._drop(None, self._end_failed(failed))
+        self._finish(done)
+        self._drop(None, {id(trial) for trial in done})
+
+    def _print_epoch(self, epoch: int, all_val: list[dict], throughput: dict) -> None:
+        losses = [val[names.VAL_LOSS] for val in all_val if math.isfinite(val.get(names.VAL_LOSS, math.nan))]
+        if not losses:
+            summary = "no validation split" if not self.data.has_val else "all diverged"
+        elif len(all_val) == 1:
+            summary = f"val/loss {losses[0]:.2f}  val/recon {all_val[0][names.VAL_RECON]:.2f}"
+        else:
+            summary = f"val/loss {min(losses):.2f}..{max(losses):.2f}"
+        per_trial = " per trial" if len(all_val) > 1 else ""
+        tqdm.write(f"{self._describe(f'epoch {epoch}/{self.config.train.epochs}')}  {summary}  "
+                   f"{throughput[names.IMAGES_PER_SEC]:.0f} img/s{per_trial}")
+
+    def _end_failed(self, failed: dict[int, BaseException]) -> set[int]:
+        """End the runs of trials stopped by an error (keyed by id(trial)); returns those keys."""
+        for trial in self.trials:
+            error = failed.get(id(trial))
+            if error is not None:
+                trial.tracker.end(run_status_for(error), reason=f"{type(error).__name__}: {error}")
+                trial.outcome = error
+        return set(failed)
+
+    def _drop(self, running: torch.Tensor | None, gone: set[int]):
+        """Remove the trials `gone` (ids) from the stack, with their rows of every per-trial state."""
+        if not gone:
+            return running
+        rows = [row for row, trial in enumerate(self.trials) if id(trial) not in gone]
+        self.trials = [self.trials[row] for row in rows]
+        if rows:
+            index = torch.tensor(rows, device=self.device)
+            self.step_impl.keep(rows)
+            self.kl_weight, self.warmup = self.kl_weight.index_select(0, index), self.warmup.index_select(0, index)
+            self.slot = None if self.slot is None else self.slot.index_select(0, index)
+        return None if running is None else running[rows]
+
+    # -- the end of a trial
+    def _finish(self, done: list[Trial]) -> None:
+        """Restore kept weights, score test/* once, and finalize each of these trials' runs."""
+        if not done:
+            return
+        rows = [self.trials.index(trial) for trial in done]
+        for row, trial in zip(rows, done):
+            if trial.best_state is not None and trial.best_epoch < trial.epochs_trained:
+                self.step_impl.load_state(row, trial.best_state)
+            trial.best_state = None
+        models = [self.step_impl.model(row) for row in rows]
+        if len(done) == len(self.trials):  # everyone left is done: one shared test pass
+            all_test = evaluate_split(self.step_impl.forward, self.data, "test", self.configs, self.variational,
+                                      self.latent_dim, self.device, self.noise_dtype)
+        else:
+            all_test = [evaluate_split(plain_forward(model, self.amp, self.device), self.data, "test",
+                                       [trial.config], self.variational, self.latent_dim, self.device,
+                                       self.noise_dtype)[0] for trial, model in zip(done, models)]
+        for trial, model, test in zip(done, models, all_test):
+            try:
+                trial.outcome = self._finalize_trial(trial, model, test)
+            except Exception as error:
+                trial.tracker.end(run_status_for(error), reason=f"{type(error).__name__}: {error}")
+                trial.outcome = error
+
+    def _finalize_trial(self, trial: Trial, model: Autoencoder, test: dict[str, float]) -> RunResult:
+        check_finite(test, trial.last_step, trial.epochs_trained)
+        summary = {**test, names.STOPPED_EPOCH: float(trial.epochs_trained)}
+        if self.data.has_val:
+            summary[names.BEST_EPOCH] = float(trial.best_epoch)
+        if trial.patience and trial.best_epoch < trial.epochs_trained:
+            summary.update(trial.val)  # the restored weights' val/* become the run's latest val values
+        trial.tracker.log_metrics(summary, trial.last_step)
+        stopped_early = trial.epochs_trained < trial.config.train.epochs
+        trial.tracker.set_tags({names.STOP_REASON_TAG: "early_stopping" if stopped_early else "epochs"})
+        metrics = {**trial.last_train, **trial.last_epoch, **trial.val, **summary}
+        metrics = finalize_run(model, self.data, trial.config, self.device, trial.tracker, metrics)
+        return RunResult(metrics=metrics, run_id=trial.tracker.run_id, model=model)
+
+
+def finalize_run(model: Autoencoder, data: ImageData, config: Config, device: torch.device,
+                 tracker, metrics: dict[str, float]) -> dict[str, float]:
+    """After training: evaluation metrics, artifacts, the model, and the run ended FINISHED.
+    Returns the metrics with the `eval/` ones added."""
+    from .artifacts import write_run_artifacts
+    from .evaluation import evaluate_model
+
+    metrics = dict(metrics)
+    evaluation = evaluate_model(model, data, config, device) if config.eval.enabled else None
+    if evaluation is not None:
+        metrics.update(evaluation.metrics)
+        tracker.log_metrics(evaluation.metrics, step=0)
+        tracker.set_tags(evaluation.tags)
+    if config.tracking.enabled:
+        with tempfile.TemporaryDirectory() as folder:
+            write_run_artifacts(model, data, config, Path(folder), evaluation, images=config.tracking.log_images)
+            tracker.log_artifacts(Path(folder))
+        if config.tracking.log_model:
+            tracker.finish_with_model(model)
+    tracker.end("FINISHED")
+    return metrics
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def _per_trial(values, count: int, name: str) -> list:
+    if values is None:
+        return [None] * count
+    values = list(values)
+    if len(values) != count:
+        raise ValueError(f"{name} must hold one entry per config ({count}), got {len(values)}")
+    return values
+
+
+def train_group(configs: list[Config], *, data: ImageData, device: torch.device,
+                parent_run_id: str | None = None, run_names: list[str | None] | None = None,
+                tags: list[dict[str, str] | None] | None = None,
+                on_epoch_end: list[EpochCallback | None] | None = None,
+                stacked: bool | None = None) -> list[RunResult | BaseException]:
+    """Train `configs` (equal `vae_lab.batched.batch_key`s) in one pass; one MLflow run each.
+
+    Returns, in the order of `configs`, a `RunResult` for each trial that finished, or the
+    exception that stopped it. `stacked` picks the step: by default a plain step for one
+    config and a vmapped one for several (`stacked=True` with one config is the batch of one
+    the tests compare with the plain step). KeyboardInterrupt ends every open run KILLED and
+    is re-raised.
+    """
+    from .tracking import NullTracker, RunTracker
+
+    configs = list(configs)
+    if not configs:
+        return []
+    count = len(configs)
+    run_names = _per_trial(run_names, count, "run_names")
+    tags = _per_trial(tags, count, "tags")
+    callbacks = _per_trial(on_epoch_end, count, "on_epoch_end")
+    if data.train_images.shape[0] < configs[0].train.batch_size:
+        from .config import ConfigError
+        raise ConfigError(f"train.batch_size={configs[0].train.batch_size} is larger than the "
+                          f"{data.train_images.shape[0]} training images")
+    if configs[0].train.early_stopping_patience and not data.has_val:
+        from .config import ConfigError
+        raise ConfigError("train.early_stopping_patience needs a validation split; set data.val_size")
+
+    models = []
+    for config in configs:
+        seed_everything(config.train.seed)
+        models.append(build_model(config.model, data.image_shape).to(device))
+    trials = [Trial(index, config, on_epoch_end=callback)
+              for index, (config, callback) in enumerate(zip(configs, callbacks))]
+    try:
+        for trial in trials:
+            run_tags = dict(tags[trial.index] or {})
+            if count > 1:
+                run_tags[names.BATCHED_TRIALS_TAG] = str(count)
+            trial.tracker = (RunTracker.start(trial.config, device, parent_run_id, run_names[trial.index], run_tags)
+                             if trial.config.tracking.enabled else NullTracker())
+        by_lr = sorted(range(count), key=lambda index: configs[index].train.lr)  # see StackedStep
+        engine = Engine([trials[index] for index in by_lr], [models[index] for index in by_lr], data, device,
+                        stacked=count > 1 if stacked is None else stacked)
+        del models
+        try:
+            engine.run()
+        except Exception as error:  # the shared pass failed: every trial still in it fails
+            for trial in engine.trials:
+                trial.tracker.end("FAILED", reason=f"{type(error).__name__}: {error}")
+                trial.outcome = error
+    except KeyboardInterrupt as error:
+        for trial in trials:
+            if trial.tracker is not None:
+                trial.tracker.end("KILLED", reason=f"{type(error).__name__}: {error}")
+        raise
+    return [trial.outcome for trial in trials]

@@ -1,0 +1,64 @@
+"""Every metric and tag name vae_lab logs, in one place.
+
+Metrics are `<split>/<term>`:
+
+    train/*  every `tracking.log_every_steps` steps (and at each epoch's end), on the training batches
+    val/*    at the end of every epoch, on the validation split (carved from train; what selects)
+    test/*   once, after training, on the test split (what is reported, never what selects)
+    eval/*   once, after training, on the test split (IWAE NLL, probes, active units, PCA baseline)
+
+A study's objectives, its pruner, early stopping, the best trial and the report's best rows
+read `val/*` (or `train/*`): `is_selectable` says which names may choose.
+"""
+
+from __future__ import annotations
+
+TRAIN, VAL, TEST, EVAL = "train", "val", "test", "eval"
+SPLIT_TERMS = ("loss", "recon", "kl", "elbo", "mse_per_pixel")
+
+# train/*, per logging step
+TRAIN_LOSS, TRAIN_RECON, TRAIN_KL, TRAIN_KL_WEIGHT = "train/loss", "train/recon", "train/kl", "train/kl_weight"
+# per epoch (at the step of the epoch's last batch)
+EPOCH = "epoch"
+IMAGES_PER_SEC = "train/images_per_sec"
+EPOCH_SECONDS = "train/epoch_seconds"
+VAL_LOSS, VAL_RECON, VAL_KL, VAL_ELBO, VAL_MSE = (f"val/{term}" for term in SPLIT_TERMS)
+# once, after training
+BEST_EPOCH = "train/best_epoch"  # the epoch whose weights were kept (early stopping restores them)
+STOPPED_EPOCH = "train/stopped_epoch"  # the last epoch trained
+TEST_LOSS, TEST_RECON, TEST_KL, TEST_ELBO, TEST_MSE = (f"test/{term}" for term in SPLIT_TERMS)
+EVAL_NLL_IWAE = "eval/nll_iwae"
+EVAL_MSE, EVAL_PCA_MSE = "eval/mse_per_pixel", "eval/pca_mse_per_pixel"
+EVAL_PROBE, EVAL_KNN = "eval/probe_accuracy", "eval/knn_accuracy"
+EVAL_ACTIVE_UNITS, EVAL_ACTIVE_FRACTION = "eval/active_units", "eval/active_fraction"
+
+SELECTABLE_PREFIXES = (f"{VAL}/", f"{TRAIN}/")
+HELD_OUT_PREFIXES = (f"{TEST}/", f"{EVAL}/")  # scored on the test split
+
+
+def split_metrics(split: str, variational: bool) -> tuple[str, ...]:
+    """The names `engine.evaluate_split` logs for `split` (val or test)."""
+    terms = SPLIT_TERMS if variational else ("loss", "recon", "mse_per_pixel")
+    return tuple(f"{split}/{term}" for term in terms)
+
+
+def is_selectable(metric: str) -> bool:
+    """May this metric choose (objective, pruning, best trial)? Only val/* and train/* may."""
+    return metric.startswith(SELECTABLE_PREFIXES)
+
+
+def held_out_counterpart(metric: str) -> str | None:
+    """val/recon -> test/recon: the test number reported for what val/recon selected."""
+    if metric.startswith(f"{VAL}/"):
+        return f"{TEST}/{metric[len(VAL) + 1:]}"
+    return None
+
+
+# tags
+ROLE_TAG = "vae_lab.role"  # "study" on a parent run, "trial" on a child
+STUDY_NAME_TAG = "vae_lab.study_name"
+TRIAL_NUMBER_TAG = "vae_lab.trial_number"
+BATCHED_TRIALS_TAG = "vae_lab.batched_trials"
+BEST_RUN_TAG = "vae_lab.best_run_id"
+FAILURE_REASON_TAG = "failure_reason"
+STOP_REASON_TAG = "vae_lab.stop_reason"  # "early_stopping" or "epochs"
