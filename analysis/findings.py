@@ -3,6 +3,10 @@
 Every function takes the configuration summary (`analysis.tables.configuration_summary`,
 columns `<metric> mean` / `<metric> std`) or the finished runs, and returns sentences.
 A function whose data is missing returns no sentence rather than a guess.
+
+Comparisons and trends are decisions, so they are made on the validation split (val/*);
+a sentence that quotes numbers names their split, and test/* numbers appear only as what
+is reported for the configurations validation picked.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from vae_lab import names
+
 from .runs import display_param, parse_param
 from .tables import VAE_FAMILIES, pareto_front
 
-NAMES = {"test/recon": "reconstruction loss (test/recon)", "test/elbo": "test ELBO", "test/kl": "KL (test/kl)"}
+NAMES = {names.VAL_RECON: "validation reconstruction loss (val/recon)", names.VAL_ELBO: "validation ELBO (val/elbo)"}
 
 
 def _number(value: float) -> str:
@@ -105,13 +111,14 @@ def latent_size_findings(summary: pd.DataFrame, config_params: list[str],
     """Reconstruction against latent size, per family and setting. Params in `paired` (the keys
     of a study's `points:`, e.g. seed 000's hidden width paired with its latent size) change
     along with the latent size instead of splitting it into groups."""
-    if "model.latent_dim" not in summary or "test/recon mean" not in summary:
+    mean, std = f"{names.VAL_RECON} mean", f"{names.VAL_RECON} std"
+    if "model.latent_dim" not in summary or mean not in summary:
         return []
     sentences = []
     for family, settings, group in _groups(summary, config_params, "model.latent_dim", paired):
-        spread = group["test/recon std"].max() if "test/recon std" in group else None
-        sentence = trend_sentence("Reconstruction", "latent size", list(group["_x"]),
-                                  list(group["test/recon mean"]), True, _group_name(family, settings), spread)
+        spread = group[std].max() if std in group else None
+        sentence = trend_sentence("Validation reconstruction (val/recon)", "latent size", list(group["_x"]),
+                                  list(group[mean]), True, _group_name(family, settings), spread)
         if sentence:
             sentences.append(sentence)
     return sentences
@@ -121,25 +128,26 @@ def latent_size_findings(summary: pd.DataFrame, config_params: list[str],
 
 def kl_weight_findings(summary: pd.DataFrame, config_params: list[str]) -> list[str]:
     """Each KL weight against the smallest one, at otherwise equal settings."""
-    if "loss.kl_weight" not in summary or "test/kl mean" not in summary:
+    kl, recon = f"{names.VAL_KL} mean", f"{names.VAL_RECON} mean"
+    if "loss.kl_weight" not in summary or kl not in summary or recon not in summary:
         return []
     sentences = []
     for family, settings, group in _groups(summary, config_params, "loss.kl_weight"):
-        if family not in VAE_FAMILIES or group["test/kl mean"].isna().any():
+        if family not in VAE_FAMILIES or group[kl].isna().any():
             continue
         base = group.iloc[0]
         for _, row in group.iloc[1:].iterrows():
-            kl_change = _percent(base["test/kl mean"], row["test/kl mean"])
-            recon_change = _percent(base["test/recon mean"], row["test/recon mean"])
+            kl_change = _percent(base[kl], row[kl])
+            recon_change = _percent(base[recon], row[recon])
             if kl_change is None or recon_change is None:
                 continue
             kl_words = f"{'cut' if kl_change < 0 else 'raised'} KL by {abs(kl_change):.0f}%"
             recon_words = f"{'raised' if recon_change > 0 else 'lowered'} reconstruction loss by {abs(recon_change):.0f}%"
             sentences.append(
                 f"{_group_name(family, settings)}: KL weight {_plain(row['_x'])} {kl_words} and "
-                f"{recon_words} compared with KL weight {_plain(base['_x'])} "
-                f"(KL {_number(base['test/kl mean'])} → {_number(row['test/kl mean'])} nats, "
-                f"reconstruction {_number(base['test/recon mean'])} → {_number(row['test/recon mean'])} nats).")
+                f"{recon_words} compared with KL weight {_plain(base['_x'])} on the validation split "
+                f"(val/kl {_number(base[kl])} → {_number(row[kl])} nats, "
+                f"val/recon {_number(base[recon])} → {_number(row[recon])} nats).")
     return sentences
 
 
@@ -156,12 +164,30 @@ def _spread_note(first: pd.Series, second: pd.Series, metric: str, difference: f
     return f"; within the seed-to-seed std of {_number(largest)}, so not a clear difference"
 
 
+def _reported_mean(row: pd.Series, chosen_on: str) -> tuple[str, float] | None:
+    """(test/elbo, its mean) for a row chosen on val/elbo: what is reported for what val chose."""
+    reported = names.held_out_counterpart(chosen_on)
+    value = row.get(f"{reported} mean") if reported else None
+    if value is None or np.isnan(value):
+        return None
+    return reported, value
+
+
+def _reported_pair(first: pd.Series, second: pd.Series, chosen_on: str) -> str:
+    """'; their test/elbo: -91.0 vs -103.2', or '' when a test number is missing."""
+    pair = [_reported_mean(row, chosen_on) for row in (first, second)]
+    if None in pair:
+        return ""
+    return f"; their {pair[0][0]}: {_number(pair[0][1])} vs {_number(pair[1][1])}"
+
+
 def family_findings(summary: pd.DataFrame) -> list[str]:
-    """Best configuration of each family against the others: ELBO among VAEs, reconstruction among all."""
+    """Best configuration of each family against the others, both chosen and compared on
+    validation: ELBO among VAEs, reconstruction among all."""
     sentences = []
     for metric, higher_better, unit, families in (
-            ("test/elbo", True, "nats", [f for f in summary["family"].unique() if f in VAE_FAMILIES]),
-            ("test/recon", False, "nats", list(summary["family"].unique()))):
+            (names.VAL_ELBO, True, "nats", [f for f in summary["family"].unique() if f in VAE_FAMILIES]),
+            (names.VAL_RECON, False, "nats", list(summary["family"].unique()))):
         column = f"{metric} mean"
         if column not in summary or len(families) < 2:
             continue
@@ -178,8 +204,9 @@ def family_findings(summary: pd.DataFrame) -> list[str]:
                 continue
             sentences.append(
                 f"{winner} beats {loser} on {NAMES[metric]} by {_number(gap)} {unit} "
-                f"(best configuration of each: {_number(best[winner][column])} vs {_number(best[loser][column])}"
-                f"{_spread_note(best[winner], best[loser], metric, gap)}).")
+                f"(best configuration of each, mean over seeds: {_number(best[winner][column])} vs "
+                f"{_number(best[loser][column])}{_spread_note(best[winner], best[loser], metric, gap)}"
+                f"{_reported_pair(best[winner], best[loser], metric)}).")
     return sentences
 
 
@@ -188,9 +215,11 @@ def best_configuration_findings(summary: pd.DataFrame) -> list[str]:
         return []
     sentences = []
     for _, row in summary[summary["best"]].iterrows():
-        metric = row["ranked_by"].split(" (")[0]
-        sentences.append(f"Best {row['family']} configuration by {row['ranked_by']}: {row['label']} "
-                         f"({metric} {_number(row[f'{metric} mean'])}).")
+        metric = row["ranked_metric"]
+        reported = _reported_mean(row, metric)
+        test_words = f"; reported {reported[0]} {_number(reported[1])}" if reported else ""
+        sentences.append(f"Best {row['family']} configuration by {row['ranked_by']}, mean over seeds: "
+                         f"{row['label']} ({metric} {_number(row[f'{metric} mean'])}{test_words}).")
     return sentences
 
 
@@ -226,9 +255,9 @@ def collapse_findings(runs: pd.DataFrame) -> list[str]:
     if collapsed.empty:
         return [f"No posterior collapse: {len(flags)}/{len(flags)} VAE runs keep at least half of their "
                 "latent units active (posterior-mean variance above 0.01)."]
-    names = ", ".join(f"{row['label']} ({_active(row)})" for _, row in collapsed.head(6).iterrows())
+    listed = ", ".join(f"{row['label']} ({_active(row)})" for _, row in collapsed.head(6).iterrows())
     return [f"Posterior collapse flagged in {len(collapsed)}/{len(flags)} VAE runs "
-            f"(fewer than half of the latent units active): {names}."]
+            f"(fewer than half of the latent units active): {listed}."]
 
 
 def _active(row: pd.Series) -> str:
@@ -245,10 +274,12 @@ def iwae_findings(runs: pd.DataFrame) -> list[str]:
     column = "metrics.eval/nll_iwae"
     computed = runs[runs[column].notna()] if column in runs else runs.iloc[0:0]
     if len(computed):
-        best = computed.loc[computed[column].idxmin()]
-        how = best.get("tags.nll_iwae") or "importance samples"
-        sentences.append(f"eval/nll_iwae (importance-weighted -log p(x), {how}) was computed for "
-                         f"{len(computed)} run(s); lowest {_number(best[column])} nats/image ({best['label']}).")
+        recorded = computed.get("tags.nll_iwae", pd.Series(dtype=object)).dropna()
+        how = recorded.iloc[0] if len(recorded) else "importance samples"
+        values = computed[column]
+        span = _number(values.iloc[0]) if len(values) == 1 else f"{_number(values.min())} to {_number(values.max())}"
+        sentences.append(f"eval/nll_iwae (importance-weighted -log p(x), {how}) was computed on the test split for "
+                         f"{len(computed)} run(s): {span} nats/image (the table gives it per configuration).")
     vaes = runs[runs["family"].isin(VAE_FAMILIES) & ~runs.index.isin(computed.index)]
     if len(vaes):
         reasons = vaes.get("tags.nll_iwae", pd.Series(index=vaes.index, dtype=object)).fillna(
@@ -264,7 +295,7 @@ def iwae_findings(runs: pd.DataFrame) -> list[str]:
 
 
 def pareto_findings(runs: pd.DataFrame) -> list[str]:
-    needed = ["metrics.test/kl", "metrics.test/recon"]
+    needed = [f"metrics.{names.VAL_KL}", f"metrics.{names.VAL_RECON}"]
     if not all(column in runs for column in needed):
         return []
     points = runs.dropna(subset=needed)
@@ -272,21 +303,22 @@ def pareto_findings(runs: pd.DataFrame) -> list[str]:
         return []
     front = pareto_front(points, *needed)
     seeds = front.get("params.train.seed")
-    names = "; ".join(label if seeds is None else f"{label} [seed {seed}]"
-                      for label, seed in zip(front["label"], seeds if seeds is not None else front["label"]))
-    return [f"{len(front)}/{len(points)} VAE runs lie on the rate–distortion Pareto front "
-            f"(no other run has both lower KL and lower reconstruction loss): {names}."]
+    listed = "; ".join(label if seeds is None else f"{label} [seed {seed}]"
+                       for label, seed in zip(front["label"], seeds if seeds is not None else front["label"]))
+    return [f"{len(front)}/{len(points)} VAE runs lie on the validation rate–distortion Pareto front "
+            f"(no other run has both lower val/kl and lower val/recon): {listed}."]
 
 
 def seed_spread_findings(summary: pd.DataFrame) -> list[str]:
-    if "test/recon std" not in summary:
+    std = f"{names.VAL_RECON} std"
+    if std not in summary:
         return []
-    replicated = summary[summary["runs"] > 1].dropna(subset=["test/recon std"])
+    replicated = summary[summary["runs"] > 1].dropna(subset=[std])
     if replicated.empty:
         return []
-    return [f"Seed-to-seed spread: over {len(replicated)} replicated configuration(s), test/recon varies "
-            f"with a std of {_number(replicated['test/recon std'].mean())} nats on average "
-            f"(largest {_number(replicated['test/recon std'].max())}); smaller differences are noise."]
+    return [f"Seed-to-seed spread: over {len(replicated)} replicated configuration(s), val/recon varies "
+            f"with a std of {_number(replicated[std].mean())} nats on average "
+            f"(largest {_number(replicated[std].max())}); smaller differences are noise."]
 
 
 def all_findings(summary: pd.DataFrame, finished: pd.DataFrame, config_params: list[str],

@@ -1,7 +1,9 @@
 """Seaborn plots of a study: learning curves, rate–distortion, latent size, heatmaps.
 
 Each function writes one PNG and returns a `Figure`; when the runs cannot support the
-plot it writes nothing and returns a `Figure` whose `skipped` says why.
+plot it writes nothing and returns a `Figure` whose `skipped` says why. Plots that mark a
+best point or a front draw the validation split (what a study selects on); every axis names
+its split.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ import seaborn as sns  # noqa: E402
 from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from vae_lab import names  # noqa: E402
+
 from .runs import SEED_PARAM, display_param, metric_history, numeric_column  # noqa: E402
 from .tables import pareto_front  # noqa: E402
 
 MAX_LEGEND_ENTRIES = 14
 DPI = 110
+EPOCH_CURVE = f"{names.VAL_LOSS} by epoch"
+STEP_CURVE = f"{names.TRAIN_LOSS} by step"
 
 
 @dataclass
@@ -56,21 +62,23 @@ def _legend(ax, title: str | None = None) -> None:
 # ----------------------------------------------------------------------------- learning curves
 
 def learning_histories(client, runs: pd.DataFrame) -> pd.DataFrame:
-    """Long table of curves: run_id, label, status, curve ('test/loss by epoch' | 'train/loss by step'), x, value."""
+    """Long table of curves: run_id, label, status, curve (EPOCH_CURVE | STEP_CURVE), x, value."""
     parts = []
     for _, run in tqdm(list(runs.iterrows()), desc="metric histories", leave=False, unit="run"):
         run_id = run["run_id"]
-        test = metric_history(client, run_id, "test/loss")
-        epochs = metric_history(client, run_id, "epoch").rename(columns={"value": "epoch"})
-        if len(test):
-            test = test.merge(epochs, on="step", how="left")
-            # an epoch's test/loss shares its step with the `epoch` metric; fall back to the order
-            test["x"] = test["epoch"].fillna(pd.Series(np.arange(1, len(test) + 1), index=test.index))
-            parts.append(test.assign(curve="test/loss by epoch")[["x", "value", "curve"]]
+        # an early-stopped run logs its kept weights' val/loss again at its last step: the curve
+        # keeps each epoch's own value, the first one logged at that step
+        val = metric_history(client, run_id, names.VAL_LOSS).drop_duplicates("step", keep="first")
+        epochs = metric_history(client, run_id, names.EPOCH).drop_duplicates("step", keep="first")
+        if len(val):
+            val = val.merge(epochs[["step", "value"]].rename(columns={"value": "epoch"}), on="step", how="left")
+            # an epoch's val/loss shares its step with the `epoch` metric; fall back to the order
+            val["x"] = val["epoch"].fillna(pd.Series(np.arange(1, len(val) + 1), index=val.index))
+            parts.append(val.assign(curve=EPOCH_CURVE)[["x", "value", "curve"]]
                          .assign(run_id=run_id, label=run["label"], status=run["status"]))
-        train = metric_history(client, run_id, "train/loss")
+        train = metric_history(client, run_id, names.TRAIN_LOSS)
         if len(train):
-            parts.append(train.rename(columns={"step": "x"}).assign(curve="train/loss by step")[["x", "value", "curve"]]
+            parts.append(train.rename(columns={"step": "x"}).assign(curve=STEP_CURVE)[["x", "value", "curve"]]
                          .assign(run_id=run_id, label=run["label"], status=run["status"]))
     if not parts:
         return pd.DataFrame(columns=["x", "value", "curve", "run_id", "label", "status"])
@@ -79,11 +87,11 @@ def learning_histories(client, runs: pd.DataFrame) -> pd.DataFrame:
 
 def learning_curves(histories: pd.DataFrame, path: Path) -> Figure:
     title = "Learning curves"
-    curves = [curve for curve in ("test/loss by epoch", "train/loss by step")
+    curves = [curve for curve in (EPOCH_CURVE, STEP_CURVE)
               if (histories[histories["curve"] == curve].groupby("run_id").size() >= 2).any()]
     if not curves:
-        return Figure(title, skipped="no run logged more than one point of test/loss or train/loss "
-                                     "(one epoch, one logging step)")
+        return Figure(title, skipped=f"no run logged more than one point of {names.VAL_LOSS} or "
+                                     f"{names.TRAIN_LOSS} (one epoch, one logging step)")
     figure, axes = plt.subplots(1, len(curves), figsize=(6.2 * len(curves), 4.2), squeeze=False)
     for ax, curve in zip(axes[0], curves):
         data = histories[histories["curve"] == curve]
@@ -96,18 +104,19 @@ def learning_curves(histories: pd.DataFrame, path: Path) -> Figure:
         ax.set_title(curve)
         _legend(ax)
     return Figure(title, _save(figure, path),
-                  caption="One line per run (seeds share a colour); test/loss at the end of each epoch, "
-                          "train/loss averaged over each logging interval.")
+                  caption="One line per run (seeds share a colour); val/loss on the validation split at the "
+                          "end of each epoch, train/loss averaged over each logging interval.")
 
 
 # ----------------------------------------------------------------------------- rate–distortion
 
 def rate_distortion(finished: pd.DataFrame, path: Path) -> Figure:
-    title = "Rate–distortion"
-    needed = ["metrics.test/kl", "metrics.test/recon"]
-    if not all(column in finished for column in needed):
-        return Figure(title, skipped="no finished VAE run (only VAEs have a KL term)")
-    points = finished.dropna(subset=needed).copy()
+    title = "Rate–distortion (validation)"
+    rate, distortion = f"metrics.{names.VAL_KL}", f"metrics.{names.VAL_RECON}"
+    if not all(column in finished for column in (rate, distortion)):
+        return Figure(title, skipped=f"no finished run logged {names.VAL_KL} and {names.VAL_RECON} "
+                                     "(only VAEs have a KL term)")
+    points = finished.dropna(subset=[rate, distortion]).copy()
     if len(points) < 2:
         return Figure(title, skipped=f"needs at least two finished VAE runs, found {len(points)}")
     weights = numeric_column(points, "params.loss.kl_weight")
@@ -117,18 +126,19 @@ def rate_distortion(finished: pd.DataFrame, path: Path) -> Figure:
     varied = points["kl_weight"].nunique() > 1
     norm = (LogNorm() if positive.all() and points["kl_weight"].max() / points["kl_weight"].min() >= 10
             else Normalize())
-    sns.scatterplot(data=points, x="metrics.test/kl", y="metrics.test/recon",
+    sns.scatterplot(data=points, x=rate, y=distortion,
                     hue="kl_weight" if varied else None, hue_norm=norm if varied else None,
                     palette="viridis" if varied else None, style="family", s=60, ax=ax)
-    front = pareto_front(points, "metrics.test/kl", "metrics.test/recon")
-    ax.plot(front["metrics.test/kl"], front["metrics.test/recon"], drawstyle="steps-post", color="crimson",
+    front = pareto_front(points, rate, distortion)
+    ax.plot(front[rate], front[distortion], drawstyle="steps-post", color="crimson",
             linewidth=1.2, label="Pareto front", zorder=0)
-    ax.set_xlabel("rate: test/kl (nats per image)")
-    ax.set_ylabel("distortion: test/recon (nats per image)")
+    ax.set_xlabel(f"rate: {names.VAL_KL} (nats per image)")
+    ax.set_ylabel(f"distortion: {names.VAL_RECON} (nats per image)")
     _legend(ax)
     return Figure(title, _save(figure, path),
-                  caption=f"Each finished VAE run is a point, coloured by loss.kl_weight; the red line joins the "
-                          f"{len(front)} runs no other run beats on both KL and reconstruction.")
+                  caption=f"Each finished VAE run is a point on the validation split, coloured by loss.kl_weight; "
+                          f"the red line joins the {len(front)} runs no other run beats on both val/kl and "
+                          f"val/recon.")
 
 
 # ----------------------------------------------------------------------------- latent size
@@ -150,15 +160,17 @@ def metric_vs_latent(finished: pd.DataFrame, config_params: list[str], path: Pat
     if latent is None or latent.nunique() < 2:
         return Figure(title, skipped="all finished runs share one latent size")
     data = finished.assign(latent_dim=latent, group=_group_without(finished, config_params, "model.latent_dim"))
-    panels = [metric for metric in ("test/recon", "eval/mse_per_pixel", "eval/probe_accuracy")
+    panels = [metric for metric in (names.VAL_RECON, names.EVAL_MSE, names.EVAL_PROBE)
               if f"metrics.{metric}" in data and data[f"metrics.{metric}"].notna().any()]
+    if not panels:
+        return Figure(title, skipped=f"no finished run logged {names.VAL_RECON} or eval/*")
     figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     sizes = sorted(data["latent_dim"].unique())
     for index, (ax, metric) in enumerate(zip(axes[0], panels)):
         sns.lineplot(data=data, x="latent_dim", y=f"metrics.{metric}", hue="group", marker="o",
                      errorbar="sd", ax=ax)
-        if metric == "eval/mse_per_pixel" and "metrics.eval/pca_mse_per_pixel" in data:
-            baseline = data.groupby("latent_dim")["metrics.eval/pca_mse_per_pixel"].mean()
+        if metric == names.EVAL_MSE and f"metrics.{names.EVAL_PCA_MSE}" in data:
+            baseline = data.groupby("latent_dim")[f"metrics.{names.EVAL_PCA_MSE}"].mean()
             ax.plot(baseline.index, baseline.values, linestyle="--", color="grey", label="PCA baseline")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [f"{size:g}" for size in sizes])
@@ -172,7 +184,8 @@ def metric_vs_latent(finished: pd.DataFrame, config_params: list[str], path: Pat
             ax.get_legend().remove()
     return Figure(title, _save(figure, path),
                   caption="Mean over seeds (band: ±1 std where there are replicates), one line per model "
-                          "family and setting of the other swept parameters; dashed: PCA with as many components.")
+                          "family and setting of the other swept parameters; val/recon on the validation split, "
+                          "eval/* on the test split; dashed: PCA with as many components.")
 
 
 # ----------------------------------------------------------------------------- heatmaps

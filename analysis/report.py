@@ -18,16 +18,20 @@ from pathlib import Path
 
 import pandas as pd
 
+from vae_lab import names
 from vae_lab.tracking import resolve_tracking_uri
 
 from . import findings, latents, plots, samples
 from .page import Bullets, Code, Section, Table, Text, render_html, render_markdown
 from .runs import (ReportInputError, Study, load_study, newest_study_id, open_store, paired_params,
                    read_text_artifact)
-from .tables import configuration_summary, display_table, mark_best, metric_names
+from .tables import configuration_summary, display_table, mark_best, metric_names, table_metrics
 
 REPORT_ARTIFACT_DIR = "report"
 KEY_PARAMS = ["model.name", "model.latent_dim", "loss.kl_weight", "train.seed", "train.epochs", "data.name"]
+SELECTION_RULE = ("Selection used the validation split: every ★, best configuration, comparison and trend below "
+                  "is decided on val/*; test/* and eval/* numbers are reported for what validation selected, "
+                  "never used to choose.")
 
 
 def safe_name(name: str) -> str:
@@ -82,7 +86,9 @@ def what_was_run(study: Study) -> Section:
                      + ("" if tags.get("vae_lab.swept_params") else " (found as the params that differ; "
                         "the parent has no vae_lab.swept_params tag)"))
         if study.objectives:
-            items.append("Objectives: " + ", ".join(f"{metric} ({direction})" for metric, direction in study.objectives))
+            items.append("Objectives: " + ", ".join(f"{metric} ({direction})" for metric, direction in study.objectives)
+                         + ("" if all(names.is_selectable(metric) for metric, _ in study.objectives) else
+                            "; objectives on test/* or eval/* do not choose here: the ★ rows rank on val/*"))
     else:
         items.append(f"A single run: {target.info.run_id} ({target.info.run_name}, {target.info.status})")
     items.append(f"Runs: {len(runs)} — finished {counts.get('FINISHED', 0)}, failed {counts.get('FAILED', 0)}, "
@@ -119,9 +125,21 @@ def comparison_section(study: Study, summary: pd.DataFrame, metrics: list[str]) 
     rankings = "; ".join(f"{family}: {group['ranked_by'].iloc[0]}" for family, group in summary.groupby("family")
                          if group["ranked_by"].iloc[0])
     replicated = (summary["runs"] > 1).any()
+    stars = (f"★ = the best configuration of each model family on validation, by the mean over its seeds of "
+             f"{rankings}" if rankings else
+             "No ★: no finished run logged val/* (runs from before the validation split), and test/* never chooses")
     text = ("One row per configuration" + (" (mean ± std over seeds)" if replicated else "") +
-            f"; losses in nats per image. ★ marks the best row of each model family, ranked by {rankings}.")
-    return Section("Comparison", [Text(text), Table(display_table(summary, study.config_params, metrics), "")])
+            f"; losses in nats per image. {stars}. The test/* and eval/* columns are reported, not used to choose.")
+    shown = table_metrics(summary, metrics)
+    return Section("Comparison", [Text(text), Table(display_table(summary, study.config_params, shown), "")])
+
+
+def heatmap_metric(study: Study) -> str:
+    """What the heatmaps show: the study's first objective when it may select (val/*), else val/recon."""
+    objective = study.objectives[0][0] if study.objectives else names.VAL_RECON
+    if names.is_selectable(objective) and f"metrics.{objective}" in study.finished:
+        return objective
+    return names.VAL_RECON
 
 
 def plot_section(study: Study, folder: Path) -> Section:
@@ -131,8 +149,7 @@ def plot_section(study: Study, folder: Path) -> Section:
                plots.rate_distortion(finished, folder / "rate_distortion.png"),
                plots.metric_vs_latent(finished, study.config_params, folder / "metric_vs_latent.png")]
     numeric = plots.numeric_swept(finished, study.config_params)
-    objective = study.objectives[0][0] if study.objectives else "test/recon"
-    metric = objective if f"metrics.{objective}" in finished else "test/recon"
+    metric = heatmap_metric(study)
     pairs = list(itertools.combinations(numeric, 2))[:3]
     if pairs:
         figures += [plots.heatmap(finished, study.config_params, metric, folder / f"heatmap_{index}.png", pair)
@@ -192,7 +209,8 @@ def build_report(study: Study, folder: Path, log_to_mlflow: bool = True) -> Path
     runs_table(study).to_csv(written[0], index=False)
 
     sections = [what_was_run(study),
-                Section("Findings", [Bullets(findings.all_findings(summary, finished, study.config_params,
+                Section("Findings", [Text(SELECTION_RULE),
+                                     Bullets(findings.all_findings(summary, finished, study.config_params,
                                                                    paired_params(study.study_yaml)))]),
                 comparison_section(study, summary, metrics),
                 plot_section(study, folder),

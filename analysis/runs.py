@@ -241,10 +241,12 @@ def read_text_artifact(client: MlflowClient, run_id: str, path: str) -> str | No
 
 
 def metric_history(client: MlflowClient, run_id: str, key: str) -> pd.DataFrame:
-    """Every logged value of one metric of one run: columns step, value."""
+    """Every logged value of one metric of one run, by step, then time logged: columns step, timestamp, value."""
     history = client.get_metric_history(run_id, key)
-    return pd.DataFrame({"step": [metric.step for metric in history],
-                         "value": [metric.value for metric in history]})
+    frame = pd.DataFrame({"step": [metric.step for metric in history],
+                          "timestamp": [metric.timestamp for metric in history],
+                          "value": [metric.value for metric in history]})
+    return frame.sort_values(["step", "timestamp"], kind="stable").reset_index(drop=True)
 
 
 def paired_params(study_yaml: str | None) -> list[str]:

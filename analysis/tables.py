@@ -2,6 +2,9 @@
 
 Works on the runs DataFrame of `analysis.runs.Study` (mlflow.search_runs columns plus
 `family` and `label`); pure pandas, no plotting.
+
+Select on validation, report on test: the best row of each family is chosen on a val/*
+metric (mean over seeds); test/* and eval/* are shown for every row and never choose.
 """
 
 from __future__ import annotations
@@ -9,22 +12,24 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from vae_lab import names
+from vae_lab.config import VAE_MODELS
+
 from .runs import SEED_PARAM, display_param, parse_param
 
-TEST_METRICS = ["test/loss", "test/recon", "test/kl", "test/elbo", "test/mse_per_pixel"]
-EVAL_ORDER = ["eval/nll_iwae", "eval/mse_per_pixel", "eval/pca_mse_per_pixel", "eval/probe_accuracy",
-              "eval/knn_accuracy", "eval/active_units", "eval/active_fraction"]
-HIGHER_IS_BETTER = {"test/elbo", "eval/probe_accuracy", "eval/knn_accuracy", "eval/active_units",
-                    "eval/active_fraction"}
-VAE_FAMILIES = ("linear_vae", "conv_vae")
+VAL_METRICS = list(names.split_metrics(names.VAL, variational=True))
+TEST_METRICS = list(names.split_metrics(names.TEST, variational=True))
+EVAL_ORDER = [names.EVAL_NLL_IWAE, names.EVAL_MSE, names.EVAL_PCA_MSE, names.EVAL_PROBE, names.EVAL_KNN,
+              names.EVAL_ACTIVE_UNITS, names.EVAL_ACTIVE_FRACTION]
+VAE_FAMILIES = VAE_MODELS  # the model families with a KL term
 
 
 def metric_names(runs: pd.DataFrame) -> list[str]:
-    """The test/ and eval/ metrics some run has, in reading order."""
+    """The val/, test/ and eval/ metrics some run has, in reading order."""
     present = {column[len("metrics."):] for column in runs.columns
                if column.startswith("metrics.") and runs[column].notna().any()}
-    ordered = [name for name in TEST_METRICS + EVAL_ORDER if name in present]
-    extra = sorted(name for name in present if name.startswith("eval/") and name not in ordered)
+    ordered = [name for name in VAL_METRICS + TEST_METRICS + EVAL_ORDER if name in present]
+    extra = sorted(name for name in present if name.startswith(f"{names.EVAL}/") and name not in ordered)
     return ordered + extra
 
 
@@ -60,24 +65,28 @@ def _sortable(column: pd.Series) -> pd.Series:
 
 
 def ranking_metric(family: str, objectives: list[tuple[str, str]], available: set[str]) -> tuple[str, str] | None:
-    """The metric and direction that picks a family's best configuration.
+    """The metric and direction that picks a family's best configuration, or None.
 
     A single-objective study ranks by its objective. Otherwise (several objectives, or none):
-    VAEs by test ELBO, which every KL weight shares, and AEs by test reconstruction.
+    VAEs by validation ELBO, which every KL weight shares, and AEs by validation
+    reconstruction. Only what `names.is_selectable` allows may choose: a study whose objective
+    was a test/* metric falls back to the default, and runs without val/* get no best row.
     """
-    if len(objectives) == 1 and objectives[0][0] in available:
+    if len(objectives) == 1 and names.is_selectable(objectives[0][0]) and objectives[0][0] in available:
         return objectives[0]
-    if family in VAE_FAMILIES and "test/elbo" in available:
-        return "test/elbo", "maximize"
-    if "test/recon" in available:
-        return "test/recon", "minimize"
+    if family in VAE_FAMILIES and names.VAL_ELBO in available:
+        return names.VAL_ELBO, "maximize"
+    if names.VAL_RECON in available:
+        return names.VAL_RECON, "minimize"
     return None
 
 
 def mark_best(summary: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
-    """Adds `best` (True on the best row of each family) and `ranked_by` ('test/elbo (max)')."""
+    """Adds `best` (True on the best row of each family, by the mean over its seeds),
+    `ranked_metric` ('val/elbo') and `ranked_by` ('val/elbo (max)')."""
     summary = summary.copy()
     summary["best"] = False
+    summary["ranked_metric"] = ""
     summary["ranked_by"] = ""
     if summary.empty:
         return summary
@@ -88,11 +97,25 @@ def mark_best(summary: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Da
         if ranking is None:
             continue
         metric, direction = ranking
-        values = group[f"{metric} mean"]
-        best_index = values.idxmax() if direction == "maximize" else values.idxmin()
+        means = group[f"{metric} mean"]
+        best_index = means.idxmax() if direction == "maximize" else means.idxmin()
         summary.loc[best_index, "best"] = True
+        summary.loc[group.index, "ranked_metric"] = metric
         summary.loc[group.index, "ranked_by"] = f"{metric} ({direction[:3]})"
     return summary
+
+
+def table_metrics(summary: pd.DataFrame, metrics: list[str]) -> list[str]:
+    """The comparison table's metric columns: every reported (test/, eval/) metric, and each
+    val/* metric that chose a best row just before its test/* counterpart."""
+    chosen_by = [metric for metric in dict.fromkeys(summary.get("ranked_metric", [])) if metric]
+    columns = [metric for metric in chosen_by if names.held_out_counterpart(metric) not in metrics]
+    for metric in metrics:
+        if names.is_selectable(metric):
+            continue
+        columns += [chooser for chooser in chosen_by if names.held_out_counterpart(chooser) == metric]
+        columns.append(metric)
+    return columns
 
 
 def format_value(mean: float, std: float) -> str:

@@ -1,4 +1,8 @@
-"""The report's sentences and numbers, on small hand-made tables with known answers."""
+"""The report's sentences and numbers, on small hand-made tables with known answers.
+
+Comparisons, trends and best rows are decided on val/* (the validation split); test/* is
+only reported. Several tables below give val and test opposite answers on purpose.
+"""
 
 import numpy as np
 import pandas as pd
@@ -6,7 +10,8 @@ import pytest
 
 from analysis import findings
 from analysis.runs import config_label, display_param, parse_objectives, parse_param, swept_params
-from analysis.tables import configuration_summary, display_table, mark_best, markdown_table, pareto_front
+from analysis.tables import (configuration_summary, display_table, mark_best, markdown_table, pareto_front,
+                             table_metrics)
 
 
 def summary_frame(rows: list[dict]) -> pd.DataFrame:
@@ -62,22 +67,34 @@ def test_trend_needs_two_points():
 
 def test_latent_size_findings_per_family_and_setting():
     summary = summary_frame([
-        {"family": "linear_vae", "model.latent_dim": d, "loss.kl_weight": 1.0, "test/recon mean": r}
+        {"family": "linear_vae", "model.latent_dim": d, "loss.kl_weight": 1.0, "val/recon mean": r}
         for d, r in [(2, 140.0), (4, 120.0), (8, 110.0), (16, 100.0), (32, 95.0), (64, 94.0)]
-    ] + [{"family": "ae", "model.latent_dim": d, "loss.kl_weight": 1.0, "test/recon mean": r}
+    ] + [{"family": "ae", "model.latent_dim": d, "loss.kl_weight": 1.0, "val/recon mean": r}
          for d, r in [(2, 130.0), (4, 131.0)]])
     sentences = findings.latent_size_findings(summary, ["model.name", "model.latent_dim", "loss.kl_weight"])
     assert len(sentences) == 2
     vae = next(s for s in sentences if "linear_vae" in s)
     assert "improves monotonically" in vae and "5/5 steps" in vae and "kl_weight=1" in vae
-    ae = next(s for s in sentences if s.startswith("Reconstruction") and "for ae" in s)
+    ae = next(s for s in sentences if s.startswith("Validation reconstruction (val/recon)") and "for ae" in s)
     assert "gets worse" in ae
+
+
+def test_latent_size_trend_follows_validation_not_test():
+    # test/recon improves with latent size, val/recon gets worse: the sentence is about val
+    summary = summary_frame([
+        {"family": "ae", "model.latent_dim": d, "val/recon mean": v, "test/recon mean": t}
+        for d, v, t in [(2, 100.0, 120.0), (4, 105.0, 90.0), (8, 110.0, 80.0)]])
+    [sentence] = findings.latent_size_findings(summary, ["model.latent_dim"])
+    assert sentence.startswith("Validation reconstruction (val/recon) gets worse at every step of latent size")
+    assert "100.0 at latent size 2 → 110.0 at 8" in sentence
+    assert findings.latent_size_findings(summary.drop(columns=["val/recon mean", "val/recon std"]),
+                                         ["model.latent_dim"]) == []
 
 
 def test_latent_size_trend_over_paired_points():
     # seed 000's NAS: each latent size comes with its own hidden width (study file `points:`)
     summary = summary_frame([
-        {"family": "linear_vae", "model.latent_dim": d, "model.hidden_dims": f"[{8 * d}]", "test/recon mean": r}
+        {"family": "linear_vae", "model.latent_dim": d, "model.hidden_dims": f"[{8 * d}]", "val/recon mean": r}
         for d, r in [(4, 220.0), (8, 200.0), (16, 190.0), (32, 185.0), (64, 179.0)]])
     params = ["model.latent_dim", "model.hidden_dims"]
     assert findings.latent_size_findings(summary, params) == []  # unpaired: no two rows share a setting
@@ -99,17 +116,20 @@ def test_paired_params_come_from_the_study_files_points():
 
 def test_kl_weight_sentence_has_the_right_percentages():
     summary = summary_frame([
-        {"family": "linear_vae", "loss.kl_weight": 1.0, "test/kl mean": 10.0, "test/recon mean": 100.0},
-        {"family": "linear_vae", "loss.kl_weight": 100.0, "test/kl mean": 2.0, "test/recon mean": 135.0},
+        {"family": "linear_vae", "loss.kl_weight": 1.0, "val/kl mean": 10.0, "val/recon mean": 100.0,
+         "test/kl mean": 10.0, "test/recon mean": 100.0},
+        {"family": "linear_vae", "loss.kl_weight": 100.0, "val/kl mean": 2.0, "val/recon mean": 135.0,
+         "test/kl mean": 12.0, "test/recon mean": 90.0},
     ])
     [sentence] = findings.kl_weight_findings(summary, ["model.name", "loss.kl_weight"])
     assert "KL weight 100 cut KL by 80% and raised reconstruction loss by 35% compared with KL weight 1" in sentence
+    assert "on the validation split (val/kl 10.0 → 2.0 nats, val/recon 100.0 → 135.0 nats)" in sentence
 
 
 def test_kl_weight_sentence_reports_the_other_direction_too():
     summary = summary_frame([
-        {"family": "conv_vae", "loss.kl_weight": 0.5, "test/kl mean": 4.0, "test/recon mean": 100.0},
-        {"family": "conv_vae", "loss.kl_weight": 2.0, "test/kl mean": 5.0, "test/recon mean": 90.0},
+        {"family": "conv_vae", "loss.kl_weight": 0.5, "val/kl mean": 4.0, "val/recon mean": 100.0},
+        {"family": "conv_vae", "loss.kl_weight": 2.0, "val/kl mean": 5.0, "val/recon mean": 90.0},
     ])
     [sentence] = findings.kl_weight_findings(summary, ["loss.kl_weight"])
     assert "KL weight 2 raised KL by 25% and lowered reconstruction loss by 10%" in sentence
@@ -117,31 +137,45 @@ def test_kl_weight_sentence_reports_the_other_direction_too():
 
 def test_kl_weight_ignores_plain_autoencoders():
     summary = summary_frame([
-        {"family": "ae", "loss.kl_weight": 1.0, "test/kl mean": np.nan, "test/recon mean": 100.0},
-        {"family": "ae", "loss.kl_weight": 10.0, "test/kl mean": np.nan, "test/recon mean": 101.0},
+        {"family": "ae", "loss.kl_weight": 1.0, "val/kl mean": np.nan, "val/recon mean": 100.0},
+        {"family": "ae", "loss.kl_weight": 10.0, "val/kl mean": np.nan, "val/recon mean": 101.0},
     ])
     assert findings.kl_weight_findings(summary, ["loss.kl_weight"]) == []
 
 
 def test_family_comparison_on_elbo_and_reconstruction():
     summary = summary_frame([
-        {"family": "conv_vae", "test/elbo mean": -90.0, "test/recon mean": 80.0},
-        {"family": "linear_vae", "test/elbo mean": -102.0, "test/recon mean": 95.0},
-        {"family": "linear_vae", "test/elbo mean": -110.0, "test/recon mean": 90.0},
-        {"family": "ae", "test/elbo mean": np.nan, "test/recon mean": 70.0},
+        {"family": "conv_vae", "val/elbo mean": -90.0, "val/recon mean": 80.0},
+        {"family": "linear_vae", "val/elbo mean": -102.0, "val/recon mean": 95.0},
+        {"family": "linear_vae", "val/elbo mean": -110.0, "val/recon mean": 90.0},
+        {"family": "ae", "val/elbo mean": np.nan, "val/recon mean": 70.0},
     ])
     sentences = findings.family_findings(summary)
-    assert any(s.startswith("conv_vae beats linear_vae on test ELBO by 12.0 nats") for s in sentences)
+    assert any(s.startswith("conv_vae beats linear_vae on validation ELBO (val/elbo) by 12.0 nats") for s in sentences)
     recon = [s for s in sentences if "reconstruction loss" in s]
-    assert recon[0].startswith("ae beats conv_vae on reconstruction loss (test/recon) by 10.0 nats")
-    assert recon[1].startswith("conv_vae beats linear_vae on reconstruction loss (test/recon) by 10.0 nats")
+    assert recon[0].startswith("ae beats conv_vae on validation reconstruction loss (val/recon) by 10.0 nats")
+    assert recon[1].startswith("conv_vae beats linear_vae on validation reconstruction loss (val/recon) by 10.0 nats")
     assert not any(s.startswith("ae ") and "ELBO" in s for s in sentences)
+
+
+def test_family_winner_is_decided_on_validation_and_its_test_numbers_are_reported():
+    # linear_vae is better on test/elbo, conv_vae on val/elbo: conv_vae wins, test is only quoted
+    summary = summary_frame([
+        {"family": "conv_vae", "val/elbo mean": -95.0, "test/elbo mean": -120.0},
+        {"family": "conv_vae", "val/elbo mean": -130.0, "test/elbo mean": -80.0},
+        {"family": "linear_vae", "val/elbo mean": -100.0, "test/elbo mean": -90.0},
+    ])
+    [sentence] = findings.family_findings(summary)
+    assert sentence.startswith("conv_vae beats linear_vae on validation ELBO (val/elbo) by 5.0 nats "
+                               "(best configuration of each, mean over seeds: -95.0 vs -100.0")
+    assert sentence.endswith("; their test/elbo: -120.0 vs -90.0).")
+    assert findings.family_findings(summary.drop(columns=["val/elbo mean", "val/elbo std"])) == []
 
 
 def test_family_gap_inside_seed_spread_is_not_called_clear():
     summary = summary_frame([
-        {"family": "conv_vae", "test/elbo mean": -100.0, "test/elbo std": 3.0, "runs": 3},
-        {"family": "linear_vae", "test/elbo mean": -101.0, "test/elbo std": 2.0, "runs": 3},
+        {"family": "conv_vae", "val/elbo mean": -100.0, "val/elbo std": 3.0, "runs": 3},
+        {"family": "linear_vae", "val/elbo mean": -101.0, "val/elbo std": 2.0, "runs": 3},
     ])
     [sentence] = findings.family_findings(summary)
     assert "within the seed-to-seed std of 3.0, so not a clear difference" in sentence
@@ -194,8 +228,8 @@ def test_iwae_sentences_say_where_computed_and_why_not():
         {"family": "ae", "label": "ae", "metrics.eval/nll_iwae": np.nan, "tags.nll_iwae": None},
     ])
     sentences = findings.iwae_findings(runs)
-    assert sentences[0].startswith("eval/nll_iwae (importance-weighted -log p(x), 100 samples on 1000 test images)")
-    assert "lowest 95.2 nats/image (binarized)" in sentences[0]
+    assert sentences[0].startswith("eval/nll_iwae (importance-weighted -log p(x), 100 samples on 1000 test images) "
+                                   "was computed on the test split for 1 run(s): 95.2 nats/image")
     assert sentences[1] == ("eval/nll_iwae was not computed for 1 VAE run(s): needs loss.likelihood=bernoulli "
                             "and data.binarize=dynamic or static.")
     assert "1 plain autoencoder run(s)" in sentences[2]
@@ -221,11 +255,14 @@ def test_configuration_summary_mean_std_and_best():
         "family": ["linear_vae"] * 4 + ["ae"],
         "params.loss.kl_weight": ["1.0", "1.0", "10.0", "10.0", "1.0"],
         "params.train.seed": ["0", "1", "0", "1", "0"],
+        "metrics.val/recon": [99.0, 103.0, 119.0, 121.0, 89.0],
+        "metrics.val/elbo": [-102.0, -106.0, -120.0, -122.0, np.nan],
         "metrics.test/recon": [100.0, 104.0, 120.0, 122.0, 90.0],
         "metrics.test/elbo": [-103.0, -107.0, -121.0, -123.0, np.nan],
     })
     runs["label"] = [config_label(row, ["loss.kl_weight"]) for _, row in runs.iterrows()]
-    summary = configuration_summary(runs, ["loss.kl_weight"], ["test/recon", "test/elbo"])
+    metrics = ["val/recon", "val/elbo", "test/recon", "test/elbo"]
+    summary = configuration_summary(runs, ["loss.kl_weight"], metrics)
     assert summary["label"].tolist() == ["ae, kl_weight=1", "linear_vae, kl_weight=1", "linear_vae, kl_weight=10"]
     row = summary.set_index("label").loc["linear_vae, kl_weight=1"]
     assert row["test/recon mean"] == pytest.approx(102.0)
@@ -235,14 +272,71 @@ def test_configuration_summary_mean_std_and_best():
 
     best = mark_best(summary, objectives=[])
     assert best.loc[best["best"], "label"].tolist() == ["ae, kl_weight=1", "linear_vae, kl_weight=1"]
-    assert best.set_index("family").loc["linear_vae", "ranked_by"].iloc[0] == "test/elbo (max)"
-    table = display_table(best, ["loss.kl_weight"], ["test/recon", "test/elbo"])
+    assert best.set_index("family").loc["linear_vae", "ranked_by"].iloc[0] == "val/elbo (max)"
+    assert best.set_index("family").loc["ae", "ranked_by"] == "val/recon (min)"
+    shown = table_metrics(best, metrics)
+    assert shown == ["val/recon", "test/recon", "val/elbo", "test/elbo"]  # each chooser beside what it reports
+    table = display_table(best, ["loss.kl_weight"], shown)
     assert table.loc[1, "test/recon"] == f"102.00 ± {np.std([100.0, 104.0], ddof=1):.2f}"
     assert table[""].tolist() == ["★", "★", ""]
-    assert markdown_table(table).splitlines()[0].startswith("|  | family | loss.kl_weight | runs |")
+    assert markdown_table(table).splitlines()[0].startswith("|  | family | loss.kl_weight | runs | val/recon |")
 
-    by_objective = mark_best(summary, objectives=[("test/recon", "minimize")])
-    assert by_objective.set_index("label").loc["linear_vae, kl_weight=1", "ranked_by"] == "test/recon (min)"
+    by_objective = mark_best(summary, objectives=[("val/recon", "minimize")])
+    assert by_objective.set_index("label").loc["linear_vae, kl_weight=1", "ranked_by"] == "val/recon (min)"
+
+
+def test_best_row_follows_the_validation_mean_over_seeds_not_test_nor_one_lucky_seed():
+    # kl_weight=10 has the best single val/elbo run (-95) and the best test/elbo;
+    # kl_weight=1 has the best val/elbo averaged over its seeds: it gets the ★
+    runs = pd.DataFrame({
+        "family": ["linear_vae"] * 4,
+        "params.loss.kl_weight": ["1.0", "1.0", "10.0", "10.0"],
+        "params.train.seed": ["0", "1", "0", "1"],
+        "metrics.val/elbo": [-100.0, -102.0, -95.0, -109.0],
+        "metrics.test/elbo": [-110.0, -110.0, -90.0, -91.0],
+        "metrics.test/recon": [100.0, 100.0, 80.0, 80.0],
+    })
+    runs["label"] = [config_label(row, ["loss.kl_weight"]) for _, row in runs.iterrows()]
+    metrics = ["val/elbo", "test/recon", "test/elbo"]
+    summary = configuration_summary(runs, ["loss.kl_weight"], metrics)
+    for objectives in ([], [("test/elbo", "maximize")], [("test/recon", "minimize")],
+                       [("val/elbo", "maximize"), ("test/recon", "minimize")]):
+        best = mark_best(summary, objectives)
+        assert best.loc[best["best"], "label"].tolist() == ["linear_vae, kl_weight=1"], objectives
+        assert set(best["ranked_by"]) == {"val/elbo (max)"}
+    [sentence] = findings.best_configuration_findings(mark_best(summary, []))
+    assert sentence == ("Best linear_vae configuration by val/elbo (max), mean over seeds: linear_vae, kl_weight=1 "
+                        "(val/elbo -101.0; reported test/elbo -110.0).")
+
+
+def test_runs_without_validation_metrics_get_no_best_row():
+    summary = summary_frame([{"family": "ae", "test/recon mean": 90.0}, {"family": "ae", "test/recon mean": 80.0}])
+    best = mark_best(summary, objectives=[("test/recon", "minimize")])
+    assert not best["best"].any() and set(best["ranked_by"]) == {""}
+    assert table_metrics(best, ["test/recon"]) == ["test/recon"]
+    assert findings.best_configuration_findings(best) == []
+
+
+def test_pareto_finding_uses_the_validation_split():
+    runs = runs_frame([
+        {"family": "linear_vae", "label": "a", "metrics.val/kl": 1.0, "metrics.val/recon": 10.0,
+         "metrics.test/kl": 9.0, "metrics.test/recon": 90.0},
+        {"family": "linear_vae", "label": "b", "metrics.val/kl": 2.0, "metrics.val/recon": 20.0,
+         "metrics.test/kl": 1.0, "metrics.test/recon": 1.0},
+    ])
+    [sentence] = findings.pareto_findings(runs)
+    assert sentence == ("1/2 VAE runs lie on the validation rate–distortion Pareto front "
+                        "(no other run has both lower val/kl and lower val/recon): a.")
+
+
+def test_seed_spread_is_measured_on_validation():
+    summary = summary_frame([
+        {"family": "ae", "runs": 3, "val/recon mean": 90.0, "val/recon std": 2.0, "test/recon std": 9.0},
+        {"family": "ae", "runs": 3, "val/recon mean": 91.0, "val/recon std": 4.0, "test/recon std": 9.0},
+    ])
+    assert findings.seed_spread_findings(summary) == [
+        "Seed-to-seed spread: over 2 replicated configuration(s), val/recon varies with a std of 3.0 nats "
+        "on average (largest 4.0); smaller differences are noise."]
 
 
 def test_swept_params_from_tag_or_from_differences():

@@ -5,19 +5,24 @@ tags and `study/study.yaml`, children trained by `vae_lab.train.train`), once pe
 ae at two seeds, linear_vae over latent size x KL weight, one trial that fails and one that
 is pruned, all on a slice of mnist5k with dynamic binarization (so eval/nll_iwae exists).
 Beside it, one stand-alone run without images, latents or a model.
+
+A second, synthetic study (runs logged with MlflowClient, no training) gives val/* and test/*
+opposite answers, so the report must pick its ★ rows, winners and trends on validation.
 """
 
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pandas as pd
 import pytest
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from analysis import report
+from analysis import plots, report
 from analysis.runs import load_study, newest_study_id
 from conftest import TINY_RUN
 from vae_lab.config import load_config
@@ -31,8 +36,8 @@ STUDY_YAML = f"""study:
   name: {STUDY}
   sampler: grid
   objectives:
-    - {{metric: test/recon, direction: minimize}}
-    - {{metric: test/kl, direction: minimize}}
+    - {{metric: val/recon, direction: minimize}}
+    - {{metric: val/kl, direction: minimize}}
 base:
   data: {{name: mnist5k, train_limit: 512, test_limit: 256, binarize: dynamic}}
   train: {{epochs: 2}}
@@ -80,7 +85,7 @@ def store(tmp_path_factory):
     experiment_id = get_or_create_experiment(client, "vae_lab", uri)
     parent = client.create_run(experiment_id, run_name=STUDY, tags={
         "vae_lab.role": "study", "vae_lab.study_name": STUDY, "vae_lab.swept_params": SWEPT,
-        "vae_lab.objectives": "test/recon:minimize,test/kl:minimize", "vae_lab.sampler": "grid"})
+        "vae_lab.objectives": "val/recon:minimize,val/kl:minimize", "vae_lab.sampler": "grid"})
     parent_id = parent.info.run_id
     client.log_text(parent_id, STUDY_YAML, "study/study.yaml")
     for number, (model, latent, kl_weight, seed, outcome) in enumerate(TRIALS):
@@ -154,7 +159,8 @@ def test_what_was_run_counts_statuses_and_shows_the_study_file(store, study_repo
     text = (study_report / "report.md").read_text()
     assert "Runs: 8 — finished 6, failed 1, pruned or interrupted (KILLED) 1, still running 0" in text
     assert "Swept parameters: model.name, model.latent_dim, loss.kl_weight, train.seed" in text
-    assert "Objectives: test/recon (minimize), test/kl (minimize)" in text
+    assert "Objectives: val/recon (minimize), val/kl (minimize)" in text
+    assert report.SELECTION_RULE in text
     assert "TrialBroke: simulated crash after epoch 1" in text
     assert "search_space:\n  model.name: [ae, linear_vae]" in text
     assert "Device: cpu (8 runs)" in text
@@ -203,11 +209,15 @@ def test_comparison_table_matches_the_runs(store, study_report):
         assert row.iloc[0]["test/kl"] == f"{run.data.metrics['test/kl']:.{4 if run.data.metrics['test/kl'] < 1 else 2}f}"
         assert row.iloc[0]["eval/nll_iwae"] != "–"
 
-    # a ★ on exactly one row per family: for linear_vae the highest mean test ELBO
+    # a ★ on exactly one row per family: for linear_vae the highest mean validation ELBO,
+    # whose column stands beside the test ELBO it reports
     stars = table[table[""] == "★"]
     assert sorted(stars["family"]) == ["ae", "linear_vae"]
+    columns = list(table.columns)
+    assert columns.index("val/elbo") + 1 == columns.index("test/elbo")
+    assert columns.index("val/recon") + 1 == columns.index("test/recon")
     vaes = [run for run in finished if run.data.params["model.name"] == "linear_vae"]
-    best = max(vaes, key=lambda run: run.data.metrics["test/elbo"])
+    best = max(vaes, key=lambda run: run.data.metrics["val/elbo"])
     star = stars[stars["family"] == "linear_vae"].iloc[0]
     assert (star["model.latent_dim"], star["loss.kl_weight"]) == (
         best.data.params["model.latent_dim"], f"{float(best.data.params['loss.kl_weight']):g}")
@@ -221,23 +231,24 @@ def test_findings_agree_with_the_numbers(store, study_report):
 
     for latent in ("2", "4"):
         low, high = vae[(latent, 1.0)], vae[(latent, 10.0)]
-        kl_change = 100 * (high["test/kl"] - low["test/kl"]) / abs(low["test/kl"])
-        recon_change = 100 * (high["test/recon"] - low["test/recon"]) / abs(low["test/recon"])
+        kl_change = 100 * (high["val/kl"] - low["val/kl"]) / abs(low["val/kl"])
+        recon_change = 100 * (high["val/recon"] - low["val/recon"]) / abs(low["val/recon"])
         kl_words = f"{'cut' if kl_change < 0 else 'raised'} KL by {abs(kl_change):.0f}%"
         recon_words = f"{'raised' if recon_change > 0 else 'lowered'} reconstruction loss by {abs(recon_change):.0f}%"
         expected = f"linear_vae (latent_dim={latent}): KL weight 10 {kl_words} and {recon_words} compared with KL weight 1"
         assert any(sentence.startswith(expected) for sentence in sentences), expected
 
     for kl_weight in (1.0, 10.0):
-        improved = vae[("4", kl_weight)]["test/recon"] < vae[("2", kl_weight)]["test/recon"]
-        [trend] = [s for s in sentences if s.startswith("Reconstruction") and f"kl_weight={kl_weight:g})" in s]
+        improved = vae[("4", kl_weight)]["val/recon"] < vae[("2", kl_weight)]["val/recon"]
+        [trend] = [s for s in sentences if s.startswith("Validation reconstruction (val/recon)")
+                   and f"kl_weight={kl_weight:g})" in s]
         assert ("(1/1 step;" in trend) == improved
         assert ("gets worse" in trend) == (not improved)
 
     [iwae] = [s for s in sentences if s.startswith("eval/nll_iwae (")]
-    assert "computed for 4 run(s)" in iwae
-    lowest = min(metrics["eval/nll_iwae"] for metrics in vae.values())
-    assert f"lowest {lowest:.1f} nats/image" in iwae
+    iwae_values = [metrics["eval/nll_iwae"] for metrics in vae.values()]
+    assert f"computed on the test split for 4 run(s): {min(iwae_values):.1f} to {max(iwae_values):.1f} nats/image" \
+        in iwae
     assert any("does not apply to the 2 plain autoencoder run(s)" in s for s in sentences)
 
     flagged = sum(run.data.tags.get("posterior_collapse") == "true" for run in children(store)
@@ -255,7 +266,7 @@ def test_findings_agree_with_the_numbers(store, study_report):
 def test_report_lists_what_is_missing_and_skipped(study_report):
     text = (study_report / "report.md").read_text()
     # two numeric swept params besides the seed: the heatmap is drawn, over those two
-    assert "Heatmap: test/recon over model.latent_dim × loss.kl_weight" in text
+    assert "Heatmap: val/recon over model.latent_dim × loss.kl_weight" in text
     assert "Not drawn" not in text
     assert "Runs that did not finish" in text
 
@@ -323,3 +334,122 @@ def test_command_line_without_a_target_is_a_usage_error(capsys):
         report.main([])
     assert exit_info.value.code == 2
     assert "one of the arguments --experiment --run is required" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- select on val, report on test
+
+SELECTION_STUDY = "val_selects_test_reports"
+EPOCHS, STEPS_PER_EPOCH = 3, 10
+# (model, latent size, seed, val (recon, kl) of the kept weights, test (recon, kl), early stopped):
+# val and test disagree on purpose. linear_vae latent 4 has the best single val/elbo run (-99) and
+# the best test/elbo, but latent 2 has the best val/elbo mean over seeds (-102 against -103; -104.5
+# if its early-stopped run were read at its last epoch instead of its kept weights). ae latent 4
+# wins on test/recon, latent 2 on val/recon; linear_vae beats ae on test/recon, ae beats it on val/recon.
+SYNTHETIC_TRIALS = [
+    ("ae", 2, 0, (80.0, None), (90.0, None), False),
+    ("ae", 2, 1, (82.0, None), (90.0, None), False),
+    ("ae", 4, 0, (85.0, None), (70.0, None), False),
+    ("ae", 4, 1, (85.0, None), (70.0, None), False),
+    ("linear_vae", 2, 0, (95.0, 5.0), (62.0, 48.0), True),
+    ("linear_vae", 2, 1, (98.0, 6.0), (62.0, 48.0), False),
+    ("linear_vae", 4, 0, (93.0, 6.0), (60.0, 30.0), False),
+    ("linear_vae", 4, 1, (101.0, 6.0), (60.0, 30.0), False),
+]
+
+
+def split_metrics(split: str, recon: float, kl: float | None) -> dict[str, float]:
+    """What the engine logs for a split: an AE's loss is its recon; a VAE (KL weight 1) adds kl and elbo."""
+    if kl is None:
+        return {f"{split}/loss": recon, f"{split}/recon": recon}
+    return {f"{split}/loss": recon + kl, f"{split}/recon": recon, f"{split}/kl": kl, f"{split}/elbo": -(recon + kl)}
+
+
+def log_synthetic_trial(client: MlflowClient, experiment_id: str, parent_id: str, number: int,
+                        model: str, latent: int, seed: int, val: tuple, test: tuple, early_stopped: bool) -> str:
+    """A finished trial as the engine logs it: train/loss by step, val/* and `epoch` at each epoch's
+    last step, test/* once at the end. val/loss falls to `val` at the best epoch; an early-stopped
+    trial trains one epoch past it (val 5 nats worse), then its kept weights' val/* are logged
+    again at the last step, later, as the engine does when it restores them."""
+    run_id = client.create_run(experiment_id, run_name=f"trial-{number}", tags={
+        "mlflow.parentRunId": parent_id, "vae_lab.role": "trial", "vae_lab.study_name": SELECTION_STUDY,
+        "vae_lab.trial_number": str(number), "model": model}).info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric("train/loss", 200.0 - step, now, step) for step in range(0, EPOCHS * STEPS_PER_EPOCH, 5)]
+    kept_val = split_metrics("val", *val)
+    best_epoch = EPOCHS - 1 if early_stopped else EPOCHS
+    for epoch in range(1, EPOCHS + 1):
+        step = epoch * STEPS_PER_EPOCH - 1
+        if epoch > best_epoch:
+            epoch_val = split_metrics("val", val[0] + 5.0, val[1])
+        else:
+            epoch_val = {**kept_val, "val/loss": kept_val["val/loss"] + 10.0 * (best_epoch - epoch)}
+        metrics += [Metric("epoch", epoch, now, step)]
+        metrics += [Metric(key, value, now, step) for key, value in epoch_val.items()]
+    last_step = EPOCHS * STEPS_PER_EPOCH - 1
+    end = {**split_metrics("test", *test), **(kept_val if early_stopped else {})}
+    metrics += [Metric(key, value, now + 1, last_step) for key, value in end.items()]
+    params = {"model.name": model, "model.latent_dim": str(latent), "train.seed": str(seed), "loss.kl_weight": "1.0"}
+    client.log_batch(run_id, metrics=metrics, params=[Param(key, value) for key, value in params.items()],
+                     tags=[RunTag("dataset", "mnist5k")])
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def selection_report(tmp_path_factory):
+    """A synthetic study whose val/* and test/* disagree, and its report; built once."""
+    folder = tmp_path_factory.mktemp("selection")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    prepare_store(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = get_or_create_experiment(client, "selection", uri)
+    parent_id = client.create_run(experiment_id, run_name=SELECTION_STUDY, tags={
+        "vae_lab.role": "study", "vae_lab.study_name": SELECTION_STUDY,
+        "vae_lab.swept_params": "model.name,model.latent_dim,train.seed"}).info.run_id
+    for number, trial in enumerate(SYNTHETIC_TRIALS):
+        log_synthetic_trial(client, experiment_id, parent_id, number, *trial)
+    client.set_terminated(parent_id, "FINISHED")
+    out = folder / "report"
+    assert report.main(["--run", parent_id, "--out", str(out), "--tracking-uri", uri]) == 0
+    return {"uri": uri, "parent": parent_id, "client": client, "out": out}
+
+
+def test_star_rows_follow_the_validation_mean_not_test(selection_report):
+    table = comparison_rows(selection_report["out"])
+    stars = table[table[""] == "★"]
+    # by test/* (or by the single best val/elbo run) the ★ would be on latent 4 in both families
+    assert sorted(zip(stars["family"], stars["model.latent_dim"])) == [("ae", "2"), ("linear_vae", "2")]
+    text = (selection_report["out"] / "report.md").read_text()
+    assert ("★ = the best configuration of each model family on validation, by the mean over its seeds of "
+            "ae: val/recon (min); linear_vae: val/elbo (max). The test/* and eval/* columns are reported, "
+            "not used to choose.") in text
+    vae_star = stars[stars["family"] == "linear_vae"].iloc[0]
+    assert vae_star["val/elbo"].startswith("-102.00 ± ") and vae_star["test/elbo"] == "-110.00 ± 0.00"
+
+
+def test_findings_decide_on_validation_and_label_their_numbers(selection_report):
+    sentences = findings_of(selection_report["out"])
+    assert ("Best linear_vae configuration by val/elbo (max), mean over seeds: linear_vae, latent_dim=2 "
+            "(val/elbo -102.0; reported test/elbo -110.0).") in sentences
+    [winner] = [s for s in sentences if " beats " in s]
+    assert winner.startswith("ae beats linear_vae on validation reconstruction loss (val/recon) by 15.5 nats")
+    assert "; their test/recon: 90.0 vs 62.0" in winner
+    [ae_trend] = [s for s in sentences if s.endswith(".") and "for ae" in s]
+    assert ae_trend.startswith("Validation reconstruction (val/recon) gets worse at every step of latent size")
+    assert any("validation rate–distortion Pareto front" in s for s in sentences)
+    assert any(s.startswith("Seed-to-seed spread") and "val/recon" in s for s in sentences)
+
+
+def test_plots_draw_validation_curves_and_the_validation_front(selection_report):
+    study = load_study(selection_report["uri"], selection_report["parent"])
+    histories = plots.learning_histories(study.client, study.runs)
+    assert set(histories["curve"]) == {plots.EPOCH_CURVE, plots.STEP_CURVE} == {"val/loss by epoch",
+                                                                                  "train/loss by step"}
+    by_epoch = histories[histories["curve"] == plots.EPOCH_CURVE]
+    assert by_epoch.groupby("run_id")["x"].apply(list).map(lambda xs: xs == [1.0, 2.0, 3.0]).all()
+    # the early-stopped run's curve ends at its last epoch's own val/loss, not the re-logged kept one
+    stopped = by_epoch[by_epoch["label"] == "linear_vae, latent_dim=2"].groupby("run_id")["value"].apply(list)
+    assert sorted(stopped.tolist()) == [[110.0, 100.0, 105.0], [124.0, 114.0, 104.0]]
+    text = (selection_report["out"] / "report.md").read_text()
+    assert "### Rate–distortion (validation)" in text and "Heatmap" in text
+    assert (selection_report["out"] / "learning_curves.png").is_file()

@@ -4,7 +4,8 @@ one end-to-end test of the page in a real headless Chromium.
 Two tiny runs are trained once for the module: a 2-D linear VAE (its latents artifact feeds
 the clickable plane) and a 4-D conv VAE logged without images (its latents are encoded on
 demand, and it is the one interpolated). A finished run without a model stands for a study's
-parent run.
+parent run. Which run `--experiment` starts with is tested on synthetic runs (logged with
+MlflowClient, a stand-in file as their model) whose val/loss and test/loss disagree.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -29,6 +31,7 @@ from conftest import TINY_RUN
 from vae_lab.config import build_config
 from vae_lab.data import load_data
 from vae_lab.serve import RunCatalog, choose_run, create_app, main
+from vae_lab.tracking import STATE_DICT_ARTIFACT, get_or_create_experiment, prepare_store
 from vae_lab.train import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -85,7 +88,7 @@ def test_runs_lists_finished_runs_with_a_model_newest_first(http, store):
     wide, plane = listing["runs"]
     assert (wide["model"], wide["latent_dim"], wide["kl_weight"]) == ("conv_vae", 4, 1.0)
     assert (plane["model"], plane["latent_dim"], plane["experiment"]) == ("linear_vae", 2, "serve_plane")
-    assert plane["test_loss"] > 0
+    assert plane["val_loss"] > 0 and plane["test_loss"] > 0
 
 
 def test_run_info_describes_the_loaded_model(http, store):
@@ -95,12 +98,49 @@ def test_run_info_describes_the_loaded_model(http, store):
     assert info["test_count"] == 256 and info["image_shape"] == [1, 28, 28]
 
 
-def test_choose_run_newest_or_the_experiments_lowest_test_loss(store):
+def test_choose_run_newest_or_the_experiments_lowest_val_loss(store):
     catalog = RunCatalog(store.uri)
     assert choose_run(catalog).info.run_id == store.wide
     assert choose_run(catalog, experiment="serve_plane").info.run_id == store.plane
     assert choose_run(catalog, experiment="serve_wide").info.run_id == store.wide  # not the bare parent
     assert choose_run(catalog, run_id=store.plane).info.run_id == store.plane
+
+
+def log_servable_run(client: MlflowClient, experiment_id: str, metrics: dict[str, float],
+                     status: str = "FINISHED", with_model: bool = True, start_time: int | None = None) -> str:
+    """A run with these final metrics; `with_model` adds a stand-in state dict, enough for the
+    catalog to list it (choosing a run never loads its model)."""
+    run_id = client.create_run(experiment_id, start_time=start_time).info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in metrics.items()])
+    if with_model:
+        client.log_text(run_id, "stand-in", STATE_DICT_ARTIFACT)
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def test_experiment_choice_follows_val_loss_never_test_loss(tracking_uri):
+    prepare_store(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    chosen_by_val = get_or_create_experiment(client, "val_decides", tracking_uri)
+    best_on_val = log_servable_run(client, chosen_by_val, {"val/loss": 95.0, "test/loss": 120.0})
+    log_servable_run(client, chosen_by_val, {"val/loss": 100.0, "test/loss": 80.0})  # the lowest test/loss
+    log_servable_run(client, chosen_by_val, {"test/loss": 50.0})  # logged before the validation split
+    log_servable_run(client, chosen_by_val, {"val/loss": 10.0}, with_model=False)
+    log_servable_run(client, chosen_by_val, {"val/loss": 5.0}, status="FAILED")
+    catalog = RunCatalog(tracking_uri)
+    assert choose_run(catalog, experiment="val_decides").info.run_id == best_on_val
+
+    # no run logged val/loss: the newest servable run, whatever its test/loss
+    before_validation = get_or_create_experiment(client, "before_validation", tracking_uri)
+    log_servable_run(client, before_validation, {"test/loss": 50.0}, start_time=1_000)
+    newest = log_servable_run(client, before_validation, {"test/loss": 90.0}, start_time=2_000)
+    assert choose_run(catalog, experiment="before_validation").info.run_id == newest
+
+    listing = create_app(tracking_uri).test_client().get("/api/runs").get_json()["runs"]
+    described = next(run for run in listing if run["run_id"] == best_on_val)
+    assert (described["val_loss"], described["test_loss"]) == (95.0, 120.0)
+    assert next(run for run in listing if run["run_id"] == newest)["val_loss"] is None
 
 
 def test_switching_runs_keeps_loaded_models(store):

@@ -3,7 +3,7 @@ class, sample the prior, click around a 2-D latent plane, interpolate between te
 
     python -m vae_lab.serve                       # newest finished run with a model
     python -m vae_lab.serve --run RUN_ID
-    python -m vae_lab.serve --experiment NAME     # that experiment's run with the lowest test/loss
+    python -m vae_lab.serve --experiment NAME     # that experiment's run with the lowest val/loss
     # serving on http://127.0.0.1:20202           (--host, --port, --tracking-uri)
 
 Every picture is a plain GET that returns a PNG, so curl gets what the page shows:
@@ -43,6 +43,7 @@ from werkzeug.serving import make_server
 
 from .config import VAE_MODELS
 from .data import DataUnavailable
+from .names import TEST_LOSS, VAL_LOSS
 from .serve_images import RequestError, ServedRun
 from .tracking import STATE_DICT_ARTIFACT, resolve_tracking_uri
 
@@ -113,12 +114,16 @@ class RunCatalog:
         return run
 
 
+def finite_metric(run: Run, name: str) -> float | None:
+    value = run.data.metrics.get(name)
+    return value if value is not None and math.isfinite(value) else None
+
+
 def describe_run(run: Run, experiment_names: dict[str, str]) -> dict:
     params, tags = run.data.params, run.data.tags
     model = tags.get("model") or params.get("model.name", "?")
     latent_dim = params.get("model.latent_dim")
     kl_weight = params.get("loss.kl_weight")
-    test_loss = run.data.metrics.get("test/loss")
     return {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
@@ -129,15 +134,17 @@ def describe_run(run: Run, experiment_names: dict[str, str]) -> dict:
         "dataset": tags.get("dataset") or params.get("data.name"),
         "latent_dim": int(latent_dim) if latent_dim is not None else None,
         "kl_weight": float(kl_weight) if kl_weight is not None and model in VAE_MODELS else None,
-        "test_loss": test_loss if test_loss is not None and math.isfinite(test_loss) else None,
+        "val_loss": finite_metric(run, VAL_LOSS),  # what --experiment chooses on
+        "test_loss": finite_metric(run, TEST_LOSS),  # reported, never chosen on
         "start_time": run.info.start_time,
     }
 
 
 def choose_run(catalog: RunCatalog, run_id: str | None = None, experiment: str | None = None) -> Run:
-    """The run the server starts with: `run_id`; else the experiment's lowest test/loss
-    among finished runs with a model; else the newest finished run with a model.
-    Raises LookupError with a one-line message."""
+    """The run the server starts with: `run_id`; else the experiment's finished run with a
+    model and the lowest val/loss (its newest such run when none logged val/loss, as runs
+    from before the validation split); else the newest finished run with a model.
+    Never chosen on test/loss. Raises LookupError with a one-line message."""
     if run_id:
         try:
             return catalog.get(run_id)
@@ -149,12 +156,12 @@ def choose_run(catalog: RunCatalog, run_id: str | None = None, experiment: str |
             known = ", ".join(sorted(catalog.experiment_names().values())) or "none"
             raise LookupError(f"no experiment named {experiment!r} in {catalog.tracking_uri}; "
                               f"experiments: {known}")
-        scored = [run for run in catalog.servable([found.experiment_id])
-                  if math.isfinite(run.data.metrics.get("test/loss", math.nan))]
-        if not scored:
-            raise LookupError(f"experiment {experiment!r} has no finished run with a model and a "
-                              "test/loss; train one: python -m vae_lab.train")
-        return min(scored, key=lambda run: run.data.metrics["test/loss"])
+        servable = catalog.servable([found.experiment_id])
+        if not servable:
+            raise LookupError(f"experiment {experiment!r} has no finished run with a model; "
+                              "train one: python -m vae_lab.train")
+        scored = [run for run in servable if finite_metric(run, VAL_LOSS) is not None]
+        return min(scored, key=lambda run: run.data.metrics[VAL_LOSS]) if scored else servable[0]
     servable = catalog.servable()
     if not servable:
         raise LookupError(f"no finished run with a model in {catalog.tracking_uri}; "
@@ -383,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--run", metavar="RUN_ID", help="serve this run first")
     which.add_argument("--experiment", metavar="NAME",
-                       help="serve that experiment's finished run with the lowest test/loss first")
+                       help="serve that experiment's finished run with the lowest val/loss first "
+                            "(its newest when no run logged val/loss)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
@@ -416,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     summary = describe_run(run, catalog.experiment_names())
-    print(f"run {summary['run_id']} ({summary['model']}, latent {summary['latent_dim']}, "
+    val_loss = f", val/loss {summary['val_loss']:.2f}" if summary["val_loss"] is not None else ""
+    print(f"run {summary['run_id']} ({summary['model']}, latent {summary['latent_dim']}{val_loss}, "
           f"experiment {summary['experiment']!r})")
     print(f"serving on {url_of(args.host, server.server_port)}   (Ctrl-C stops)", flush=True)
     stop_on_signals()

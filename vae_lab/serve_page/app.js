@@ -56,6 +56,7 @@ function guarded(action) {
 function runLabel(run) {
   const parts = [run.run_name || run.run_id.slice(0, 8), run.model, `z=${run.latent_dim}`];
   if (run.kl_weight !== null) parts.push(`KL weight ${run.kl_weight}`);
+  if (run.val_loss !== null) parts.push(`val/loss ${run.val_loss.toFixed(1)}`);
   if (run.test_loss !== null) parts.push(`test/loss ${run.test_loss.toFixed(1)}`);
   parts.push(run.study ? `${run.experiment} / ${run.study} #${run.trial}` : run.experiment);
   return parts.join(" · ");
