@@ -64,7 +64,7 @@ def test_shipped_study_files_say_what_the_brief_asks():
             configs[4].data.resize) == (0.8, "cube", 64, 32)
     assert {c.loss.likelihood for c in configs} == {"gaussian"}  # the seed's summed squared error
     optuna_study = load_study_spec(EXPERIMENTS / "latent_kl_optuna.yaml")
-    assert [str(o) for o in optuna_study.objectives] == ["test/recon:minimize", "test/kl:minimize"]
+    assert [str(o) for o in optuna_study.objectives] == ["val/recon:minimize", "val/kl:minimize"]
     assert optuna_study.sampler == "tpe" and optuna_study.pruner == "none"
     assert optuna_study.space["loss.kl_weight"].log
     assert load_study_spec(EXPERIMENTS / "fashion_mnist.yaml").base_config().data.name == "fashion-mnist"
@@ -80,11 +80,19 @@ BAD_FILES = {
     "empty space": ({"search_space": {}}, "empty"),
     "empty list": ({"search_space": {"model.latent_dim": []}}, "empty list"),
     "unknown sampler": ({"study": {"name": "bad", "sampler": "bayes"}}, "bayes"),
-    "unknown metric": ({"study": {"name": "bad", "sampler": "grid", "objectives": ["test/rec"]}}, "test/rec"),
-    "metric an AE does not log": ({"study": {"name": "bad", "sampler": "grid", "objectives": ["test/kl"]},
-                                   "search_space": {"model.name": ["ae", "linear_vae"]}}, "test/kl"),
+    "unknown metric": ({"study": {"name": "bad", "sampler": "grid", "objectives": ["val/rec"]}}, "val/rec"),
+    "metric an AE does not log": ({"study": {"name": "bad", "sampler": "grid", "objectives": ["val/kl"]},
+                                   "search_space": {"model.name": ["ae", "linear_vae"]}}, "val/kl"),
     "pruning two objectives": ({"study": {"name": "bad", "sampler": "tpe", "n_trials": 2, "pruner": "median",
-                                          "objectives": ["test/recon", "test/kl"]}}, "single objective"),
+                                          "objectives": ["val/recon", "val/kl"]}}, "single objective"),
+    "test objective": ({"study": {"name": "bad", "sampler": "grid", "objectives": ["test/recon"]}},
+                       "test/recon is scored on the test split"),
+    "eval objective": ({"study": {"name": "bad", "sampler": "grid",
+                                  "objectives": [{"metric": "eval/probe_accuracy", "direction": "maximize"}]}},
+                       "eval/probe_accuracy is scored on the test split"),
+    "no validation split": ({"base": {"data": {"val_size": 0}}}, "base.data.val_size=0"),
+    "bad validation size": ({"base": {"data": {"val_size": 2.5}}}, "data.val_size"),
+    "negative patience": ({"base": {"train": {"early_stopping_patience": -2}}}, "train.early_stopping_patience"),
     "bad value in a point": ({"search_space": {"points": [{"model.name": "vae"}]}}, "model.name"),
     "unknown section": ({"studies": {}}, "studies"),
 }

@@ -74,7 +74,7 @@ def test_grid_runs_each_point_once_as_children_of_one_parent_and_resumes(tmp_pat
     parent_id = parent.iloc[0]["run_id"]
     assert parent.iloc[0]["status"] == "FINISHED"
     assert parent.iloc[0]["vae_lab.swept_params"] == "model.name,train.seed"
-    assert parent.iloc[0]["vae_lab.objectives"] == "test/loss:minimize"
+    assert parent.iloc[0]["vae_lab.objectives"] == "val/loss:minimize"
     kids = children(runs, parent_id)
     assert len(kids) == 4 and set(kids["status"]) == {"FINISHED"} and set(kids["vae_lab.role"]) == {"trial"}
     assert sorted(zip(kids["param:model.name"], kids["param:train.seed"])) == \
@@ -88,8 +88,18 @@ def test_grid_runs_each_point_once_as_children_of_one_parent_and_resumes(tmp_pat
     summary = json.loads(Path(client.download_artifacts(parent_id, "study/summary.json", str(tmp_path))).read_text())
     assert summary["counts"]["complete"] == 4 and summary["best_trial"]["run_id"] in set(kids["run_id"])
     table = pd.read_csv(client.download_artifacts(parent_id, "study/trials.csv", str(tmp_path)))
-    assert len(table) == 4 and {"number", "state", "test/loss", "model.name", "train.seed", "run_id",
+    assert len(table) == 4 and {"number", "state", "val/loss", "model.name", "train.seed", "run_id",
                                 "seconds"} <= set(table.columns)
+    # the best configuration is the best mean over its seeds, chosen on val/loss; its test/loss is reported
+    chosen = summary["best_configuration"]
+    by_model = {name: table[table["model.name"] == name]["val/loss"].mean() for name in ("ae", "linear_vae")}
+    assert chosen["params"] == {"model.name": min(by_model, key=by_model.get)}
+    assert chosen["seeds"] == 2 and chosen["mean"] == pytest.approx(min(by_model.values()))
+    chosen_runs = kids[kids["param:model.name"] == chosen["params"]["model.name"]]["run_id"]
+    test_losses = [client.get_run(run_id).data.metrics["test/loss"] for run_id in chosen_runs]
+    assert chosen["test"]["test/loss"]["mean"] == pytest.approx(sum(test_losses) / 2)
+    assert f"model.name={chosen['params']['model.name']} (val/loss=" in out
+    assert "its test score (reported, not used to choose): test/loss=" in out
     listed = {a.path for a in client.list_artifacts(parent_id, "study")}
     assert {"study/study.yaml", "study/best.png"} <= listed
     assert f"mlflow ui --backend-store-uri {tracking_uri}" in out
@@ -123,7 +133,7 @@ def test_failing_trial_is_failed_and_the_study_completes(tmp_path, tracking_uri)
 
 def test_pruned_trial_is_killed_in_mlflow(tmp_path, tracking_uri):
     study = {"pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
-             "objectives": ["test/recon"]}
+             "objectives": ["val/recon"]}
     path = write_study(tmp_path / "prune.yaml", "prune", {"train.lr": [1e-2, 1e-7]}, study)
     assert run(path, tracking_uri) == 0
     kids = runs_of(tracking_uri).dropna(subset=["mlflow.parentRunId"]).set_index("param:train.lr")
