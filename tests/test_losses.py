@@ -62,3 +62,35 @@ def test_loss_is_batch_mean_of_recon_plus_weighted_kl():
     posterior = Posterior(torch.randn(3, 2), torch.randn(3, 2))
     terms = loss_terms(logits, images, posterior, "bernoulli", kl_weight=0.5)
     assert torch.allclose(terms.loss, (terms.recon + 0.5 * terms.kl).mean())
+
+
+def test_losses_stay_fp32_under_bf16_autocast():
+    """The step runs the model under autocast; the loss and KL it optimizes are fp32."""
+    from vae_lab.config import ModelConfig
+    from vae_lab.models import build_model
+    from vae_lab.steps import NoiseInput, autocast
+
+    model = build_model(ModelConfig(name="linear_vae", latent_dim=4, hidden_dims=[32]), (1, 28, 28))
+    images = torch.rand(8, 1, 28, 28)
+    with autocast(torch.device("cpu"), True):
+        logits, mean, logvar = NoiseInput(model)(images, torch.randn(8, 4, dtype=torch.bfloat16))
+    assert logits.dtype == torch.bfloat16  # the forward really ran in bf16
+    terms = loss_terms(logits, images, Posterior(mean, logvar), "bernoulli", 1.0)
+    assert terms.loss.dtype == terms.recon.dtype == terms.kl.dtype == torch.float32
+
+
+def test_amp_falls_back_to_fp32_with_one_warning_where_bf16_is_emulated(monkeypatch):
+    import warnings
+
+    from vae_lab import engine
+
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)  # this machine's flags, as on an AVX2 CPU
+    monkeypatch.setattr(engine, "_warned_amp", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert engine.effective_amp(True, torch.device("cpu")) is False
+        assert engine.effective_amp(True, torch.device("cpu")) is False
+    assert len(caught) == 1 and "7.8x slower" in str(caught[0].message)
+    assert engine.effective_amp(False, torch.device("cpu")) is False
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    assert engine.effective_amp(True, torch.device("cpu")) is True

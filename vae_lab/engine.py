@@ -260,12 +260,12 @@ class Engine:
     """K trials of one shape through one data pass per epoch."""
 
     def __init__(self, trials: list[Trial], models: list[Autoencoder], data: ImageData,
-                 device: torch.device, stacked: bool):
+                 device: torch.device, stacked: bool, amp: bool):
         self.trials = trials
         self.data = data
         self.device = device
         self.config = trials[0].config  # the shared part (vae_lab.batched.batch_key) is the same in each
-        self.amp = effective_amp(self.config.train.amp, device)
+        self.amp = amp
         self.variational = models[0].variational
         self.latent_dim = models[0].latent_dim
         self.noise_dtype = torch.bfloat16 if self.amp else torch.float32
@@ -541,16 +541,17 @@ def train_group(configs: list[Config], *, data: ImageData, device: torch.device,
         models.append(build_model(config.model, data.image_shape).to(device))
     trials = [Trial(index, config, on_epoch_end=callback)
               for index, (config, callback) in enumerate(zip(configs, callbacks))]
+    amp = effective_amp(configs[0].train.amp, device)
     try:
         for trial in trials:
-            run_tags = dict(tags[trial.index] or {})
+            run_tags = {names.PRECISION_TAG: "bf16 autocast" if amp else "fp32", **(tags[trial.index] or {})}
             if count > 1:
                 run_tags[names.BATCHED_TRIALS_TAG] = str(count)
             trial.tracker = (RunTracker.start(trial.config, device, parent_run_id, run_names[trial.index], run_tags)
                              if trial.config.tracking.enabled else NullTracker())
         by_lr = sorted(range(count), key=lambda index: configs[index].train.lr)  # see StackedStep
         engine = Engine([trials[index] for index in by_lr], [models[index] for index in by_lr], data, device,
-                        stacked=count > 1 if stacked is None else stacked)
+                        stacked=count > 1 if stacked is None else stacked, amp=amp)
         del models
         try:
             engine.run()

@@ -79,7 +79,9 @@ def pca_mse_per_pixel(train_pixels: np.ndarray, test_pixels: np.ndarray, compone
     from sklearn.decomposition import PCA
 
     components = min(components, train_pixels.shape[0], train_pixels.shape[1])
-    pca = PCA(n_components=components, random_state=0).fit(train_pixels)
+    # exact PCA from the pixel covariance (784 x 784): the same components as a full SVD of
+    # the [N, 784] data, about 30x faster for N = 10,000
+    pca = PCA(n_components=components, svd_solver="covariance_eigh").fit(train_pixels)
     reconstructed = pca.inverse_transform(pca.transform(test_pixels))
     return float(np.mean((reconstructed - test_pixels) ** 2))
 

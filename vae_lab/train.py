@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="a run config YAML (sections data, model, loss, train, eval, tracking)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
+    from .data import DataUnavailable, load_data
+    from .engine import resolve_device
+
     try:
         config = load_config(args.config, args.overrides)
-        from .data import DataUnavailable, load_data
-        from .engine import resolve_device
-
         device = resolve_device(config.device)
         data = load_data(config.data, device, config.train.batch_size)
     except (ConfigError, DataUnavailable) as error:
