@@ -257,4 +257,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vae_lab.cli import exit_now
+
+    exit_now(main())

@@ -21,7 +21,8 @@ from _common import machine_line, set_threads
 
 from vae_lab.config import MODELS, build_config  # noqa: E402
 from vae_lab.data import load_data  # noqa: E402
-from vae_lab.train import resolve_device, train  # noqa: E402
+from vae_lab.engine import resolve_device  # noqa: E402
+from vae_lab.train import train  # noqa: E402
 
 
 def measure(family: str, amp: bool, args, data) -> tuple[float, float]:

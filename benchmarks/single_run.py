@@ -12,7 +12,12 @@ The pytorch/examples setup (batch 128, Adam 1e-3, Bernoulli likelihood, no binar
   4. vae_lab-off  the same with tracking.enabled=false (what tracking costs)
   5. vae_lab-amp  the same with train.amp=true (bf16 autocast) and tracking off
 Every variant evaluates the test loss (negative ELBO in nats per image, one posterior
-sample) after each epoch, outside the timed epoch. Seconds per epoch: the fastest epoch
+sample), outside the timed epochs.
+
+Then the fixed cost of one whole run (issue 9: under 5 s outside training), in fresh processes
+with a fresh store: `python -m vae_lab.train` timed from launch to exit, minus its training
+epochs; and the same run taken apart stage by stage (import, data, store, training,
+evaluation, artifacts, model). Seconds per epoch: the fastest epoch
 (best-of, the usual estimator on a shared machine; ratios use it) and the median. Goals (issues 2 and 5): vae_lab within
 1.3x of the bare loop, at least 2x faster than the DataLoader loop with a test loss within 1%
 of it, tracking under 10% of the wall time.
@@ -22,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +47,8 @@ from torch import nn  # noqa: E402
 from vae_lab.config import DataConfig, load_config  # noqa: E402
 from vae_lab.data import DEBIAN_FASHION_MNIST, ImageData, load_data  # noqa: E402
 from vae_lab.tracking import get_or_create_experiment, prepare_store  # noqa: E402
-from vae_lab.train import resolve_device, train  # noqa: E402
+from vae_lab.engine import resolve_device  # noqa: E402
+from vae_lab.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_CONFIG = REPO / "experiments" / "runs" / "pytorch_example_vae.yaml"
@@ -150,6 +159,79 @@ def vae_lab_run(epochs: int, device: torch.device, data: ImageData, uri: str, ov
     return {"seconds": seconds, "test_loss": result.metrics["test/loss"], "wall": time.perf_counter() - started}
 
 
+# One run taken apart: the steps of `python -m vae_lab.train` (vae_lab.engine.train_group), each timed.
+STAGES_SCRIPT = r"""
+import json, sys, time
+started = time.perf_counter()
+marks = {}
+def mark(name):
+    global started
+    now = time.perf_counter()
+    marks[name] = now - started
+    started = now
+import torch, mlflow, vae_lab.train, vae_lab.engine, vae_lab.tracking
+mark("import (torch, mlflow, vae_lab)")
+from vae_lab.config import load_config
+from vae_lab.data import load_data
+from vae_lab.engine import Engine, Trial, build_model, effective_amp, resolve_device, seed_everything
+from vae_lab.tracking import RunTracker
+config = load_config(sys.argv[1], sys.argv[2:])
+device = resolve_device(config.device)
+data = load_data(config.data, device, config.train.batch_size)
+mark("data")
+tracker = RunTracker.start(config, device)
+mark("store and run")
+seed_everything(config.train.seed)
+trial = Trial(0, config, tracker=tracker)
+engine = Engine([trial], [build_model(config.model, data.image_shape).to(device)], data, device, stacked=False,
+                amp=effective_amp(config.train.amp, device))
+engine._finish = lambda done: None  # stop after the epochs; the stages below finish the run
+engine.run()
+mark("training (epochs, val/*, first-step imports)")
+from vae_lab.engine import evaluate_split, plain_forward
+from vae_lab.evaluation import evaluate_model
+model = engine.step_impl.model(0)
+evaluate_split(plain_forward(model, engine.amp, device), data, "test", [config], model.variational,
+               model.latent_dim, device)
+evaluation = evaluate_model(model, data, config, device)
+mark("evaluation (test/*, eval/*)")
+import tempfile
+from pathlib import Path
+from vae_lab.artifacts import write_run_artifacts
+with tempfile.TemporaryDirectory() as folder:
+    write_run_artifacts(model, data, config, Path(folder), evaluation)
+    tracker.log_artifacts(Path(folder))
+mark("artifacts (images, latents)")
+tracker.finish_with_model(model)
+tracker.end("FINISHED")
+mark("model")
+print("STAGES " + json.dumps(marks))
+"""
+
+
+def fixed_cost(epochs: int, overrides: list[str]) -> dict:
+    """Seconds of a whole `python -m vae_lab.train` process outside its training epochs, and the
+    stages of the same run; each in a fresh process with a fresh store."""
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    common = ["data.name=fashion-mnist", "data.val_size=0", f"train.epochs={epochs}", "train.progress=false",
+              *overrides]
+    with temporary_store() as uri:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "vae_lab.train", "--config", str(EXAMPLE_CONFIG), *common,
+                               f"tracking.uri={uri}"], capture_output=True, text=True, env=env, check=True)
+        wall = time.perf_counter() - started
+        client = MlflowClient(uri)
+        run = client.search_runs([client.get_experiment_by_name("vae_lab").experiment_id])[0]
+        training = sum(metric.value for metric in client.get_metric_history(run.info.run_id, "train/epoch_seconds"))
+    with temporary_store() as uri:
+        started = time.perf_counter()
+        staged = subprocess.run([sys.executable, "-c", STAGES_SCRIPT, str(EXAMPLE_CONFIG), *common,
+                                 f"tracking.uri={uri}"], capture_output=True, text=True, env=env, check=True)
+        stages_wall = time.perf_counter() - started
+    stages = json.loads(next(line for line in staged.stdout.splitlines() if line.startswith("STAGES "))[7:])
+    return {"wall": wall, "training": training, "stages": stages, "stages_wall": stages_wall}
+
+
 def fashion_mnist_root(folder: Path) -> Path:
     """torchvision's FashionMNIST folder layout, filled from Debian's gzipped IDX files."""
     raw = folder / "FashionMNIST" / "raw"
@@ -168,6 +250,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-amp-check", action="store_true", help="skip the train.amp=true run")
     parser.add_argument("--no-dataloader", action="store_true", help="skip the DataLoader loop")
     parser.add_argument("--progress", action="store_true", help="show vae_lab's tqdm bars")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the fixed-cost breakdown")
+    parser.add_argument("--breakdown-only", action="store_true", help="only the fixed-cost breakdown")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     device = resolve_device(args.device)
@@ -176,6 +260,10 @@ def main(argv=None) -> int:
         return 2
     print(machine_line(device))
     print(f"784-400-20 MLP VAE, full Fashion-MNIST, batch {BATCH_SIZE}, Adam {LR}, {args.epochs} epochs\n")
+    if not args.no_breakdown:
+        print_fixed_cost(args.epochs, [f"device={device.type}"])
+    if args.breakdown_only:
+        return 0
     data = load_data(DataConfig(name="fashion-mnist"), device)
     results = {}
     started = time.perf_counter()
@@ -227,6 +315,19 @@ def main(argv=None) -> int:
               f"test loss {amp['test_loss']:.2f} vs {off['test_loss']:.2f} ({gap:.2%}; keep it only if <= 1%)")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def print_fixed_cost(epochs: int, overrides: list[str]) -> None:
+    cost = fixed_cost(epochs, overrides)
+    outside = cost["wall"] - cost["training"]
+    print(f"one whole run, fresh process and store: python -m vae_lab.train ({epochs} epochs, data.val_size=0)")
+    print(f"  wall {cost['wall']:.2f} s = training epochs {cost['training']:.2f} s + outside training "
+          f"{outside:.2f} s   goal < 5 s (issue 9)")
+    print(f"  the same run in stages ({cost['stages_wall']:.2f} s from launch, of which "
+          f"{cost['stages_wall'] - sum(cost['stages'].values()):.2f} s interpreter start and exit):")
+    for name, seconds in cost["stages"].items():
+        print(f"    {name:46s} {seconds:6.2f} s")
+    print()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from vae_lab.batched import train_batch  # noqa: E402
 from vae_lab.config import load_config  # noqa: E402
 from vae_lab.data import load_data  # noqa: E402
 from vae_lab.tracking import get_or_create_experiment, prepare_store  # noqa: E402
-from vae_lab.train import resolve_device, train  # noqa: E402
+from vae_lab.engine import resolve_device  # noqa: E402
+from vae_lab.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_001_VAE = REPO / "experiments" / "runs" / "seed001_linear_vae.yaml"
@@ -50,7 +51,7 @@ def configs_for(args, uri: str, epochs: int | None = None):
 def study_parent(client: MlflowClient, experiment_id: str, name: str) -> str:
     run = client.create_run(experiment_id, run_name=name, tags={
         "vae_lab.role": "study", "vae_lab.study_name": name, "vae_lab.swept_params": "loss.kl_weight",
-        "vae_lab.objectives": "test/loss:minimize", "vae_lab.sampler": "grid"})
+        "vae_lab.objectives": "val/loss:minimize", "vae_lab.sampler": "grid"})
     return run.info.run_id
 
 

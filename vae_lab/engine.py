@@ -385,7 +385,7 @@ class Engine:
             stop = trial.end_of_epoch(epoch, self.step, val, lambda row=row: self.step_impl.state(row))
             if trial.on_epoch_end is not None:
                 try:
-                    trial.on_epoch_end(epoch, {**trial.last_train, **val})
+                    trial.on_epoch_end(epoch, {**trial.last_train, **throughput, **val})
                 except Exception as error:  # optuna.TrialPruned (KILLED) or a failing callback (FAILED)
                     failed[id(trial)] = error
                     continue

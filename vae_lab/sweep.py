@@ -756,4 +756,6 @@ def main(argv: list[str] | None = None, data_cache: DataCache | None = None) -> 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import exit_now
+
+    exit_now(main())

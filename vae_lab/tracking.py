@@ -222,6 +222,7 @@ class RunTracker:
         mlflow.set_tracking_uri(self.tracking_uri)
         # MLflow warns about pickle on every call; the state dict above is the safe copy
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+        _skip_requirement_scan()
         with mlflow.start_run(run_id=self.run_id):
             mlflow.pytorch.log_model(
                 model, name=MODEL_ARTIFACT, serialization_format="pickle",
@@ -238,6 +239,18 @@ class RunTracker:
             self.set_tags({"failure_reason": reason[:5000]})
         self.client.set_terminated(self.run_id, status=status)
         self.ended = True
+
+
+def _skip_requirement_scan() -> None:
+    """Before logging a model MLflow maps every installed distribution to its modules (about
+    0.9 s per process, most of a model's logging time) only to warn when the requirements we
+    pass (this process's own torch and mlflow versions) do not match this process, which they
+    cannot. An empty map makes it look versions up by package name instead. MLflow keeps the
+    map in a private module global; if that changes, this does nothing and the scan runs."""
+    from mlflow.utils import requirements_utils
+
+    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", {}) is None:
+        requirements_utils._MODULES_TO_PACKAGES = {}
 
 
 class NullTracker:
