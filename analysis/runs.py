@@ -20,13 +20,13 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from vae_lab.config import parse_yaml
+from vae_lab.names import ROLE_TAG, STUDY_NAME_TAG
 
 # our own tqdm bars count the runs; MLflow's per-download bars would drown them
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 STUDY_YAML_ARTIFACT = "study/study.yaml"
 SEED_PARAM = "train.seed"
-ROLE_TAG = "vae_lab.role"
 
 
 class ReportInputError(Exception):
@@ -215,7 +215,7 @@ def load_study(tracking_uri: str, run_id: str) -> Study:
                               index=runs.index, dtype=object)
     duration = pd.to_datetime(runs["end_time"], utc=True) - pd.to_datetime(runs["start_time"], utc=True)
     runs["seconds"] = duration.dt.total_seconds()  # NaN while a run is still RUNNING
-    name = tags.get("vae_lab.study_name") or target.info.run_name or run_id
+    name = tags.get(STUDY_NAME_TAG) or target.info.run_name or run_id
     return Study(
         tracking_uri=tracking_uri, experiment_name=experiment.name, name=name, target_run=target,
         runs=runs, swept=swept, objectives=parse_objectives(tags.get("vae_lab.objectives", "")),

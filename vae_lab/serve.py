@@ -43,6 +43,7 @@ from werkzeug.serving import make_server
 
 from .config import VAE_MODELS
 from .data import DataUnavailable
+from . import names
 from .names import TEST_LOSS, VAL_LOSS
 from .serve_images import RequestError, ServedRun
 from .tracking import STATE_DICT_ARTIFACT, resolve_tracking_uri
@@ -128,8 +129,8 @@ def describe_run(run: Run, experiment_names: dict[str, str]) -> dict:
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
         "experiment": experiment_names.get(run.info.experiment_id, run.info.experiment_id),
-        "study": tags.get("vae_lab.study_name"),
-        "trial": tags.get("vae_lab.trial_number"),
+        "study": tags.get(names.STUDY_NAME_TAG),
+        "trial": tags.get(names.TRIAL_NUMBER_TAG),
         "model": model,
         "dataset": tags.get("dataset") or params.get("data.name"),
         "latent_dim": int(latent_dim) if latent_dim is not None else None,

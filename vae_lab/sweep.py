@@ -210,8 +210,8 @@ def wait_until_ready(study: optuna.Study, storage, settings: SweepSettings) -> b
 def start_parent_run(client: MlflowClient, spec: StudySpec, tracking_uri: str, storage_url: str) -> str:
     experiment_id = get_or_create_experiment(client, spec.base_config().tracking.experiment, tracking_uri)
     tags = {
-        "vae_lab.role": "study",
-        "vae_lab.study_name": spec.name,
+        names.ROLE_TAG: "study",
+        names.STUDY_NAME_TAG: spec.name,
         "vae_lab.swept_params": ",".join(spec.swept_keys()),
         "vae_lab.objectives": ",".join(str(objective) for objective in spec.objectives),
         "vae_lab.sampler": spec.sampler,
@@ -247,10 +247,10 @@ def kill_orphan_runs(session: Session) -> int:
         filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{session.parent_run_id}' and attributes.status = 'RUNNING'")
     killed = 0
     for run in orphans:
-        number = run.data.tags.get("vae_lab.trial_number", "")
+        number = run.data.tags.get(names.TRIAL_NUMBER_TAG, "")
         if number.isdigit() and int(number) in running_trials:
             continue
-        session.client.set_tag(run.info.run_id, "failure_reason", "its sweep worker stopped (killed or lost)")
+        session.client.set_tag(run.info.run_id, names.FAILURE_REASON_TAG, "its sweep worker stopped (killed or lost)")
         session.client.set_terminated(run.info.run_id, status="KILLED")
         killed += 1
     return killed
@@ -383,7 +383,7 @@ def find_child_run(session: Session, number: int) -> str | None:
     runs = session.client.search_runs(
         [experiment_id], max_results=1,
         filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{session.parent_run_id}' "
-                      f"and tags.`vae_lab.trial_number` = '{number}'",
+                      f"and tags.`{names.TRIAL_NUMBER_TAG}` = '{number}'",
         order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None
 
@@ -396,8 +396,8 @@ def prepare_trial(session: Session, trial: optuna.Trial, progress: bool) -> tupl
                                + ([] if progress else ["train.progress=false"]))
     swept = config.flat()
     trial.set_user_attr(store.ASSIGNMENT_ATTR, json.dumps({key: swept[key] for key in spec.swept_keys()}))
-    tags = {"vae_lab.role": "trial", "vae_lab.study_name": spec.name,
-            "vae_lab.trial_number": str(trial.number)}
+    tags = {names.ROLE_TAG: "trial", names.STUDY_NAME_TAG: spec.name,
+            names.TRIAL_NUMBER_TAG: str(trial.number)}
     return config, tags
 
 

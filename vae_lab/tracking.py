@@ -21,6 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from . import names
 from .config import Config, config_from_flat, parse_yaml
 
 MAX_METRICS_PER_BATCH = 1000
@@ -236,7 +237,7 @@ class RunTracker:
             return
         self.flush()
         if reason:
-            self.set_tags({"failure_reason": reason[:5000]})
+            self.set_tags({names.FAILURE_REASON_TAG: reason[:5000]})
         self.client.set_terminated(self.run_id, status=status)
         self.ended = True
 
