@@ -95,3 +95,23 @@ def test_evaluate_model_reports_iwae_only_for_binarized_bernoulli(binary_images)
     result = evaluate_model(model, data, greyscale, torch.device("cpu"))
     assert "eval/nll_iwae" not in result.metrics
     assert "not computed" in result.tags["nll_iwae"]
+
+
+def test_probes_match_scikit_learn():
+    """The torch probes decide as scikit-learn's StandardScaler + LogisticRegression and 5-NN do."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(scale=1.5, size=(4, 6))
+    labels = rng.integers(0, 4, size=900)
+    features = centres[labels] + rng.normal(size=(900, 6))  # overlapping classes: accuracies well below 1
+    train, test = slice(0, 600), slice(600, 900)
+    ours = probe_accuracies(features[train], labels[train], features[test], labels[test])
+    logistic = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(features[train], labels[train])
+    knn = KNeighborsClassifier(n_neighbors=5).fit(features[train], labels[train])
+    assert 0.5 < ours["eval/probe_accuracy"] < 0.99
+    assert ours["eval/probe_accuracy"] == pytest.approx(logistic.score(features[test], labels[test]), abs=1 / 300)
+    assert ours["eval/knn_accuracy"] == pytest.approx(knn.score(features[test], labels[test]), abs=1e-12)

@@ -259,11 +259,26 @@ def validation_count(val_size: float, train_count: int) -> int:
     return int(val_size)
 
 
+def stratified_holdout(labels: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held_out) index arrays: `count` indices held out, each class in proportion to its
+    size (largest remainders get the leftover places), drawn with `seed`; both in index order."""
+    classes, inverse, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    exact = sizes * count / len(labels)
+    take = np.floor(exact).astype(np.int64)
+    leftover = count - int(take.sum())
+    take[np.argsort(-(exact - take), kind="stable")[:leftover]] += 1
+    rng = np.random.default_rng(seed)
+    held_out = np.sort(np.concatenate([rng.permutation(np.flatnonzero(inverse == index))[:take[index]]
+                                       for index in range(len(classes))]))
+    kept = np.setdiff1d(np.arange(len(labels)), held_out, assume_unique=True)
+    return kept, held_out
+
+
 def carve_validation(images: np.ndarray, labels: np.ndarray, val_size: float, batch_size: int):
     """(train_x, train_y, val_x, val_y): a stratified, seeded split of the training images.
 
     The seed is SPLIT_SEED, not train.seed: every seed of a study trains and selects on the
-    same images. Falls back to an unstratified split when a class is too rare to stratify.
+    same images.
     """
     count = validation_count(val_size, len(labels))
     if count == 0:
@@ -274,15 +289,8 @@ def carve_validation(images: np.ndarray, labels: np.ndarray, val_size: float, ba
             f"data.val_size={val_size:g} takes {count} of {len(labels)} training images and leaves {left}, "
             f"less than one batch (train.batch_size={batch_size}); use a smaller data.val_size "
             f"(a fraction in (0, 1) or a count below {len(labels) - batch_size + 1})")
-    from sklearn.model_selection import train_test_split
-
-    try:
-        train_x, val_x, train_y, val_y = train_test_split(
-            images, labels, test_size=count, stratify=labels, random_state=SPLIT_SEED)
-    except ValueError:  # a class with one image, or fewer val images than classes
-        train_x, val_x, train_y, val_y = train_test_split(
-            images, labels, test_size=count, random_state=SPLIT_SEED)
-    return train_x, train_y, val_x, val_y
+    kept, held_out = stratified_holdout(np.asarray(labels), count, SPLIT_SEED)
+    return images[kept], labels[kept], images[held_out], labels[held_out]
 
 
 def load_data(config: DataConfig, device: torch.device | str = "cpu", batch_size: int = 1) -> ImageData:

@@ -84,9 +84,10 @@ def project_2d(latents: np.ndarray) -> tuple[np.ndarray, str]:
         return latents, "z"
     if latents.shape[1] == 1:
         return np.column_stack([latents[:, 0], np.zeros(len(latents))]), "z"
-    from sklearn.decomposition import PCA
+    from .evaluation import principal_components
 
-    return PCA(n_components=2, random_state=0).fit_transform(latents), "PC"
+    mean, basis = principal_components(latents, 2)
+    return ((torch.as_tensor(latents, dtype=torch.float64) - mean) @ basis.T).numpy(), "PC"
 
 
 def scatter_by_class(ax, points: np.ndarray, labels: np.ndarray, class_names=None, size: float = 4) -> None:
