@@ -21,6 +21,10 @@ TINY_RUN = [
     "eval.iwae_points=64",
 ]
 
+# an AE that memorizes its 90 training images: val/loss turns up after 15-20 epochs
+OVERFITS = ["data.train_limit=100", "model.name=ae", "model.hidden_dims=[256]", "model.latent_dim=16",
+            "train.lr=1e-2", "train.batch_size=32", "train.epochs=40"]
+
 
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_RUN
+from conftest import OVERFITS, TINY_RUN
 from vae_lab.batched import DEFAULT_CAP, PER_TRIAL_KEYS, batch_key, plan_batches, train_batch
 from vae_lab.config import build_config
 from vae_lab.data import load_data
@@ -206,32 +206,33 @@ def test_a_batch_of_one_steps_exactly_like_the_plain_step():
         assert stacked.metrics["val/loss"] == pytest.approx(plain.metrics["val/loss"], rel=1e-6)
 
 
-def test_early_stopping_in_a_batch_finishes_that_trial_alone(tracking_uri, tiny_data):
-    """Two trials, one with an lr so high its val/loss stops improving: it stops early, keeps its
-    best epoch's weights and finishes its run; the other trains all its epochs and matches its solo run."""
-    common = ["train.epochs=8", "train.early_stopping_patience=2", "eval.enabled=false",
-              "tracking.log_images=false", "model.name=ae"]
-    configs = make_configs(tracking_uri, [["train.lr=1e-3"], ["train.lr=0.2"]], common=common)
-    results = train_batch(configs, data=tiny_data)
-    steady, erratic = results
+def test_early_stopping_in_a_batch_finishes_that_trial_alone(tracking_uri):
+    """An overfitting trial with patience stops early, keeps its best epoch's weights and finishes
+    its run; its neighbour (no patience) trains all its epochs and matches its solo run."""
+    common = [*TINY_RUN, *OVERFITS, f"tracking.uri={tracking_uri}", "eval.enabled=false", "tracking.log_images=false"]
+    configs = [build_config(None, [*common, "train.lr=1e-3"]),
+               build_config(None, [*common, "train.early_stopping_patience=2"])]
+    device = resolve_device(configs[0].device)
+    data = load_data(configs[0].data, device, configs[0].train.batch_size)
+    steady, erratic = train_batch(configs, data=data)
     assert not isinstance(erratic, BaseException), erratic
     client = MlflowClient(tracking_uri)
     run = client.get_run(erratic.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["vae_lab.stop_reason"] == "early_stopping"
+    assert run.data.tags["vae_lab.batched_trials"] == "2"
     stopped, best = erratic.metrics["train/stopped_epoch"], erratic.metrics["train/best_epoch"]
-    assert stopped < 8 and stopped - best == 2
+    assert stopped < 40 and stopped - best == 2
     history = client.get_metric_history(erratic.run_id, "val/loss")
     per_epoch = [metric.value for metric in history[:int(stopped)]]
     assert erratic.metrics["val/loss"] == pytest.approx(min(per_epoch))  # the kept weights' score
     assert run.data.metrics["val/loss"] == pytest.approx(min(per_epoch))  # ... and the run's latest value
     # the logged model is the best epoch's: scoring it again gives that epoch's val/loss
-    device = resolve_device(configs[1].device)
     model, config = load_logged_model(erratic.run_id, tracking_uri, map_location=device)
-    again = evaluate_split(plain_forward(model.to(device), False, device), tiny_data, "val", [config],
+    again = evaluate_split(plain_forward(model.to(device), False, device), data, "val", [config],
                            False, model.latent_dim, device)[0]
     assert again["val/loss"] == pytest.approx(min(per_epoch), rel=1e-5)
-    # the steady trial went on alone, all 8 epochs, as it would have alone
-    assert steady.metrics["train/stopped_epoch"] == 8
-    solo = build_config(None, [*TWO_EPOCHS, *common, "train.lr=1e-3", "tracking.enabled=false"])
-    assert steady.metrics["test/loss"] == pytest.approx(train(solo, data=tiny_data).metrics["test/loss"],
+    # the steady trial went on alone, all 40 epochs, as it would have alone
+    assert steady.metrics["train/stopped_epoch"] == 40
+    solo = build_config(None, [*common, "train.lr=1e-3", "tracking.enabled=false"])
+    assert steady.metrics["test/loss"] == pytest.approx(train(solo, data=data).metrics["test/loss"],
                                                         rel=SOLO_MATCH)

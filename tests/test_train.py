@@ -195,17 +195,16 @@ def test_command_line_run_end_to_end(tmp_path, tiny_overrides):
 
 
 def test_early_stopping_restores_the_best_epoch_before_test_and_the_model(tracked_run):
-    from conftest import TINY_RUN
+    from conftest import OVERFITS, TINY_RUN
 
     uri = tracked_run[0]
-    config = build_config(overrides=[*TINY_RUN, f"tracking.uri={uri}", "tracking.experiment=early",
-                                     "model.name=ae", "train.lr=0.2", "train.epochs=8",
+    config = build_config(overrides=[*TINY_RUN, *OVERFITS, f"tracking.uri={uri}", "tracking.experiment=early",
                                      "train.early_stopping_patience=2", "eval.enabled=false"])
     result = train(config)
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     stopped, best = run.data.metrics["train/stopped_epoch"], run.data.metrics["train/best_epoch"]
-    assert stopped < 8 and stopped - best == 2 and run.data.tags["vae_lab.stop_reason"] == "early_stopping"
+    assert stopped < 40 and stopped - best == 2 and run.data.tags["vae_lab.stop_reason"] == "early_stopping"
     per_epoch = [metric.value for metric in client.get_metric_history(result.run_id, "val/loss")][:int(stopped)]
     assert len(per_epoch) == stopped and per_epoch.index(min(per_epoch)) + 1 == best
     assert run.data.metrics["val/loss"] == pytest.approx(min(per_epoch))
@@ -213,5 +212,5 @@ def test_early_stopping_restores_the_best_epoch_before_test_and_the_model(tracke
     assert [m.step for m in client.get_metric_history(result.run_id, "test/loss")] == \
         [client.get_metric_history(result.run_id, "epoch")[-1].step]
     model, _ = load_logged_model(result.run_id, uri)
-    z = torch.randn(5, 4)
+    z = torch.randn(5, 16)
     assert torch.allclose(model.decode(z), result.model.cpu().eval().decode(z), atol=1e-6)

@@ -14,7 +14,7 @@ here K of them share one pass over the data:
 Configs train together when their `batch_key`s are equal: everything that shapes the
 tensors or the data pass is the same (data, model, likelihood, epochs, batch size, amp,
 device). They may differ in `PER_TRIAL_KEYS` (KL weight and warm-up, learning rate, seed,
-gradient clipping) and in what only concerns one run (`tracking.*`, `eval.*`, progress).
+gradient clipping, early-stopping patience) and in what only concerns one run (`tracking.*`, `eval.*`, progress).
 
 The loop itself is `vae_lab.engine` (a single run is a batch of one there); the step that
 trains K stacked models with vmap is `vae_lab.steps.StackedStep`. A trial in a batch
@@ -34,7 +34,8 @@ from .engine import RunResult, resolve_device, train_group
 from .models import build_model
 
 # Config keys that may differ between trials trained together.
-PER_TRIAL_KEYS = ("loss.kl_weight", "loss.kl_warmup_steps", "train.lr", "train.seed", "train.grad_clip")
+PER_TRIAL_KEYS = ("loss.kl_weight", "loss.kl_warmup_steps", "train.lr", "train.seed", "train.grad_clip",
+                  "train.early_stopping_patience")
 # Keys that only concern one trial's run (logging, end-of-run evaluation, its progress bar).
 PER_RUN_KEYS = ("train.progress",)
 PER_RUN_SECTIONS = ("tracking.", "eval.")

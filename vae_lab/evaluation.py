@@ -77,7 +77,7 @@ def active_units(latent_means: np.ndarray, threshold: float = ACTIVE_UNIT_THRESH
 def principal_components(train, components: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean [D], basis [k, D]) of an exact PCA in float64: the top eigenvectors of the
     covariance (the same subspace as a full SVD of the data, and for N >> D much faster)."""
-    data = torch.as_tensor(np.asarray(train), dtype=torch.float64)
+    data = torch.tensor(np.asarray(train), dtype=torch.float64)
     mean = data.mean(dim=0)
     centred = data - mean
     _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
@@ -88,7 +88,7 @@ def principal_components(train, components: int) -> tuple[torch.Tensor, torch.Te
 def pca_mse_per_pixel(train_pixels, test_pixels, components: int) -> float:
     """Test reconstruction MSE per pixel of a PCA with `components` components."""
     mean, basis = principal_components(train_pixels, components)
-    centred = torch.as_tensor(np.asarray(test_pixels), dtype=torch.float64) - mean
+    centred = torch.tensor(np.asarray(test_pixels), dtype=torch.float64) - mean
     return float((centred @ basis.T @ basis - centred).square().mean())
 
 
