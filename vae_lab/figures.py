@@ -87,7 +87,7 @@ def project_2d(latents: np.ndarray) -> tuple[np.ndarray, str]:
     from .evaluation import principal_components
 
     mean, basis = principal_components(latents, 2)
-    return ((torch.as_tensor(latents, dtype=torch.float64) - mean) @ basis.T).numpy(), "PC"
+    return ((torch.tensor(latents, dtype=torch.float64) - mean) @ basis.T).numpy(), "PC"
 
 
 def scatter_by_class(ax, points: np.ndarray, labels: np.ndarray, class_names=None, size: float = 4) -> None:
