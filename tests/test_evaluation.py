@@ -115,3 +115,22 @@ def test_probes_match_scikit_learn():
     assert 0.5 < ours["eval/probe_accuracy"] < 0.99
     assert ours["eval/probe_accuracy"] == pytest.approx(logistic.score(features[test], labels[test]), abs=1 / 300)
     assert ours["eval/knn_accuracy"] == pytest.approx(knn.score(features[test], labels[test]), abs=1e-12)
+
+
+def test_collapse_means_no_information_not_few_active_units(binary_images):
+    data, _ = binary_images
+    config = build_config(overrides=["data.binarize=static", "eval.iwae_samples=2", "eval.iwae_points=20",
+                                     "model.latent_dim=4"])
+    model = _small_vae()
+    with torch.no_grad():  # one informative unit, three that ignore the input and match the prior
+        stats = model.encoder[-1]
+        stats.weight[1:4].zero_(), stats.bias[1:4].zero_()  # means of units 1-3: 0
+        stats.weight[5:8].zero_(), stats.bias[5:8].zero_()  # log-variances of units 1-3: 0
+        stats.weight[0].mul_(100.0)  # unit 0's mean varies with the input
+    result = evaluate_model(model, data, config, torch.device("cpu"))
+    assert result.metrics["eval/active_units"] == 1 and result.kl_per_dim.sum() > 0.1
+    assert result.tags["posterior_collapse"] == "false"  # 1 of 4 active is not collapse
+    with torch.no_grad():  # now no unit says anything about x: q(z|x) = N(0, I)
+        stats.weight.zero_(), stats.bias.zero_()
+    result = evaluate_model(model, data, config, torch.device("cpu"))
+    assert result.kl_per_dim.sum() < 0.1 and result.tags["posterior_collapse"] == "true"

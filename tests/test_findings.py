@@ -212,11 +212,11 @@ def test_collapse_flags_are_counted_from_the_tags():
          "metrics.eval/active_units": np.nan, "params.model.latent_dim": "8"},
     ])
     [sentence] = findings.collapse_findings(runs)
-    assert sentence.startswith("Posterior collapse flagged in 1/2 VAE runs")
+    assert sentence.startswith("Posterior collapse in 1/2 VAE runs")
     assert "a (1/8 units active)" in sentence
     healthy = findings.collapse_findings(runs.iloc[1:])
-    assert healthy == ["No posterior collapse: 1/1 VAE runs keep at least half of their latent units active "
-                       "(posterior-mean variance above 0.01)."]
+    assert healthy == ["No posterior collapse: 1/1 VAE runs carry information in their latent code "
+                       "(a test KL of at least 0.1 nats per image and at least one active unit)."]
 
 
 def test_iwae_sentences_say_where_computed_and_why_not():

@@ -4,8 +4,9 @@
                          only for a Bernoulli likelihood on binarized data, where it is a
                          real likelihood
 - eval/active_units      latent dimensions whose posterior mean varies over the data
-                         (variance above 0.01); eval/active_fraction; fewer than half
-                         active flags posterior collapse
+                         (variance above 0.01); eval/active_fraction
+- posterior_collapse     tag: true when the posterior carries (almost) no information: a
+                         test KL under 0.1 nats per image, or no active unit at all
 - kl_per_dim             the mean KL of each latent dimension (a table artifact)
 - eval/probe_accuracy    logistic regression on the latent means (fit on train, scored on test)
 - eval/knn_accuracy      5-nearest-neighbours on the same features
@@ -30,6 +31,7 @@ from .losses import kl_to_standard_normal, reconstruction_nll
 from .models import Autoencoder
 
 ACTIVE_UNIT_THRESHOLD = 0.01
+COLLAPSE_KL_NATS = 0.1  # total KL per image below which q(z|x) says (almost) nothing about x
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -198,7 +200,8 @@ def evaluate_model(model: Autoencoder, data: ImageData, config: Config,
         metrics["eval/active_units"] = float(units)
         metrics["eval/active_fraction"] = units / model.latent_dim
         result.kl_per_dim = (kl_sums / test_pixels.shape[0]).numpy()
-        result.tags["posterior_collapse"] = str(units < model.latent_dim / 2).lower()
+        collapsed = float(result.kl_per_dim.sum()) < COLLAPSE_KL_NATS or units == 0
+        result.tags["posterior_collapse"] = str(collapsed).lower()
         if config.loss.likelihood == "bernoulli" and config.data.binarize != "none":
             nll_total, count = 0.0, 0
             for images, _ in data.batches("test", 100, limit=config.eval.iwae_points, noise_generator=generator):
