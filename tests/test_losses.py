@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -23,10 +24,18 @@ def test_bce_is_stable_for_extreme_logits():
     assert torch.allclose(reconstruction_nll(logits, images, "bernoulli"), torch.tensor([400.0]))
 
 
-def test_gaussian_is_summed_squared_error_per_image():
-    logits = torch.zeros(2, 1, 2, 2)  # sigmoid -> 0.5
-    images = torch.ones(2, 1, 2, 2)
-    assert torch.allclose(reconstruction_nll(logits, images, "gaussian"), torch.tensor([1.0, 1.0]))
+def test_gaussian_is_a_normalized_negative_log_likelihood():
+    """-log N(x; sigmoid(logits), sigma^2 I), its constant included: equal to torch's Normal."""
+    torch.manual_seed(0)
+    logits, images = torch.randn(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    for sigma in (1 / math.sqrt(2), 0.1, 1.0):
+        reference = -torch.distributions.Normal(torch.sigmoid(logits), sigma).log_prob(images).flatten(1).sum(1)
+        assert torch.allclose(reconstruction_nll(logits, images, "gaussian", sigma), reference, atol=1e-4)
+    # the default sigma 1/sqrt(2): the summed squared error plus D/2 log(pi), 449 nats for 28x28
+    blank, ones = torch.zeros(2, 1, 28, 28), torch.ones(2, 1, 28, 28)  # sigmoid(0) = 0.5 against 1
+    expected = 784 * 0.25 + 392 * math.log(math.pi)
+    assert torch.allclose(reconstruction_nll(blank, ones, "gaussian"), torch.tensor([expected] * 2))
+    assert 392 * math.log(math.pi) == pytest.approx(448.7, abs=0.05)
 
 
 def test_kl_closed_form_matches_monte_carlo():

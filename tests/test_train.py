@@ -60,10 +60,13 @@ def test_run_logs_params_tags_and_stepped_metrics(tracked_run):
     assert set(config.flat()) <= set(run.data.params)
     assert run.data.tags["device"] == str(resolve_device(config.device))
     assert run.data.tags["torch_version"] == torch.__version__
-    for key in ["train/loss", "train/recon", "train/kl", "val/loss", "val/recon", "val/kl", "val/elbo",
-                "val/mse_per_pixel", "test/loss", "test/recon", "test/kl", "test/elbo", "test/mse_per_pixel",
+    for key in ["train/loss", "train/recon", "train/kl", "val/loss", "val/recon", "val/kl",
+                "val/mse_per_pixel", "test/loss", "test/recon", "test/kl", "test/mse_per_pixel",
                 "train/images_per_sec", "train/best_epoch", "train/stopped_epoch"]:
         assert key in run.data.metrics, key
+    # Bernoulli on grey pixels is a loss, not a likelihood: no ELBO, no IWAE NLL
+    assert not {"val/elbo", "test/elbo", "eval/nll_iwae"} & set(run.data.metrics)
+    assert "not computed" in run.data.tags["nll_iwae"]
     # val/* every epoch, test/* once, at the step of the last training step
     val_steps = [metric.step for metric in client.get_metric_history(result.run_id, "val/loss")]
     epoch_steps = [metric.step for metric in client.get_metric_history(result.run_id, "epoch")]
@@ -73,8 +76,24 @@ def test_run_logs_params_tags_and_stepped_metrics(tracked_run):
     assert run.data.metrics["train/stopped_epoch"] == 2
     assert run.data.metrics["test/loss"] == pytest.approx(result.metrics["test/loss"])
     assert run.data.metrics["val/loss"] == pytest.approx(result.metrics["val/loss"])
-    assert run.data.metrics["test/elbo"] == pytest.approx(-(run.data.metrics["test/recon"]
-                                                            + run.data.metrics["test/kl"]))
+    assert run.data.metrics["test/loss"] == pytest.approx(run.data.metrics["test/recon"]
+                                                          + run.data.metrics["test/kl"])
+
+
+@pytest.mark.parametrize("normalized", [["data.binarize=dynamic"], ["loss.likelihood=gaussian"]])
+def test_elbo_and_iwae_nll_are_logged_where_the_likelihood_is_normalized(tracked_run, normalized):
+    from conftest import TINY_RUN
+
+    uri = tracked_run[0]
+    config = build_config(overrides=[*TINY_RUN, *normalized, f"tracking.uri={uri}", "tracking.log_images=false",
+                                     "tracking.log_model=false", "tracking.experiment=normalized"])
+    result = train(config)
+    metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
+    for split in ("val", "test"):
+        assert metrics[f"{split}/elbo"] == pytest.approx(-(metrics[f"{split}/recon"] + metrics[f"{split}/kl"]))
+    assert metrics["eval/nll_iwae"] > 0
+    if config.loss.likelihood == "gaussian":  # the constant is in: D/2 log(pi) = 449 nats at the default sigma
+        assert metrics["test/recon"] > 784 / 2 * math.log(math.pi)
 
 
 def test_run_logs_every_artifact(tracked_run, tmp_path):

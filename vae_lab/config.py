@@ -100,6 +100,7 @@ class LossConfig:
     likelihood: str = "bernoulli"
     kl_weight: float = 1.0
     kl_warmup_steps: int = 0
+    gaussian_std: float = 0.7071067811865476  # sigma of the gaussian likelihood: 1/sqrt(2)
 
     choices = {"likelihood": ("bernoulli", "gaussian")}
 
@@ -160,6 +161,12 @@ class Config:
     @property
     def is_vae(self) -> bool:
         return self.model.name in VAE_MODELS
+
+    @property
+    def likelihood_is_normalized(self) -> bool:
+        """Is the reconstruction term a log-likelihood (so that recon + KL is an ELBO)? Gaussian
+        (with its constant) always; Bernoulli only on binary pixels."""
+        return self.loss.likelihood == "gaussian" or self.data.binarize != "none"
 
 
 def flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
@@ -284,6 +291,7 @@ def validate(config: Config) -> Config:
         "eval.iwae_samples": config.eval.iwae_samples,
         "eval.iwae_points": config.eval.iwae_points,
         "eval.max_points": config.eval.max_points,
+        "loss.gaussian_std": config.loss.gaussian_std,
     }
     for key, value in positive.items():
         if not value > 0:

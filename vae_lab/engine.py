@@ -193,7 +193,7 @@ def evaluate_split(forward, data: ImageData, split: str, configs: list[Config], 
     """
     seeds, slot = seed_slots(configs, device)
     generators = [torch.Generator(device=device).manual_seed(seed + EVAL_NOISE_SEED_OFFSET) for seed in seeds]
-    likelihood = configs[0].loss.likelihood
+    loss = configs[0].loss  # the likelihood is part of the batch key: the same for every trial
     totals = torch.zeros(3, len(configs), dtype=torch.float64, device=device)
     count = 0
     for images, _ in data.batches(split, EVAL_BATCH_SIZE):
@@ -203,7 +203,8 @@ def evaluate_split(forward, data: ImageData, split: str, configs: list[Config], 
         logits = logits.float()
         trials, batch = logits.shape[:2]
         targets = images.expand(trials, *images.shape)
-        recon = reconstruction_nll(logits.flatten(0, 1), targets.flatten(0, 1), likelihood).view(trials, batch)
+        recon = reconstruction_nll(logits.flatten(0, 1), targets.flatten(0, 1), loss.likelihood,
+                                   loss.gaussian_std).view(trials, batch)
         kl = kl_to_standard_normal(Posterior(posterior.mean.float(), None if posterior.logvar is None
                                              else posterior.logvar.float())).flatten(2).sum(dim=2)
         squared = (torch.sigmoid(logits) - targets).square().flatten(2).sum(dim=2)
@@ -217,7 +218,9 @@ def evaluate_split(forward, data: ImageData, split: str, configs: list[Config], 
         values = {f"{split}/loss": recon + config.loss.kl_weight * kl, f"{split}/recon": recon,
                   f"{split}/mse_per_pixel": squared_sums[row] / (count * pixels)}
         if variational:
-            values.update({f"{split}/kl": kl, f"{split}/elbo": -(recon + kl)})
+            values[f"{split}/kl"] = kl
+            if config.likelihood_is_normalized:  # only then is recon + KL a bound on -log p(x)
+                values[f"{split}/elbo"] = -(recon + kl)
         metrics.append(values)
     return metrics
 

@@ -1,8 +1,8 @@
 """End-of-run evaluation on the test split, logged as `eval/...`.
 
 - eval/nll_iwae          importance-weighted -log p(x), nats per image (Burda et al. 2016);
-                         only for a Bernoulli likelihood on binarized data, where it is a
-                         real likelihood
+                         only where the likelihood is normalized: Bernoulli on binarized
+                         pixels, or Gaussian (with its constant and loss.gaussian_std)
 - eval/active_units      latent dimensions whose posterior mean varies over the data
                          (variance above 0.01); eval/active_fraction
 - posterior_collapse     tag: true when the posterior carries (almost) no information: a
@@ -27,7 +27,7 @@ import torch
 
 from .config import Config
 from .data import ImageData
-from .losses import kl_to_standard_normal, reconstruction_nll
+from .losses import DEFAULT_GAUSSIAN_STD, kl_to_standard_normal, reconstruction_nll
 from .models import Autoencoder
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -48,7 +48,8 @@ def _gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Ten
 
 @torch.no_grad()
 def iwae_nll(model: Autoencoder, images: torch.Tensor, samples: int,
-             generator: torch.Generator | None = None, chunk: int = 64) -> torch.Tensor:
+             generator: torch.Generator | None = None, chunk: int = 64, likelihood: str = "bernoulli",
+             gaussian_std: float = DEFAULT_GAUSSIAN_STD) -> torch.Tensor:
     """Per-image -log p(x) estimated with `samples` importance samples from q(z|x).
 
     With one sample this is the negative ELBO with a single-sample KL estimate; with more
@@ -63,7 +64,7 @@ def iwae_nll(model: Autoencoder, images: torch.Tensor, samples: int,
         z = mean + noise * torch.exp(0.5 * logvar)  # [K, B, D]
         logits = model.decode(z.reshape(-1, mean.shape[1]))
         targets = images.unsqueeze(0).expand(count, *images.shape).reshape(-1, *images.shape[1:])
-        log_likelihood = -reconstruction_nll(logits.float(), targets, "bernoulli").view(count, -1)
+        log_likelihood = -reconstruction_nll(logits.float(), targets, likelihood, gaussian_std).view(count, -1)
         log_prior = -0.5 * (LOG_2PI + z.square()).sum(dim=-1)
         log_posterior = _gaussian_log_density(z, mean, logvar)
         log_weights.append(log_likelihood + log_prior - log_posterior)
@@ -202,14 +203,16 @@ def evaluate_model(model: Autoencoder, data: ImageData, config: Config,
         result.kl_per_dim = (kl_sums / test_pixels.shape[0]).numpy()
         collapsed = float(result.kl_per_dim.sum()) < COLLAPSE_KL_NATS or units == 0
         result.tags["posterior_collapse"] = str(collapsed).lower()
-        if config.loss.likelihood == "bernoulli" and config.data.binarize != "none":
+        if config.likelihood_is_normalized:
             nll_total, count = 0.0, 0
             for images, _ in data.batches("test", 100, limit=config.eval.iwae_points, noise_generator=generator):
-                nll_total += iwae_nll(model, images, config.eval.iwae_samples, generator).sum().item()
+                nll_total += iwae_nll(model, images, config.eval.iwae_samples, generator,
+                                      likelihood=config.loss.likelihood,
+                                      gaussian_std=config.loss.gaussian_std).sum().item()
                 count += images.shape[0]
             metrics["eval/nll_iwae"] = nll_total / count
             result.tags["nll_iwae"] = f"{config.eval.iwae_samples} samples on {count} test images"
         else:
-            result.tags["nll_iwae"] = ("not computed: needs loss.likelihood=bernoulli and "
-                                       "data.binarize=dynamic or static")
+            result.tags["nll_iwae"] = ("not computed: a Bernoulli likelihood on grey pixels is not a normalized "
+                                       "likelihood; use data.binarize=dynamic or static, or loss.likelihood=gaussian")
     return result

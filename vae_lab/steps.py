@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from .config import Config
+from .config import Config, LossConfig
 from .losses import loss_terms
 from .models import Autoencoder, Posterior, build_model
 
@@ -62,9 +62,9 @@ def _posterior(stats) -> Posterior:
     return Posterior(stats[0], stats[1] if len(stats) > 1 else None)
 
 
-def _loss_and_sums(outputs, images, likelihood: str, kl_weight):
+def _loss_and_sums(outputs, images, loss: LossConfig, kl_weight):
     logits, *stats = outputs
-    terms = loss_terms(logits, images, _posterior(stats), likelihood, kl_weight)
+    terms = loss_terms(logits, images, _posterior(stats), loss.likelihood, kl_weight, loss.gaussian_std)
     sums = torch.stack([terms.loss.detach() * images.shape[0], terms.recon.detach().sum(),
                         terms.kl.detach().sum()])
     return terms.loss, sums
@@ -88,7 +88,7 @@ class PlainStep:
         self.network.train()
         with autocast(self.device, self.amp):
             outputs = self.network(images, noise)
-        loss, sums = _loss_and_sums(outputs, images, self.config.loss.likelihood, kl_weights[0])
+        loss, sums = _loss_and_sums(outputs, images, self.config.loss, kl_weights[0])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.train.grad_clip > 0:
@@ -168,10 +168,10 @@ class StackedStep:
     def _train_step_fn(self):
         from torch.func import grad_and_value, vmap
 
-        likelihood = self.config.loss.likelihood
+        loss = self.config.loss  # the likelihood is part of the batch key: the same in every row
 
         def trial_loss(params, buffers, images, noise, kl_weight):
-            return _loss_and_sums(self._forward(params, buffers, images, noise), images, likelihood, kl_weight)
+            return _loss_and_sums(self._forward(params, buffers, images, noise), images, loss, kl_weight)
 
         return grad_and_value(trial_loss, has_aux=True)
 

@@ -184,12 +184,14 @@ def metrics_logged(config: Config) -> set[str]:
         metrics.update(VAL_LOGGED)
     vae = config.model.name in VAE_MODELS
     if vae:
-        metrics.update(name for name in VAE_LOGGED if config.data.val_size > 0 or not name.startswith("val/"))
+        metrics.update(name for name in VAE_LOGGED
+                       if (config.data.val_size > 0 or not name.startswith("val/"))
+                       and (config.likelihood_is_normalized or not name.endswith("/elbo")))
     if config.eval.enabled:
         metrics.update(EVAL_LOGGED)
         if vae:
             metrics.update(EVAL_VAE_LOGGED)
-            if config.loss.likelihood == "bernoulli" and config.data.binarize != "none":
+            if config.likelihood_is_normalized:
                 metrics.add(IWAE_METRIC)
     return metrics
 
@@ -446,8 +448,8 @@ def _check_trial_configs(spec: StudySpec) -> None:
         if missing:
             raise ConfigError(
                 f"objective {missing[0]} is not logged by model.name={config.model.name} "
-                f"(data.val_size={config.data.val_size:g}); val/kl and val/elbo need a VAE, "
-                "val/* a validation split")
+                f"(data.val_size={config.data.val_size:g}); val/kl needs a VAE, val/elbo a VAE with a "
+                "normalized likelihood (binarized pixels or loss.likelihood=gaussian), val/* a validation split")
 
 
 def _check_sampler_options(sampler: str, options: dict, n_objectives: int) -> None:
