@@ -145,10 +145,16 @@ def test_pruning_one_trial_kills_it_alone_and_ctrl_c_kills_all(tracking_uri, tin
     def interrupt(epoch, metrics):
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        train_batch(configs[:2], data=tiny_data, on_epoch_end=[None, interrupt])
+    def interrupt_in_epoch_2(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train_batch(configs, data=tiny_data, on_epoch_end=[prune, None, interrupt_in_epoch_2])
     statuses = sorted(run.info.status for run in client.search_runs([experiment_id]))
-    assert statuses == ["FINISHED", "FINISHED", "KILLED", "KILLED", "KILLED"]
+    assert statuses == ["FINISHED", "FINISHED", "KILLED", "KILLED", "KILLED", "KILLED"]
+    # what ended before the interrupt is kept for the caller (a sweep records it, not "interrupted")
+    assert isinstance(caught.value.outcomes[0], optuna.TrialPruned) and caught.value.outcomes[1:] == [None, None]
 
 
 def test_batch_key_groups_what_can_train_together():

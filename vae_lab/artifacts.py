@@ -43,6 +43,13 @@ def latents_frame(latents: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
     return frame
 
 
+def write_kl_per_dim(evaluation: EvaluationResult, folder: Path) -> None:
+    """eval/kl_per_dim.csv: the mean KL of each latent dimension on the test split."""
+    (folder / "eval").mkdir(exist_ok=True)
+    pd.DataFrame({"dim": np.arange(len(evaluation.kl_per_dim)), "kl": evaluation.kl_per_dim}).to_csv(
+        folder / "eval" / "kl_per_dim.csv", index=False)
+
+
 @torch.no_grad()
 def write_run_artifacts(model: Autoencoder, data: ImageData, config: Config, folder: Path,
                         evaluation: EvaluationResult | None = None, images: bool = True) -> None:
@@ -50,9 +57,7 @@ def write_run_artifacts(model: Autoencoder, data: ImageData, config: Config, fol
     model.eval()
     (folder / "config.yaml").write_text(config.to_yaml())
     if evaluation is not None and evaluation.kl_per_dim is not None:
-        (folder / "eval").mkdir(exist_ok=True)
-        pd.DataFrame({"dim": np.arange(len(evaluation.kl_per_dim)), "kl": evaluation.kl_per_dim}).to_csv(
-            folder / "eval" / "kl_per_dim.csv", index=False)
+        write_kl_per_dim(evaluation, folder)
     if not images:
         return
     (folder / "images").mkdir(parents=True, exist_ok=True)

@@ -128,7 +128,7 @@ def effective_amp(requested: bool, device: torch.device) -> bool:
                           "where bf16 autocast was measured 7.8x slower than fp32; training in fp32",
                           RuntimeWarning, stacklevel=2)
         return False
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:  # bf16 is emulated before Ampere
         if "cuda" not in _warned_amp:
             _warned_amp.add("cuda")
             warnings.warn("train.amp=true ignored: this GPU has no bf16; training in fp32",
@@ -298,24 +298,27 @@ class Engine:
     def run(self) -> None:
         config = self.config
         batch_size, epochs = config.train.batch_size, config.train.epochs
+        # one data order and one noise stream per seed, shared by the trials of that seed; a
+        # seed's streams stop being drawn once its last trial has left (the others are unchanged)
         self.seeds, self.slot = seed_slots(self.configs, self.device)
-        order_generators = [torch.Generator().manual_seed(seed + ORDER_SEED_OFFSET) for seed in self.seeds]
-        noise_generators = [torch.Generator(device=self.device).manual_seed(seed + NOISE_SEED_OFFSET)
-                            for seed in self.seeds]
+        order_generators = {seed: torch.Generator().manual_seed(seed + ORDER_SEED_OFFSET) for seed in self.seeds}
+        noise_generators = {seed: torch.Generator(device=self.device).manual_seed(seed + NOISE_SEED_OFFSET)
+                            for seed in self.seeds}
         steps_per_epoch = self.data.num_batches("train", batch_size)
         for epoch in range(1, epochs + 1):
             running = torch.zeros(len(self.trials), 3, device=self.device)
             for trial in self.trials:
                 trial.running_count = 0
             started = time.perf_counter()
-            streams = [self.data.batches("train", batch_size, shuffle=True, generator=order, noise_generator=noise)
-                       for order, noise in zip(order_generators, noise_generators)]
-            bar = tqdm(zip(*streams), total=steps_per_epoch, leave=False, dynamic_ncols=True,
+            streams = {seed: self.data.batches("train", batch_size, shuffle=True, generator=order_generators[seed],
+                                               noise_generator=noise_generators[seed]) for seed in self.seeds}
+            bar = tqdm(range(steps_per_epoch), leave=False, dynamic_ncols=True,
                        desc=self._describe(f"epoch {epoch}/{epochs}"), disable=not self.progress)
-            for batches in bar:
-                images, images_dim = gather([images for images, _ in batches], self.slot)
-                noise, noise_dim = draw_noise(noise_generators, self.slot, images.shape[-4], self.latent_dim,
-                                              self.variational, self.device, self.noise_dtype)
+            for _ in bar:
+                images, images_dim = gather([next(streams[seed])[0] for seed in self.seeds], self.slot)
+                noise, noise_dim = draw_noise([noise_generators[seed] for seed in self.seeds], self.slot,
+                                              images.shape[-4], self.latent_dim, self.variational, self.device,
+                                              self.noise_dtype)
                 running += self.step_impl.train_step(images, images_dim, noise, noise_dim, self.kl_weights())
                 self.step += 1
                 for trial in self.trials:
@@ -431,7 +434,7 @@ class Engine:
             index = torch.tensor(rows, device=self.device)
             self.step_impl.keep(rows)
             self.kl_weight, self.warmup = self.kl_weight.index_select(0, index), self.warmup.index_select(0, index)
-            self.slot = None if self.slot is None else self.slot.index_select(0, index)
+            self.seeds, self.slot = seed_slots(self.configs, self.device)
         return None if running is None else running[rows]
 
     # -- the end of a trial
@@ -534,7 +537,7 @@ def train_group(configs: list[Config], *, data: ImageData, device: torch.device,
         from .config import ConfigError
         raise ConfigError(f"train.batch_size={configs[0].train.batch_size} is larger than the "
                           f"{data.train_images.shape[0]} training images")
-    if configs[0].train.early_stopping_patience and not data.has_val:
+    if any(config.train.early_stopping_patience for config in configs) and not data.has_val:
         from .config import ConfigError
         raise ConfigError("train.early_stopping_patience needs a validation split; set data.val_size")
 
@@ -546,25 +549,29 @@ def train_group(configs: list[Config], *, data: ImageData, device: torch.device,
               for index, (config, callback) in enumerate(zip(configs, callbacks))]
     amp = effective_amp(configs[0].train.amp, device)
     try:
-        for trial in trials:
-            run_tags = {names.PRECISION_TAG: "bf16 autocast" if amp else "fp32", **(tags[trial.index] or {})}
-            if count > 1:
-                run_tags[names.BATCHED_TRIALS_TAG] = str(count)
-            trial.tracker = (RunTracker.start(trial.config, device, parent_run_id, run_names[trial.index], run_tags)
-                             if trial.config.tracking.enabled else NullTracker())
-        by_lr = sorted(range(count), key=lambda index: configs[index].train.lr)  # see StackedStep
-        engine = Engine([trials[index] for index in by_lr], [models[index] for index in by_lr], data, device,
-                        stacked=count > 1 if stacked is None else stacked, amp=amp)
-        del models
         try:
+            for trial in trials:
+                run_tags = {names.PRECISION_TAG: "bf16 autocast" if amp else "fp32", **(tags[trial.index] or {})}
+                if count > 1:
+                    run_tags[names.BATCHED_TRIALS_TAG] = str(count)
+                trial.tracker = (RunTracker.start(trial.config, device, parent_run_id, run_names[trial.index],
+                                                  run_tags) if trial.config.tracking.enabled else NullTracker())
+            by_lr = sorted(range(count), key=lambda index: configs[index].train.lr)  # see StackedStep
+            engine = Engine([trials[index] for index in by_lr], [models[index] for index in by_lr], data, device,
+                            stacked=count > 1 if stacked is None else stacked, amp=amp)
+            del models
             engine.run()
-        except Exception as error:  # the shared pass failed: every trial still in it fails
-            for trial in engine.trials:
-                trial.tracker.end("FAILED", reason=f"{type(error).__name__}: {error}")
-                trial.outcome = error
+        except Exception as error:  # the shared pass (or its setup) failed: every trial still open fails
+            for trial in trials:
+                if trial.outcome is None:
+                    if trial.tracker is not None:
+                        trial.tracker.end("FAILED", reason=f"{type(error).__name__}: {error}")
+                    trial.outcome = error
     except KeyboardInterrupt as error:
         for trial in trials:
             if trial.tracker is not None:
                 trial.tracker.end("KILLED", reason=f"{type(error).__name__}: {error}")
+        # the trials that ended before the interrupt keep their outcome (FINISHED runs, pruned)
+        error.outcomes = [trial.outcome for trial in trials]
         raise
     return [trial.outcome for trial in trials]

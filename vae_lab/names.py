@@ -24,7 +24,7 @@ IMAGES_PER_SEC = "train/images_per_sec"
 EPOCH_SECONDS = "train/epoch_seconds"
 VAL_LOSS, VAL_RECON, VAL_KL, VAL_ELBO, VAL_MSE = (f"val/{term}" for term in SPLIT_TERMS)
 # once, after training
-BEST_EPOCH = "train/best_epoch"  # the epoch whose weights were kept (early stopping restores them)
+BEST_EPOCH = "train/best_epoch"  # the epoch with the lowest val/loss (its weights are kept under early stopping)
 STOPPED_EPOCH = "train/stopped_epoch"  # the last epoch trained
 TEST_LOSS, TEST_RECON, TEST_KL, TEST_ELBO, TEST_MSE = (f"test/{term}" for term in SPLIT_TERMS)
 EVAL_NLL_IWAE = "eval/nll_iwae"

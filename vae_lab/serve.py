@@ -46,7 +46,7 @@ from .data import DataUnavailable
 from . import names
 from .names import TEST_LOSS, VAL_LOSS
 from .serve_images import RequestError, ServedRun
-from .tracking import STATE_DICT_ARTIFACT, resolve_tracking_uri
+from .tracking import STATE_DICT_ARTIFACT, has_logged_model, missing_store, resolve_tracking_uri
 
 PAGE_DIR = Path(__file__).resolve().parent / "serve_page"
 DEFAULT_PORT = 20202
@@ -83,12 +83,7 @@ class RunCatalog:
 
     def has_model(self, run_id: str) -> bool:
         if run_id not in self._has_model:
-            folder = STATE_DICT_ARTIFACT.rsplit("/", 1)[0]
-            try:
-                paths = {info.path for info in self.client.list_artifacts(run_id, folder)}
-            except (MlflowException, OSError):  # artifact store unreachable or gone
-                paths = set()
-            self._has_model[run_id] = STATE_DICT_ARTIFACT in paths
+            self._has_model[run_id] = has_logged_model(self.client, run_id)
         return self._has_model[run_id]
 
     def servable(self, experiment_ids: list[str] | None = None) -> list[Run]:
@@ -357,16 +352,6 @@ def choose_run_or_404(catalog: RunCatalog) -> Run:
 
 
 # ----------------------------------------------------------------------------- command line
-
-def missing_store(tracking_uri: str) -> str | None:
-    """Why an SQLite store cannot be read, or None (opening a missing one would create it)."""
-    if tracking_uri.startswith("sqlite:///"):
-        database = Path(tracking_uri[len("sqlite:///"):])
-        if not database.is_file():
-            return f"no MLflow store at {database}; train a model first (python -m vae_lab.train) " \
-                   "or pass --tracking-uri"
-    return None
-
 
 def url_of(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

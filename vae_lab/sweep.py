@@ -479,11 +479,18 @@ def run_trials_batched(session: Session, trials: list[optuna.Trial], progress: b
                 for trial in members:
                     beats.enter_context(store.Heartbeat(
                         session.storage, store.trial_id(session.storage, session.study, trial.number)))
-                results = train_batch(
-                    configs, data=session.data_cache.get(configs[0]), parent_run_id=session.parent_run_id,
-                    run_names=[trial_name(session, trial) for trial in members],
-                    tags=[prepared[trial.number][1] for trial in members],
-                    on_epoch_end=[pruning_callback(trial, session.spec) for trial in members])
+                try:
+                    results = train_batch(
+                        configs, data=session.data_cache.get(configs[0]), parent_run_id=session.parent_run_id,
+                        run_names=[trial_name(session, trial) for trial in members],
+                        tags=[prepared[trial.number][1] for trial in members],
+                        on_epoch_end=[pruning_callback(trial, session.spec) for trial in members])
+                except KeyboardInterrupt as interrupt:
+                    # trials that finished (or were pruned) before the interrupt keep that outcome
+                    for trial, outcome in zip(members, getattr(interrupt, "outcomes", [])):
+                        if outcome is not None:
+                            record_outcome(session, pending.pop(trial.number), outcome)
+                    raise
             for trial, outcome in zip(members, results):
                 record_outcome(session, pending.pop(trial.number), outcome)
     except KeyboardInterrupt as interrupt:

@@ -268,6 +268,25 @@ class NullTracker:
     def end(self, status="FINISHED", reason=None): pass
 
 
+def missing_store(tracking_uri: str) -> str | None:
+    """Why an SQLite store cannot be read, or None (opening a missing one would create it)."""
+    if tracking_uri.startswith("sqlite:///"):
+        database = Path(tracking_uri[len("sqlite:///"):])
+        if not database.is_file():
+            return f"no MLflow store at {database}; train a model first (python -m vae_lab.train) " \
+                   "or pass --tracking-uri"
+    return None
+
+
+def has_logged_model(client: MlflowClient, run_id: str) -> bool:
+    """Did the run log its state dict (what `load_logged_model` reads)?"""
+    try:
+        listed = client.list_artifacts(run_id, STATE_DICT_ARTIFACT.rsplit("/", 1)[0])
+    except (mlflow.exceptions.MlflowException, OSError):  # artifact store unreachable or gone
+        return False
+    return STATE_DICT_ARTIFACT in {item.path for item in listed}
+
+
 def load_run_config(client: MlflowClient, run_id: str) -> Config:
     with tempfile.TemporaryDirectory() as folder:
         path = client.download_artifacts(run_id, CONFIG_ARTIFACT, folder)

@@ -1,0 +1,152 @@
+"""Evaluate finished runs again, later, without retraining: `python -m vae_lab.evaluate`.
+
+    python -m vae_lab.evaluate --run RUN_ID eval.iwae_samples=5000        # one run
+    python -m vae_lab.evaluate --study default eval.iwae_samples=5000     # every finished trial of a study
+    python -m vae_lab.evaluate --study PARENT_RUN_ID --tracking-uri http://127.0.0.1:5000
+
+Each run's model (its state dict, read with `torch.load(weights_only=True)`) and its config
+(`config.yaml`) are loaded back, `eval.*` is replaced by the settings given, and eval/*
+(`vae_lab.evaluation`) is computed and logged into the same run, with its tags and
+`eval/kl_per_dim.csv`. The tag `vae_lab.eval_settings` records the settings the latest eval/*
+came from (the run's params keep the ones it trained with: MLflow params cannot change).
+Only `eval.*` may be overridden: anything else would no longer describe the trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import names
+from .config import ConfigError, apply_overrides, parse_override, validate
+
+EVAL_SETTINGS_TAG = "vae_lab.eval_settings"
+
+
+class EvaluateError(ConfigError):
+    """An unknown run or study, a run without a model, a bad override: one line, exit 2."""
+
+
+def _checked_overrides(overrides: list[str]) -> list[str]:
+    for text in overrides:
+        key, _ = parse_override(text)
+        if not key.startswith("eval."):
+            raise EvaluateError(f"only eval.* settings can change after training (e.g. eval.iwae_samples=5000); "
+                                f"got {key}")
+    return overrides
+
+
+def study_runs(client, study: str) -> list:
+    """The FINISHED trial runs of a study given by its parent run id or its name (the newest
+    parent of that name)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    try:
+        parent = client.get_run(study)
+    except MlflowException:
+        parents = client.search_runs(
+            [experiment.experiment_id for experiment in client.search_experiments()],
+            filter_string=f"tags.`{names.ROLE_TAG}` = 'study' and tags.`{names.STUDY_NAME_TAG}` = '{study}'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            raise EvaluateError(f"no study named {study!r} and no run with that id in {client.tracking_uri}") from None
+        parent = parents[0]
+    if parent.data.tags.get(names.ROLE_TAG) != "study":
+        raise EvaluateError(f"run {parent.info.run_id} is not a study's parent run; use --run for a single run")
+    return client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"], max_results=10000)
+
+
+def evaluate_run(client, run_id: str, overrides: list[str], data_cache) -> dict[str, float]:
+    """eval/* of one finished run with its model, logged into that run; returns the metrics."""
+    from mlflow.entities import Metric, RunTag
+
+    from .artifacts import write_kl_per_dim
+    from .engine import resolve_device
+    from .evaluation import evaluate_model
+    from .tracking import STATE_DICT_ARTIFACT, has_logged_model, load_logged_model, load_run_config
+
+    if not has_logged_model(client, run_id):
+        raise EvaluateError(f"run {run_id} has no model ({STATE_DICT_ARTIFACT}) to evaluate; "
+                            "it was trained with tracking.log_model=false or did not finish")
+    config = validate(apply_overrides(load_run_config(client, run_id), overrides))
+    device = resolve_device(config.device)
+    data = data_cache.get(config)
+    model, _ = load_logged_model(run_id, client.tracking_uri, map_location=device)
+    evaluation = evaluate_model(model.to(device), data, config, device)
+    settings = " ".join(f"{key}={value}" for key, value in config.flat().items() if key.startswith("eval."))
+    timestamp = int(time.time() * 1000)
+    tags = {**evaluation.tags, EVAL_SETTINGS_TAG: settings}
+    client.log_batch(run_id, metrics=[Metric(key, float(value), timestamp, 0) for key, value in evaluation.metrics.items()],
+                     tags=[RunTag(key, str(value)) for key, value in tags.items()])
+    if evaluation.kl_per_dim is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            write_kl_per_dim(evaluation, Path(folder))
+            client.log_artifacts(run_id, folder)
+    return evaluation.metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vae_lab.evaluate",
+        description="Compute eval/* again for finished runs (e.g. 5000 importance samples) and log them "
+                    "into the same runs, without retraining.",
+        epilog="Overrides: eval.iwae_samples=5000 eval.iwae_points=10000 eval.max_points=20000")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run", help="a finished run's id")
+    target.add_argument("--study", help="a study's name or parent run id: all of its finished trials")
+    parser.add_argument("overrides", nargs="*", help="eval.key=value")
+    parser.add_argument("--tracking-uri", default="", help="MLflow store (default $MLFLOW_TRACKING_URI, "
+                        "else mlruns/mlflow.db)")
+    args = parser.parse_args(argv)
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from tqdm.auto import tqdm
+
+    from .data import DataUnavailable
+    from .sweep import DataCache
+    from .tracking import missing_store, resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    try:
+        overrides = _checked_overrides(args.overrides)
+        problem = missing_store(tracking_uri)
+        if problem:
+            raise EvaluateError(problem)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        if args.run:
+            try:
+                client.get_run(args.run)
+            except MlflowException:
+                raise EvaluateError(f"unknown run id {args.run!r}: no such run in {tracking_uri}") from None
+            run_ids = [args.run]
+        else:
+            run_ids = [run.info.run_id for run in study_runs(client, args.study)]
+            if not run_ids:
+                raise EvaluateError(f"study {args.study!r} has no finished trial to evaluate")
+        data_cache = DataCache()
+        results = {}
+        for run_id in tqdm(run_ids, desc="evaluate", unit="run", disable=len(run_ids) == 1):
+            results[run_id] = evaluate_run(client, run_id, overrides, data_cache)
+    except (ConfigError, DataUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for run_id, metrics in results.items():
+        print(f"run {run_id}:")
+        for key, value in sorted(metrics.items()):
+            print(f"  {key:28s} {value:.4f}")
+    print(f"logged into {len(results)} run(s) in {tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import exit_now
+
+    exit_now(main())
