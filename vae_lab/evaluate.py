@@ -15,13 +15,14 @@ Only `eval.*` may be overridden: anything else would no longer describe the trai
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from . import names
-from .config import ConfigError, apply_overrides, parse_override, validate
+from .config import Config, ConfigError, apply_overrides, parse_override, validate
 
 EVAL_SETTINGS_TAG = "vae_lab.eval_settings"
 
@@ -31,11 +32,13 @@ class EvaluateError(ConfigError):
 
 
 def _checked_overrides(overrides: list[str]) -> list[str]:
+    """The overrides, if they are valid eval.* settings (checked before anything is read)."""
     for text in overrides:
         key, _ = parse_override(text)
         if not key.startswith("eval."):
             raise EvaluateError(f"only eval.* settings can change after training (e.g. eval.iwae_samples=5000); "
                                 f"got {key}")
+    validate(apply_overrides(Config(), overrides))
     return overrides
 
 
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="", help="MLflow store (default $MLFLOW_TRACKING_URI, "
                         "else mlruns/mlflow.db)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our bar counts the runs
 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
