@@ -91,8 +91,9 @@ class ModelConfig:
     hidden_dims: list[int] = field(default_factory=lambda: [400])  # MLP models
     conv_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # conv models
     latent_layout: str = "vector"  # conv models: "cube" keeps a C x H x W latent
+    activation: str = "relu"  # MLP hidden layers: relu, or gated (h = (W x + b) * sigmoid(V x + c))
 
-    choices = {"name": MODELS, "latent_layout": ("vector", "cube")}
+    choices = {"name": MODELS, "latent_layout": ("vector", "cube"), "activation": ("relu", "gated")}
 
 
 @dataclass
@@ -325,6 +326,8 @@ def validate(config: Config) -> Config:
                           "leaves no validation split; set data.val_size (e.g. 0.1) or the patience to 0")
     if config.data.resize and config.data.resize < 8:
         raise ConfigError(f"data.resize must be 0 (native size) or at least 8, got {config.data.resize}")
+    if config.model.activation == "gated" and config.model.name in CONV_MODELS:
+        raise ConfigError(f"model.activation=gated is for the MLP models (ae, linear_vae), got {config.model.name}")
     if config.model.latent_layout == "cube" and config.model.name not in CONV_MODELS:
         raise ConfigError(
             f"model.latent_layout=cube needs a conv model (conv_ae, conv_vae), got {config.model.name}"

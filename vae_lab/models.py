@@ -83,24 +83,42 @@ class Autoencoder(nn.Module):
         return self.decode(z)
 
 
-def _mlp(sizes: list[int]) -> nn.Sequential:
+class GatedDense(nn.Module):
+    """A gated dense layer (Dauphin et al. 2017; Tomczak & Welling's VampPrior code):
+    h = (W x + b) * sigmoid(V x + c)."""
+
+    def __init__(self, size_in: int, size_out: int):
+        super().__init__()
+        self.value = nn.Linear(size_in, size_out)
+        self.gate = nn.Linear(size_in, size_out)
+
+    def forward(self, x):
+        return self.value(x) * torch.sigmoid(self.gate(x))
+
+
+def _mlp(sizes: list[int], activation: str = "relu") -> nn.Sequential:
+    """Hidden layers of `activation` (a Linear + ReLU, or a GatedDense), then a plain Linear."""
     layers: list[nn.Module] = []
     for index, (size_in, size_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(size_in, size_out))
-        if index < len(sizes) - 2:
-            layers.append(nn.ReLU())
+        if index == len(sizes) - 2:
+            layers.append(nn.Linear(size_in, size_out))
+        elif activation == "gated":
+            layers.append(GatedDense(size_in, size_out))
+        else:
+            layers += [nn.Linear(size_in, size_out), nn.ReLU()]
     return nn.Sequential(*layers)
 
 
 class MLPAutoencoder(Autoencoder):
     """`ae` / `linear_vae`: pixels -> hidden_dims -> latent -> reversed hidden_dims -> pixels."""
 
-    def __init__(self, image_shape, latent_dim: int, hidden_dims: list[int], variational: bool):
+    def __init__(self, image_shape, latent_dim: int, hidden_dims: list[int], variational: bool,
+                 activation: str = "relu"):
         super().__init__(image_shape, latent_dim, variational)
         pixels = math.prod(image_shape)
         stats_size = 2 * latent_dim if variational else latent_dim
-        self.encoder = _mlp([pixels, *hidden_dims, stats_size])
-        self.decoder = _mlp([latent_dim, *reversed(hidden_dims), pixels])
+        self.encoder = _mlp([pixels, *hidden_dims, stats_size], activation)
+        self.decoder = _mlp([latent_dim, *reversed(hidden_dims), pixels], activation)
 
     def _stats(self, x):
         return self.encoder(x.flatten(1))
@@ -203,4 +221,4 @@ def build_model(config: ModelConfig, image_shape: tuple[int, int, int]) -> Autoe
     if config.name in CONV_MODELS:
         return ConvAutoencoder(image_shape, config.latent_dim, config.conv_channels,
                                variational, config.latent_layout)
-    return MLPAutoencoder(image_shape, config.latent_dim, config.hidden_dims, variational)
+    return MLPAutoencoder(image_shape, config.latent_dim, config.hidden_dims, variational, config.activation)
