@@ -47,6 +47,9 @@ def test_int_is_accepted_for_float_and_list_from_scalar():
     ("train.amp=maybe", ["train.amp", "true or false"]),
     ("device=tpu", ["device", "cpu", "cuda"]),
     ("model.latent_dim", ["section.key=value"]),
+    ("model.activation=tanh", ["model.activation", "relu", "gated"]),
+    ("loss.gaussian_std=0", ["loss.gaussian_std", "positive"]),
+    ("data.val_size=0.5.5", ["data.val_size", "number"]),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(override, words):
     with pytest.raises(ConfigError) as error:
@@ -76,3 +79,15 @@ def test_shipped_run_configs_load():
     assert len(files) >= 6
     for path in files:
         assert isinstance(load_config(path), Config)
+
+
+def test_gated_activation_is_for_mlp_models():
+    with pytest.raises(ConfigError, match="model.activation=gated is for the MLP models"):
+        build_config(overrides=["model.name=conv_vae", "model.activation=gated"])
+
+
+def test_a_likelihood_is_normalized_for_gaussian_or_binary_pixels():
+    assert not build_config(overrides=[]).likelihood_is_normalized  # bernoulli on grey pixels: a loss
+    assert build_config(overrides=["data.binarize=dynamic"]).likelihood_is_normalized
+    assert build_config(overrides=["data.binarize=static"]).likelihood_is_normalized
+    assert build_config(overrides=["loss.likelihood=gaussian"]).likelihood_is_normalized

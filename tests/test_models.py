@@ -53,3 +53,18 @@ def test_seeded_sampling_is_reproducible():
     other = model.sample(4, torch.Generator().manual_seed(2))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+def test_gated_hidden_layers_compute_value_times_sigmoid_gate():
+    from vae_lab.models import GatedDense
+
+    model = build_model(ModelConfig(name="linear_vae", latent_dim=40, hidden_dims=[300, 300], activation="gated"),
+                        (1, 28, 28))
+    gated = [module for module in model.modules() if isinstance(module, GatedDense)]
+    assert len(gated) == 4  # two in the encoder, two in the decoder
+    layer, x = gated[0], torch.randn(5, 784)
+    expected = layer.value(x) * torch.sigmoid(layer.gate(x))
+    assert torch.allclose(layer(x), expected)
+    assert model(torch.rand(2, 1, 28, 28)).logits.shape == (2, 1, 28, 28)
+    relu = build_model(ModelConfig(name="linear_vae", latent_dim=40, hidden_dims=[300, 300]), (1, 28, 28))
+    assert not any(isinstance(module, GatedDense) for module in relu.modules())
