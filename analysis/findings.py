@@ -18,6 +18,8 @@ import pandas as pd
 
 from vae_lab import names
 
+from vae_lab.evaluation import COLLAPSE_KL_NATS
+
 from .runs import display_param, parse_param
 from .tables import VAE_FAMILIES, pareto_front
 
@@ -249,6 +251,13 @@ def collapse_findings(runs: pd.DataFrame) -> list[str]:
     if vaes.empty or "tags.posterior_collapse" not in vaes:
         return []
     flags = vaes["tags.posterior_collapse"].dropna()
+    # decided again from the metrics where a run has them: runs logged before vae_lab defined
+    # collapse as "no information" carry a tag set by an older rule
+    kl, units = vaes.get("metrics.test/kl"), vaes.get("metrics.eval/active_units")
+    if kl is not None and units is not None:
+        known = kl.notna() & units.notna()
+        flags = flags.where(~known.loc[flags.index],
+                            ((kl < COLLAPSE_KL_NATS) | (units == 0)).loc[flags.index].map(str).str.lower())
     if flags.empty:
         return []
     collapsed = vaes.loc[flags[flags == "true"].index]

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from vae_lab.config import parse_yaml
+from vae_lab import names
 from vae_lab.names import ROLE_TAG, STUDY_NAME_TAG
 
 # our own tqdm bars count the runs; MLflow's per-download bars would drown them
@@ -190,6 +191,27 @@ def config_label(row: pd.Series, config_params: list[str]) -> str:
     return ", ".join(parts)
 
 
+LIKELIHOOD_METRICS = ("val/elbo", "test/elbo", "eval/nll_iwae")
+
+
+def honest_likelihood_metrics(runs: pd.DataFrame) -> None:
+    """In place: blank the ELBOs and NLLs of runs logged before vae_lab logged them only for
+    normalized likelihoods (Bernoulli on grey pixels; Gaussian without its constant, i.e.
+    without a loss.gaussian_std param), and add `val/recon+kl` for VAEs without a val/elbo."""
+    unknown = pd.Series(index=runs.index, dtype=object)  # a run without these params is left as it is
+    likelihood = runs.get("params.loss.likelihood", unknown)
+    binarize = runs.get("params.data.binarize", unknown)
+    with_constant = runs.get("params.loss.gaussian_std", unknown).notna()
+    loss_only = ((likelihood == "bernoulli") & (binarize == "none")) | ((likelihood == "gaussian") & ~with_constant)
+    for metric in LIKELIHOOD_METRICS:
+        if f"metrics.{metric}" in runs:
+            runs.loc[loss_only, f"metrics.{metric}"] = np.nan
+    recon, kl = runs.get(f"metrics.{names.VAL_RECON}"), runs.get(f"metrics.{names.VAL_KL}")
+    if recon is not None and kl is not None:
+        elbo = runs.get(f"metrics.{names.VAL_ELBO}", pd.Series(np.nan, index=runs.index))
+        runs[f"metrics.{names.VAL_RECON_PLUS_KL}"] = (recon + kl).where(elbo.isna())
+
+
 def load_study(tracking_uri: str, run_id: str) -> Study:
     """The study whose parent is `run_id`, or a one-run report when `run_id` has no children."""
     client = open_store(tracking_uri)
@@ -209,6 +231,7 @@ def load_study(tracking_uri: str, run_id: str) -> Study:
     else:
         runs["family"] = runs.get("params.model.name", pd.Series(["?"] * len(runs)))
     runs["family"] = runs["family"].fillna("?")
+    honest_likelihood_metrics(runs)
     swept = swept_params(tags, runs) if is_study else []
     config_params = [key for key in swept if key != SEED_PARAM]
     runs["label"] = pd.Series([config_label(row, config_params) for _, row in runs.iterrows()],

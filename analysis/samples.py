@@ -21,7 +21,7 @@ from torchvision.utils import make_grid  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from vae_lab.data import DataUnavailable, load_data  # noqa: E402
-from vae_lab.tracking import STATE_DICT_ARTIFACT, load_logged_model  # noqa: E402
+from vae_lab.tracking import STATE_DICT_ARTIFACT, has_logged_model, load_logged_model  # noqa: E402
 
 from .plots import DPI, Figure  # noqa: E402
 
@@ -52,8 +52,7 @@ def load_models(runs: pd.DataFrame, tracking_uri: str) -> tuple[list[LoadedModel
     loaded, missing = [], []
     for _, run in tqdm(list(runs.iterrows()), desc="models", leave=False, unit="run"):
         name = f"{run['label']} ({run['run_id'][:8]})"
-        state = [item.path for item in client.list_artifacts(run["run_id"], STATE_DICT_ARTIFACT.rsplit("/", 1)[0])]
-        if STATE_DICT_ARTIFACT not in state:
+        if not has_logged_model(client, run["run_id"]):
             missing.append(f"{name}: no logged model ({STATE_DICT_ARTIFACT})")
             continue
         try:

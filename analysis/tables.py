@@ -17,7 +17,7 @@ from vae_lab.config import VAE_MODELS
 
 from .runs import SEED_PARAM, display_param, parse_param
 
-VAL_METRICS = list(names.split_metrics(names.VAL, variational=True))
+VAL_METRICS = [*names.split_metrics(names.VAL, variational=True), names.VAL_RECON_PLUS_KL]
 TEST_METRICS = list(names.split_metrics(names.TEST, variational=True))
 EVAL_ORDER = [names.EVAL_NLL_IWAE, names.EVAL_MSE, names.EVAL_PCA_MSE, names.EVAL_PROBE, names.EVAL_KNN,
               names.EVAL_ACTIVE_UNITS, names.EVAL_ACTIVE_FRACTION]
@@ -68,14 +68,17 @@ def ranking_metric(family: str, objectives: list[tuple[str, str]], available: se
     """The metric and direction that picks a family's best configuration, or None.
 
     A single-objective study ranks by its objective. Otherwise (several objectives, or none):
-    VAEs by validation ELBO, which every KL weight shares, and AEs by validation
-    reconstruction. Only what `names.is_selectable` allows may choose: a study whose objective
+    VAEs by validation ELBO, which every KL weight shares (or, where the likelihood is not
+    normalized and there is no ELBO, by val/recon + val/kl, the same KL-weight-1 objective
+    as a loss), and AEs by validation reconstruction. Only what `names.is_selectable` allows may choose: a study whose objective
     was a test/* metric falls back to the default, and runs without val/* get no best row.
     """
     if len(objectives) == 1 and names.is_selectable(objectives[0][0]) and objectives[0][0] in available:
         return objectives[0]
     if family in VAE_FAMILIES and names.VAL_ELBO in available:
         return names.VAL_ELBO, "maximize"
+    if family in VAE_FAMILIES and names.VAL_RECON_PLUS_KL in available:
+        return names.VAL_RECON_PLUS_KL, "minimize"
     if names.VAL_RECON in available:
         return names.VAL_RECON, "minimize"
     return None

@@ -41,7 +41,8 @@ per-epoch test passes and whatever each tool writes at the end are all paid insi
 
 Wall time is from launching the process to its exit; each tool runs `--repeats` times
 (round-robin, so drifting load hits all tools alike) and the best (lowest) counts. The test loss
-is the negative ELBO in nats per image from one posterior sample after the last epoch. Goals:
+is BCE summed over pixels + KL in nats per image (a loss: the pixels are grey, not binary, so
+not an ELBO) from one posterior sample after the last epoch. Goals:
 example / vae_lab >= 2.0x, pythae / vae_lab >= 1.3x, test losses within 1%.
 """
 

@@ -11,8 +11,8 @@ The pytorch/examples setup (batch 128, Adam 1e-3, Bernoulli likelihood, no binar
   3. vae_lab      `vae_lab.train.train` with MLflow on (a temporary store)
   4. vae_lab-off  the same with tracking.enabled=false (what tracking costs)
   5. vae_lab-amp  the same with train.amp=true (bf16 autocast) and tracking off
-Every variant evaluates the test loss (negative ELBO in nats per image, one posterior
-sample), outside the timed epochs.
+Every variant evaluates the test loss (BCE + KL in nats per image on grey pixels: a loss, not
+an ELBO; one posterior sample), outside the timed epochs.
 
 Then the fixed cost of one whole run (issue 9: under 5 s outside training), in fresh processes
 with a fresh store: `python -m vae_lab.train` timed from launch to exit, minus its training

@@ -26,6 +26,9 @@ def store(tmp_path_factory):
     client.set_tag(first.run_id, "mlflow.parentRunId", parent)
     second = train(trials[1], parent_run_id=parent)
     bare = train(build_config(overrides=[*QUIET, f"tracking.uri={uri}", "tracking.log_model=false"]))
+    for _ in range(2):  # two parents that share a study name (--new-study makes such)
+        client.create_run(client.get_run(first.run_id).info.experiment_id,
+                          tags={"vae_lab.role": "study", "vae_lab.study_name": "twin"})
     return uri, parent, [first.run_id, second.run_id], bare.run_id
 
 
@@ -61,10 +64,17 @@ def test_a_study_by_name_evaluates_each_finished_trial(store):
     (["--run", "{bare}"], ["has no model"]),
     (["--run", "{trial}", "train.epochs=3"], ["only eval.*", "train.epochs"]),
     (["--run", "{trial}", "eval.iwae_samples=0"], ["eval.iwae_samples", "positive"]),
+    (["--run", "{trial}", "eval.enabled=false"], ["eval.enabled"]),
+    (["--run", "{failed}"], ["FAILED", "only a FINISHED run"]),
+    (["--study", "twin"], ["2 studies are named 'twin'", "parent run id"]),
 ])
 def test_bad_input_exits_2_with_one_line(store, capsys, arguments, words):
     uri, _, (trial, _), bare = store
-    arguments = [argument.format(bare=bare, trial=trial) for argument in arguments]
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(trial).info.experiment_id
+    failed = client.create_run(experiment_id).info.run_id
+    client.set_terminated(failed, "FAILED")
+    arguments = [argument.format(bare=bare, trial=trial, failed=failed) for argument in arguments]
     before = MlflowClient(uri).get_run(trial).data
     assert main([*arguments, "--tracking-uri", uri]) == 2
     error = capsys.readouterr().err.strip()
@@ -72,6 +82,12 @@ def test_bad_input_exits_2_with_one_line(store, capsys, arguments, words):
     for word in words:
         assert word in error
     assert MlflowClient(uri).get_run(trial).data.tags == before.tags  # nothing written
+
+
+def test_device_may_be_chosen_for_the_evaluation(store):
+    uri, _, (run_id, _), _ = store
+    assert main(["--run", run_id, "device=cpu", "eval.iwae_samples=2", "--tracking-uri", uri]) == 0
+    assert "eval.iwae_samples=2" in MlflowClient(uri).get_run(run_id).data.tags["vae_lab.eval_settings"]
 
 
 def test_command_line(store):

@@ -352,3 +352,36 @@ def test_param_parsing_and_objectives():
     assert display_param("1.0") == "1" and display_param("0.001") == "0.001" and display_param("[64]") == "[64]"
     assert parse_objectives("test/recon:minimize,test/kl:minimize") == [
         ("test/recon", "minimize"), ("test/kl", "minimize")]
+
+
+def test_old_runs_lose_elbos_their_likelihood_never_had_and_vaes_rank_on_recon_plus_kl():
+    """Runs logged before elbo meant a normalized likelihood: a grey-pixel Bernoulli run's
+    'elbo' is blanked, and VAEs without an ELBO are ranked by val/recon + val/kl, so a KL
+    weight cannot win by leaving its KL out."""
+    from analysis.runs import honest_likelihood_metrics
+
+    runs = pd.DataFrame({
+        "family": ["linear_vae"] * 3, "label": ["kl 0.05", "kl 1", "binary"],
+        "params.loss.likelihood": ["bernoulli"] * 3, "params.data.binarize": ["none", "none", "dynamic"],
+        "metrics.val/recon": [90.0, 100.0, 80.0], "metrics.val/kl": [60.0, 20.0, 25.0],
+        "metrics.val/elbo": [-150.0, -120.0, -105.0], "metrics.test/elbo": [-151.0, -121.0, -106.0],
+    })
+    honest_likelihood_metrics(runs)
+    assert runs["metrics.val/elbo"].isna().tolist() == [True, True, False]
+    assert runs["metrics.test/elbo"].isna().tolist() == [True, True, False]
+    assert runs["metrics.val/recon+kl"].tolist()[:2] == [150.0, 120.0] and np.isnan(runs["metrics.val/recon+kl"][2])
+    grey = runs.iloc[:2].assign(**{"metrics.val/elbo": np.nan})
+    summary = mark_best(configuration_summary(grey, [], ["val/recon", "val/recon+kl"]), [])
+    assert summary.loc[summary["best"], "label"].tolist() == ["kl 1"]  # by val/recon alone it would be kl 0.05
+    assert set(summary["ranked_by"]) == {"val/recon+kl (min)"}
+
+
+def test_collapse_is_decided_from_the_metrics_when_a_run_has_them():
+    runs = runs_frame([  # an old tag ("fewer than half active") against what the metrics say
+        {"family": "linear_vae", "label": "old", "tags.posterior_collapse": "true",
+         "metrics.test/kl": 12.0, "metrics.eval/active_units": 2.0, "params.model.latent_dim": "8"},
+        {"family": "linear_vae", "label": "empty", "tags.posterior_collapse": "false",
+         "metrics.test/kl": 0.01, "metrics.eval/active_units": 0.0, "params.model.latent_dim": "8"},
+    ])
+    [sentence] = findings.collapse_findings(runs)
+    assert sentence.startswith("Posterior collapse in 1/2 VAE runs") and "empty (0/8" in sentence

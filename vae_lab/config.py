@@ -8,6 +8,7 @@ or value raises `ConfigError` with one line naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -96,12 +97,15 @@ class ModelConfig:
     choices = {"name": MODELS, "latent_layout": ("vector", "cube"), "activation": ("relu", "gated")}
 
 
+DEFAULT_GAUSSIAN_STD = 1 / math.sqrt(2)  # keeps the summed squared error as the data term
+
+
 @dataclass
 class LossConfig:
     likelihood: str = "bernoulli"
     kl_weight: float = 1.0
     kl_warmup_steps: int = 0
-    gaussian_std: float = 0.7071067811865476  # sigma of the gaussian likelihood: 1/sqrt(2)
+    gaussian_std: float = DEFAULT_GAUSSIAN_STD  # sigma of the gaussian likelihood
 
     choices = {"likelihood": ("bernoulli", "gaussian")}
 

@@ -9,7 +9,8 @@ Each run's model (its state dict, read with `torch.load(weights_only=True)`) and
 (`vae_lab.evaluation`) is computed and logged into the same run, with its tags and
 `eval/kl_per_dim.csv`. The tag `vae_lab.eval_settings` records the settings the latest eval/*
 came from (the run's params keep the ones it trained with: MLflow params cannot change).
-Only `eval.*` may be overridden: anything else would no longer describe the trained model.
+Only `eval.*` (and `device`, to evaluate elsewhere than where it trained) may be overridden:
+anything else would no longer describe the trained model.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ class EvaluateError(ConfigError):
 
 
 def _checked_overrides(overrides: list[str]) -> list[str]:
-    """The overrides, if they are valid eval.* settings (checked before anything is read)."""
+    """The overrides, if they are valid eval.* or device settings (checked before anything is read)."""
     for text in overrides:
         key, _ = parse_override(text)
-        if not key.startswith("eval."):
-            raise EvaluateError(f"only eval.* settings can change after training (e.g. eval.iwae_samples=5000); "
-                                f"got {key}")
+        if not (key.startswith("eval.") or key == "device"):
+            raise EvaluateError(f"only eval.* settings (and device) can change after training "
+                                f"(e.g. eval.iwae_samples=5000); got {key}")
+        if key == "eval.enabled":
+            raise EvaluateError("eval.enabled cannot be set here: evaluating is what this command does")
     validate(apply_overrides(Config(), overrides))
     return overrides
 
@@ -54,9 +57,12 @@ def study_runs(client, study: str) -> list:
         parents = client.search_runs(
             [experiment.experiment_id for experiment in client.search_experiments()],
             filter_string=f"tags.`{names.ROLE_TAG}` = 'study' and tags.`{names.STUDY_NAME_TAG}` = '{study}'",
-            order_by=["attributes.start_time DESC"], max_results=1)
+            order_by=["attributes.start_time DESC"], max_results=10)
         if not parents:
             raise EvaluateError(f"no study named {study!r} and no run with that id in {client.tracking_uri}") from None
+        if len(parents) > 1:
+            raise EvaluateError(f"{len(parents)} studies are named {study!r} (parent runs "
+                                f"{', '.join(run.info.run_id for run in parents)}); pass the parent run id")
         parent = parents[0]
     if parent.data.tags.get(names.ROLE_TAG) != "study":
         raise EvaluateError(f"run {parent.info.run_id} is not a study's parent run; use --run for a single run")
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data import DataUnavailable
     from .sweep import DataCache
-    from .tracking import missing_store, resolve_tracking_uri
+    from .tracking import has_logged_model, missing_store, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     try:
@@ -127,14 +133,20 @@ def main(argv: list[str] | None = None) -> int:
         client = MlflowClient(tracking_uri=tracking_uri)
         if args.run:
             try:
-                client.get_run(args.run)
+                status = client.get_run(args.run).info.status
             except MlflowException:
                 raise EvaluateError(f"unknown run id {args.run!r}: no such run in {tracking_uri}") from None
+            if status != "FINISHED":
+                raise EvaluateError(f"run {args.run} is {status}; only a FINISHED run's model is evaluated")
             run_ids = [args.run]
         else:
             run_ids = [run.info.run_id for run in study_runs(client, args.study)]
+            without_model = [run_id for run_id in run_ids if not has_logged_model(client, run_id)]
+            run_ids = [run_id for run_id in run_ids if run_id not in without_model]
+            if without_model:  # checked before anything is written
+                print(f"skipping {len(without_model)} finished trial(s) without a logged model", file=sys.stderr)
             if not run_ids:
-                raise EvaluateError(f"study {args.study!r} has no finished trial to evaluate")
+                raise EvaluateError(f"study {args.study!r} has no finished trial with a model to evaluate")
         data_cache = DataCache()
         results = {}
         for run_id in tqdm(run_ids, desc="evaluate", unit="run", disable=len(run_ids) == 1):

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import DEFAULT_GAUSSIAN_STD
 from .models import Posterior
-
-DEFAULT_GAUSSIAN_STD = 1 / math.sqrt(2)
 
 
 def reconstruction_nll(logits: torch.Tensor, images: torch.Tensor, likelihood: str,

@@ -23,6 +23,9 @@ EPOCH = "epoch"
 IMAGES_PER_SEC = "train/images_per_sec"
 EPOCH_SECONDS = "train/epoch_seconds"
 VAL_LOSS, VAL_RECON, VAL_KL, VAL_ELBO, VAL_MSE = (f"val/{term}" for term in SPLIT_TERMS)
+# derived by the analysis (not logged): a VAE's KL-weight-1 objective where the likelihood is not
+# normalized, so there is no val/elbo; comparable across KL weights, but a loss, not a bound
+VAL_RECON_PLUS_KL = "val/recon+kl"
 # once, after training
 BEST_EPOCH = "train/best_epoch"  # the epoch with the lowest val/loss (its weights are kept under early stopping)
 STOPPED_EPOCH = "train/stopped_epoch"  # the last epoch trained

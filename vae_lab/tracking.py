@@ -288,11 +288,15 @@ def has_logged_model(client: MlflowClient, run_id: str) -> bool:
 
 
 def load_run_config(client: MlflowClient, run_id: str) -> Config:
+    """The config a run trained with (its config.yaml). Keys added since are filled with the
+    value that reproduces what the run did (a run from before validation splits had none)."""
     with tempfile.TemporaryDirectory() as folder:
         path = client.download_artifacts(run_id, CONFIG_ARTIFACT, folder)
         from .config import flatten
 
-        return config_from_flat(flatten(parse_yaml(Path(path).read_text())))
+        flat = flatten(parse_yaml(Path(path).read_text()))
+        flat.setdefault("data.val_size", 0)
+        return config_from_flat(flat)
 
 
 def load_logged_model(run_id: str, tracking_uri: str | None = None,
