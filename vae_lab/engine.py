@@ -40,11 +40,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import names
-from .config import Config
+from .config import Config, ConfigError
 from .data import ImageData
 from .losses import kl_to_standard_normal, kl_weight_at, reconstruction_nll
 from .models import Autoencoder, Posterior, build_model
-from .steps import NoiseInput, PlainStep, StackedStep, autocast
+from .steps import PlainStep, StackedStep, plain_forward
 
 EVAL_BATCH_SIZE = 1000
 ORDER_SEED_OFFSET, NOISE_SEED_OFFSET, EVAL_NOISE_SEED_OFFSET = 0, 1, 1_000_003
@@ -64,8 +64,6 @@ class RunResult:
 
 
 def resolve_device(requested: str) -> torch.device:
-    from .config import ConfigError
-
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
@@ -245,16 +243,6 @@ def draw_noise(generators, slot, batch: int, latent_dim: int, variational: bool,
         return None, None
     return gather([torch.randn((batch, latent_dim), generator=generator, device=device, dtype=dtype)
                    for generator in generators], slot)
-
-
-def plain_forward(model: Autoencoder, amp: bool, device: torch.device):
-    """`forward` for `evaluate_split` over one plain model."""
-    network = NoiseInput(model).eval()
-
-    def forward(images, noise, noise_dim):
-        with autocast(device, amp):
-            return tuple(output.unsqueeze(0) for output in network(images, noise))
-    return forward
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -534,11 +522,9 @@ def train_group(configs: list[Config], *, data: ImageData, device: torch.device,
     tags = _per_trial(tags, count, "tags")
     callbacks = _per_trial(on_epoch_end, count, "on_epoch_end")
     if data.train_images.shape[0] < configs[0].train.batch_size:
-        from .config import ConfigError
         raise ConfigError(f"train.batch_size={configs[0].train.batch_size} is larger than the "
                           f"{data.train_images.shape[0]} training images")
     if any(config.train.early_stopping_patience for config in configs) and not data.has_val:
-        from .config import ConfigError
         raise ConfigError("train.early_stopping_patience needs a validation split; set data.val_size")
 
     models = []

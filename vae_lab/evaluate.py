@@ -87,7 +87,7 @@ def evaluate_run(client, run_id: str, overrides: list[str], data_cache) -> dict[
     config = validate(apply_overrides(load_run_config(client, run_id), overrides))
     device = resolve_device(config.device)
     data = data_cache.get(config)
-    model, _ = load_logged_model(run_id, client.tracking_uri, map_location=device)
+    model, _ = load_logged_model(run_id, client.tracking_uri, map_location=device, config=config)
     evaluation = evaluate_model(model.to(device), data, config, device)
     settings = " ".join(f"{key}={value}" for key, value in config.flat().items() if key.startswith("eval."))
     timestamp = int(time.time() * 1000)

@@ -39,11 +39,10 @@ SELECTABLE_PREFIXES = (f"{VAL}/", f"{TRAIN}/")
 HELD_OUT_PREFIXES = (f"{TEST}/", f"{EVAL}/")  # scored on the test split
 
 
-def split_metrics(split: str, variational: bool, normalized: bool = True) -> tuple[str, ...]:
-    """The names `engine.evaluate_split` logs for `split` (val or test): kl for VAEs, elbo for
-    VAEs whose likelihood is normalized (`Config.likelihood_is_normalized`)."""
-    terms = [term for term in SPLIT_TERMS
-             if (term != "kl" or variational) and (term != "elbo" or (variational and normalized))]
+def split_metrics(split: str, variational: bool) -> tuple[str, ...]:
+    """The names `engine.evaluate_split` can log for `split` (val or test), in reading order:
+    kl and elbo only for VAEs (elbo only where `Config.likelihood_is_normalized`)."""
+    terms = SPLIT_TERMS if variational else ("loss", "recon", "mse_per_pixel")
     return tuple(f"{split}/{term}" for term in terms)
 
 

@@ -58,6 +58,17 @@ class NoiseInput(nn.Module):
         return self.model.decode(z), posterior.mean, posterior.logvar
 
 
+def plain_forward(model: Autoencoder, amp: bool, device: torch.device):
+    """`forward(images, noise, noise_dim)` of one plain model in eval mode, with a leading K = 1
+    dimension: what `PlainStep.forward` and `vae_lab.engine.evaluate_split` expect."""
+    network = NoiseInput(model).eval()
+
+    def forward(images, noise, noise_dim):
+        with autocast(device, amp):
+            return tuple(output.unsqueeze(0) for output in network(images, noise))
+    return forward
+
+
 def _posterior(stats) -> Posterior:
     return Posterior(stats[0], stats[1] if len(stats) > 1 else None)
 
@@ -98,10 +109,7 @@ class PlainStep:
 
     @torch.no_grad()
     def forward(self, images, noise, noise_dim):
-        self.network.eval()
-        with autocast(self.device, self.amp):
-            outputs = self.network(images, noise)
-        return tuple(output.unsqueeze(0) for output in outputs)
+        return plain_forward(self._model, self.amp, self.device)(images, noise, noise_dim)
 
     def keep(self, rows: list[int]) -> None:
         if rows != [0]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -87,14 +88,11 @@ def best_configuration(study: optuna.Study, spec: StudySpec) -> dict | None:
 
 
 def _mean(values: list[float]) -> float:
-    return float(sum(values) / len(values)) if values else math.nan
+    return statistics.fmean(values) if values else math.nan
 
 
 def _std(values: list[float]) -> float | None:
-    if len(values) < 2:
-        return None
-    mean = _mean(values)
-    return float(math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1)))
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def summarize(study: optuna.Study, spec: StudySpec, table: pd.DataFrame, wall_seconds: float) -> dict:

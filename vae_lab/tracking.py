@@ -300,12 +300,13 @@ def load_run_config(client: MlflowClient, run_id: str) -> Config:
 
 
 def load_logged_model(run_id: str, tracking_uri: str | None = None,
-                      map_location: str | torch.device = "cpu"):
-    """Rebuild a run's model from its config and state dict (`torch.load(weights_only=True)`)."""
+                      map_location: str | torch.device = "cpu", config: Config | None = None):
+    """Rebuild a run's model from its config (read from the run unless given) and its state
+    dict (`torch.load(weights_only=True)`)."""
     from .models import build_model
 
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri or ""))
-    config = load_run_config(client, run_id)
+    config = config or load_run_config(client, run_id)
     with tempfile.TemporaryDirectory() as folder:
         path = client.download_artifacts(run_id, STATE_DICT_ARTIFACT, folder)
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
