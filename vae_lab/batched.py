@@ -37,7 +37,7 @@ from .models import build_model
 PER_TRIAL_KEYS = ("loss.kl_weight", "loss.kl_warmup_steps", "train.lr", "train.seed", "train.grad_clip",
                   "train.early_stopping_patience")
 # Keys that only concern one trial's run (logging, end-of-run evaluation, its progress bar).
-PER_RUN_KEYS = ("train.progress",)
+PER_RUN_KEYS = ("train.progress", "train.checkpoint_every")
 PER_RUN_SECTIONS = ("tracking.", "eval.")
 
 DEFAULT_CAP = {"cpu": 16, "cuda": 64}

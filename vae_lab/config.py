@@ -119,6 +119,7 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     early_stopping_patience: int = 0  # stop after this many epochs without a better val/loss; 0 = off
+    checkpoint_every: int = 0  # save the whole training state every N epochs (and at the last); 0 = off
     progress: bool = True
 
 
@@ -314,6 +315,7 @@ def validate(config: Config) -> Config:
         "data.resize": config.data.resize,
         "data.train_limit": config.data.train_limit,
         "data.test_limit": config.data.test_limit,
+        "train.checkpoint_every": config.train.checkpoint_every,
     }
     for key, value in non_negative.items():
         if value < 0:

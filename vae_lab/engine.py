@@ -20,8 +20,14 @@ How a trial in a batch stays the trial it would be alone:
 - Adam and gradient clipping are per trial (`vae_lab.steps`).
 A trial that diverges (NaN/inf: FAILED), is pruned (KILLED), whose callback fails (FAILED)
 or that stops early (FINISHED) leaves the batch: its run ends with its own status and the
-others go on. KeyboardInterrupt ends every open run KILLED and is re-raised. An error of the
-shared pass itself (out of memory, a bug) ends every open run FAILED and is returned for each.
+others go on; `on_trial_end(index, outcome)` hears of it at once. KeyboardInterrupt ends every
+open run KILLED and is re-raised. An error of the shared pass itself (out of memory, a bug)
+ends every open run FAILED and is returned for each.
+
+Checkpoints (`train.checkpoint_every`, `vae_lab.checkpoints`): at its checkpoint epochs and at its
+last epoch a trial's whole state is saved to its run, and only then are the metrics buffered
+since the previous checkpoint sent to the store. `resume=[Resume(run_id, checkpoint), ...]`
+continues those runs from there; trials trained together resume from one epoch.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from . import names
 from .config import Config, ConfigError
 from .data import ImageData
 from .losses import kl_to_standard_normal, kl_weight_at, reconstruction_nll
+from .checkpoints import Checkpoint, Resume, save_checkpoint
 from .models import Autoencoder, Posterior, build_model
 from .steps import PlainStep, StackedStep, plain_forward
 
@@ -50,6 +57,7 @@ EVAL_BATCH_SIZE = 1000
 ORDER_SEED_OFFSET, NOISE_SEED_OFFSET, EVAL_NOISE_SEED_OFFSET = 0, 1, 1_000_003
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+TrialEndCallback = Callable[[int, Any], None]
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,8 +86,9 @@ def seed_everything(seed: int) -> None:
 
 
 def run_status_for(error: BaseException) -> str:
-    """MLflow status for a run stopped by `error`: interrupted or pruned runs are KILLED."""
-    if isinstance(error, KeyboardInterrupt) or type(error).__name__ == "TrialPruned":
+    """MLflow status for a run stopped by `error`: interrupted or pruned runs, and runs cut off
+    from their store (resumable), are KILLED."""
+    if isinstance(error, KeyboardInterrupt) or type(error).__name__ in ("TrialPruned", "StoreUnavailable"):
         return "KILLED"
     return "FAILED"
 
@@ -154,11 +163,23 @@ class Trial:
     best_state: dict[str, torch.Tensor] | None = None  # kept only under early stopping
     epochs_trained: int = 0
     last_step: int = 0
+    finished_training: bool = False  # what is left is test/*, eval/*, artifacts
+    checkpoints_written: int = 0
     outcome: Any = None  # RunResult or the exception that stopped it
 
     @property
     def patience(self) -> int:
         return self.config.train.early_stopping_patience
+
+    def restore(self, checkpoint: Checkpoint, device: torch.device) -> None:
+        """Take up the early-stopping state and counters a checkpoint recorded."""
+        self.epochs_trained, self.last_step = checkpoint.epoch, checkpoint.step
+        self.finished_training = checkpoint.finished_training
+        self.checkpoints_written = checkpoint.sequence + 1
+        self.best_val_loss, self.best_epoch = checkpoint.best_val_loss, checkpoint.best_epoch
+        self.best_state = None if checkpoint.best_state is None else {
+            name: value.to(device) for name, value in checkpoint.best_state.items()}
+        self.val, self.last_train, self.last_epoch = checkpoint.val, checkpoint.last_train, checkpoint.last_epoch
 
     def end_of_epoch(self, epoch: int, step: int, val: dict[str, float], state_of: Callable[[], dict]) -> bool:
         """Record the epoch; True when early stopping says this trial is done."""
@@ -251,8 +272,11 @@ class Engine:
     """K trials of one shape through one data pass per epoch."""
 
     def __init__(self, trials: list[Trial], models: list[Autoencoder], data: ImageData,
-                 device: torch.device, stacked: bool, amp: bool):
+                 device: torch.device, stacked: bool, amp: bool,
+                 checkpoints: list[Checkpoint | None] | None = None,
+                 on_trial_end: TrialEndCallback | None = None):
         self.trials = trials
+        self.on_trial_end = on_trial_end
         self.data = data
         self.device = device
         self.config = trials[0].config  # the shared part (vae_lab.batched.batch_key) is the same in each
@@ -269,6 +293,10 @@ class Engine:
         self.warming = any(config.loss.kl_warmup_steps > 0 for config in configs)
         self.progress = any(config.train.progress for config in configs)
         self.step = 0
+        self.checkpoints = checkpoints or [None] * len(trials)
+        if any(checkpoint is not None for checkpoint in self.checkpoints):
+            self.step = self.checkpoints[0].step
+            self.step_impl.load_optimizer_states([checkpoint.optimizer_state for checkpoint in self.checkpoints])
 
     @property
     def configs(self) -> list[Config]:
@@ -292,8 +320,20 @@ class Engine:
         order_generators = {seed: torch.Generator().manual_seed(seed + ORDER_SEED_OFFSET) for seed in self.seeds}
         noise_generators = {seed: torch.Generator(device=self.device).manual_seed(seed + NOISE_SEED_OFFSET)
                             for seed in self.seeds}
+        self.order_generators, self.noise_generators = order_generators, noise_generators
+        for trial, checkpoint in zip(self.trials, self.checkpoints):  # a resumed seed's streams go on
+            if checkpoint is not None:
+                order_generators[trial.config.train.seed].set_state(checkpoint.order_generator)
+                noise_generators[trial.config.train.seed].set_state(checkpoint.noise_generator)
+        start_epoch = self.trials[0].epochs_trained
+        trained = [trial for trial in self.trials if trial.finished_training]
+        if trained:  # stopped after training, before its run finished: only the end is left
+            self._finish(trained)
+            self._drop(None, {id(trial) for trial in trained})
+            if not self.trials:
+                return
         steps_per_epoch = self.data.num_batches("train", batch_size)
-        for epoch in range(1, epochs + 1):
+        for epoch in range(start_epoch + 1, epochs + 1):
             running = torch.zeros(len(self.trials), 3, device=self.device)
             for trial in self.trials:
                 trial.running_count = 0
@@ -374,7 +414,6 @@ class Engine:
                 failed[id(trial)] = error
                 continue
             trial.tracker.log_metrics({**val, **throughput, names.EPOCH: epoch}, self.step)
-            trial.tracker.flush()
             trial.last_epoch = throughput
             stop = trial.end_of_epoch(epoch, self.step, val, lambda row=row: self.step_impl.state(row))
             if trial.on_epoch_end is not None:
@@ -383,13 +422,42 @@ class Engine:
                 except Exception as error:  # optuna.TrialPruned (KILLED) or a failing callback (FAILED)
                     failed[id(trial)] = error
                     continue
-            if stop or last:
+            trial.finished_training = stop or last
+            try:
+                self._checkpoint_and_flush(row, trial)
+            except Exception as error:  # the store stayed unreachable (tracking.StoreUnavailable)
+                failed[id(trial)] = error
+                continue
+            if trial.finished_training:
                 done.append(trial)
         if self.progress:
             self._print_epoch(epoch, all_val, throughput)
         self._drop(None, self._end_failed(failed))
         self._finish(done)
         self._drop(None, {id(trial) for trial in done})
+
+    def _checkpoint_and_flush(self, row: int, trial: Trial) -> None:
+        """Send the trial's buffered metrics to the store; under `train.checkpoint_every`, at its
+        checkpoint epochs and its last, and only after the checkpoint that re-sends them."""
+        every = trial.config.train.checkpoint_every
+        if not every or trial.tracker.run_id is None:
+            trial.tracker.flush()
+            return
+        if trial.epochs_trained % every and not trial.finished_training:
+            return  # the metrics wait for the next checkpoint
+        seed = trial.config.train.seed
+        checkpoint = Checkpoint(
+            epoch=trial.epochs_trained, step=self.step, sequence=trial.checkpoints_written,
+            finished_training=trial.finished_training, model_state=self.step_impl.state(row),
+            optimizer_state=self.step_impl.optimizer_state(row),
+            order_generator=self.order_generators[seed].get_state(),
+            noise_generator=self.noise_generators[seed].get_state(),
+            best_val_loss=trial.best_val_loss, best_epoch=trial.best_epoch, best_state=trial.best_state,
+            val=trial.val, last_train=trial.last_train, last_epoch=trial.last_epoch,
+            pending_metrics=trial.tracker.pending())
+        if trial.tracker.attempt(lambda: save_checkpoint(trial.tracker, checkpoint), "a checkpoint"):
+            trial.checkpoints_written += 1
+            trial.tracker.attempt(trial.tracker.flush, "metrics")
 
     def _print_epoch(self, epoch: int, all_val: list[dict], throughput: dict) -> None:
         losses = [val[names.VAL_LOSS] for val in all_val if math.isfinite(val.get(names.VAL_LOSS, math.nan))]
@@ -409,8 +477,13 @@ class Engine:
             error = failed.get(id(trial))
             if error is not None:
                 trial.tracker.end(run_status_for(error), reason=f"{type(error).__name__}: {error}")
-                trial.outcome = error
+                self._ended(trial, error)
         return set(failed)
+
+    def _ended(self, trial: Trial, outcome: Any) -> None:
+        trial.outcome = outcome
+        if self.on_trial_end is not None:
+            self.on_trial_end(trial.index, outcome)
 
     def _drop(self, running: torch.Tensor | None, gone: set[int]):
         """Remove the trials `gone` (ids) from the stack, with their rows of every per-trial state."""
@@ -445,10 +518,11 @@ class Engine:
                                        self.noise_dtype)[0] for trial, model in zip(done, models)]
         for trial, model, test in zip(done, models, all_test):
             try:
-                trial.outcome = self._finalize_trial(trial, model, test)
+                outcome = self._finalize_trial(trial, model, test)
             except Exception as error:
                 trial.tracker.end(run_status_for(error), reason=f"{type(error).__name__}: {error}")
-                trial.outcome = error
+                outcome = error
+            self._ended(trial, outcome)
 
     def _finalize_trial(self, trial: Trial, model: Autoencoder, test: dict[str, float]) -> RunResult:
         check_finite(test, trial.last_step, trial.epochs_trained)
@@ -503,14 +577,18 @@ def train_group(configs: list[Config], *, data: ImageData, device: torch.device,
                 parent_run_id: str | None = None, run_names: list[str | None] | None = None,
                 tags: list[dict[str, str] | None] | None = None,
                 on_epoch_end: list[EpochCallback | None] | None = None,
+                resume: list[Resume | None] | None = None,
+                on_trial_end: TrialEndCallback | None = None,
                 stacked: bool | None = None) -> list[RunResult | BaseException]:
     """Train `configs` (equal `vae_lab.batched.batch_key`s) in one pass; one MLflow run each.
 
     Returns, in the order of `configs`, a `RunResult` for each trial that finished, or the
-    exception that stopped it. `stacked` picks the step: by default a plain step for one
-    config and a vmapped one for several (`stacked=True` with one config is the batch of one
-    the tests compare with the plain step). KeyboardInterrupt ends every open run KILLED and
-    is re-raised.
+    exception that stopped it; `on_trial_end(index, outcome)` is called as each one ends.
+    `resume[i]` continues run `resume[i].run_id` from its checkpoint instead of starting a
+    run (all resumed from the same epoch). `stacked` picks the step: by default a plain step
+    for one config and a vmapped one for several (`stacked=True` with one config is the batch
+    of one the tests compare with the plain step). KeyboardInterrupt ends every open run
+    KILLED and is re-raised.
     """
     from .tracking import NullTracker, RunTracker
 
@@ -521,6 +599,10 @@ def train_group(configs: list[Config], *, data: ImageData, device: torch.device,
     run_names = _per_trial(run_names, count, "run_names")
     tags = _per_trial(tags, count, "tags")
     callbacks = _per_trial(on_epoch_end, count, "on_epoch_end")
+    resumes = _per_trial(resume, count, "resume")
+    if len({entry.epoch if entry else 0 for entry in resumes}) > 1:
+        raise ValueError("trials trained together must resume from the same epoch")
+    checkpoints = [entry.checkpoint if entry else None for entry in resumes]
     if data.train_images.shape[0] < configs[0].train.batch_size:
         raise ConfigError(f"train.batch_size={configs[0].train.batch_size} is larger than the "
                           f"{data.train_images.shape[0]} training images")
@@ -528,11 +610,16 @@ def train_group(configs: list[Config], *, data: ImageData, device: torch.device,
         raise ConfigError("train.early_stopping_patience needs a validation split; set data.val_size")
 
     models = []
-    for config in configs:
+    for config, checkpoint in zip(configs, checkpoints):
         seed_everything(config.train.seed)
         models.append(build_model(config.model, data.image_shape).to(device))
+        if checkpoint is not None:
+            models[-1].load_state_dict(checkpoint.model_state)
     trials = [Trial(index, config, on_epoch_end=callback)
               for index, (config, callback) in enumerate(zip(configs, callbacks))]
+    for trial, checkpoint in zip(trials, checkpoints):
+        if checkpoint is not None:
+            trial.restore(checkpoint, device)
     amp = effective_amp(configs[0].train.amp, device)
     try:
         try:
@@ -540,11 +627,19 @@ def train_group(configs: list[Config], *, data: ImageData, device: torch.device,
                 run_tags = {names.PRECISION_TAG: "bf16 autocast" if amp else "fp32", **(tags[trial.index] or {})}
                 if count > 1:
                     run_tags[names.BATCHED_TRIALS_TAG] = str(count)
-                trial.tracker = (RunTracker.start(trial.config, device, parent_run_id, run_names[trial.index],
-                                                  run_tags) if trial.config.tracking.enabled else NullTracker())
+                entry = resumes[trial.index]
+                if not trial.config.tracking.enabled:
+                    trial.tracker = NullTracker()
+                elif entry is not None:
+                    trial.tracker = RunTracker.resume(trial.config, entry.run_id, run_tags,
+                                                      checkpoints[trial.index])
+                else:
+                    trial.tracker = RunTracker.start(trial.config, device, parent_run_id, run_names[trial.index],
+                                                     run_tags)
             by_lr = sorted(range(count), key=lambda index: configs[index].train.lr)  # see StackedStep
             engine = Engine([trials[index] for index in by_lr], [models[index] for index in by_lr], data, device,
-                            stacked=count > 1 if stacked is None else stacked, amp=amp)
+                            stacked=count > 1 if stacked is None else stacked, amp=amp,
+                            checkpoints=[checkpoints[index] for index in by_lr], on_trial_end=on_trial_end)
             del models
             engine.run()
         except Exception as error:  # the shared pass (or its setup) failed: every trial still open fails
@@ -553,10 +648,12 @@ def train_group(configs: list[Config], *, data: ImageData, device: torch.device,
                     if trial.tracker is not None:
                         trial.tracker.end("FAILED", reason=f"{type(error).__name__}: {error}")
                     trial.outcome = error
+                    if on_trial_end is not None:
+                        on_trial_end(trial.index, error)
     except KeyboardInterrupt as error:
         for trial in trials:
             if trial.tracker is not None:
-                trial.tracker.end("KILLED", reason=f"{type(error).__name__}: {error}")
+                trial.tracker.end("KILLED", reason=f"{type(error).__name__}: {error}", resumable=True)
         # the trials that ended before the interrupt keep their outcome (FINISHED runs, pruned)
         error.outcomes = [trial.outcome for trial in trials]
         raise

@@ -67,3 +67,4 @@ BEST_RUN_TAG = "vae_lab.best_run_id"
 FAILURE_REASON_TAG = "failure_reason"
 STOP_REASON_TAG = "vae_lab.stop_reason"  # "early_stopping" or "epochs"
 PRECISION_TAG = "vae_lab.precision"  # what train.amp became on this device: "bf16 autocast" or "fp32"
+RESUMED_FROM_TAG = "vae_lab.resumed_from_epoch"  # set when a run was continued from a checkpoint

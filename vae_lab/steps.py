@@ -6,6 +6,7 @@ Both steps hold K >= 1 trials' weights and optimizer state, and answer the same 
     logits, mean, logvar = step.forward(images, noise, noise_dim)             # [K, B, ...], no grad
     step.keep(rows)                      # drop trials that left
     state = step.state(row); step.load_state(row, state)   # a trial's weights (early stopping)
+    moments = step.optimizer_state(row); step.load_optimizer_states([moments, ...])  # checkpoints
     model = step.model(row)              # a trial as a plain model of its own
 
 - `PlainStep`: one model, plain autograd, `torch.optim.Adam` (fused), `clip_grad_norm_`.
@@ -33,6 +34,13 @@ from .losses import loss_terms
 from .models import Autoencoder, Posterior, build_model
 
 CLIP_EPS = 1e-6  # clip_grad_norm_'s
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _adam_state(state: dict, name: str, like: torch.Tensor) -> dict:
+    """One tensor's fused-Adam state from a checkpoint's per-name moments."""
+    return {"step": torch.tensor(state["step"], dtype=torch.float32, device=like.device),
+            **{key: state[key][name].to(like.device, like.dtype).clone() for key in ADAM_MOMENTS}}
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -120,6 +128,23 @@ class PlainStep:
 
     def load_state(self, row: int, state: dict[str, torch.Tensor]) -> None:
         self._model.load_state_dict(state)
+
+    def optimizer_state(self, row: int) -> dict | None:
+        """The trial's Adam state by parameter name (None before its first step)."""
+        named = list(self._model.named_parameters())
+        if not self.optimizer.state:
+            return None
+        states = [self.optimizer.state[param] for _, param in named]
+        return {"step": float(states[0]["step"]),
+                **{key: {name: state[key].detach().clone() for (name, _), state in zip(named, states)}
+                   for key in ADAM_MOMENTS}}
+
+    def load_optimizer_states(self, states: list[dict | None]) -> None:
+        (state,) = states
+        if state is None:
+            return
+        for name, param in self._model.named_parameters():
+            self.optimizer.state[param] = _adam_state(state, name, param)
 
     def model(self, row: int) -> Autoencoder:
         return self._model
@@ -247,6 +272,43 @@ class StackedStep:
     def state(self, row: int) -> dict[str, torch.Tensor]:
         return {name.removeprefix("model."): value[row].detach().clone()
                 for name, value in (*self.params.items(), *self.buffers.items())}
+
+    def _group_of(self, row: int) -> tuple[dict, int]:
+        """The Adam param group holding `row`, and the row's position in it."""
+        start = 0
+        for group in self.optimizer.param_groups:
+            stop = start + group["params"][0].shape[0]
+            if row < stop:
+                return group, row - start
+            start = stop
+        raise IndexError(row)
+
+    def optimizer_state(self, row: int) -> dict | None:
+        """The trial's Adam state by parameter name, as `PlainStep.optimizer_state` gives it."""
+        if not self.optimizer.state:
+            return None
+        group, offset = self._group_of(row)
+        states = [self.optimizer.state[param] for param in group["params"]]
+        return {"step": float(states[0]["step"]),
+                **{key: {name.removeprefix("model."): state[key][offset].detach().clone()
+                         for name, state in zip(self.params, states)} for key in ADAM_MOMENTS}}
+
+    def load_optimizer_states(self, states: list[dict | None]) -> None:
+        """Every row's Adam state at once (rows in order), before the first step."""
+        if all(state is None for state in states):
+            return
+        if any(state is None for state in states) or len({state["step"] for state in states}) > 1:
+            raise ValueError("trials stacked together must resume from the same step")
+        merged, start = [], 0
+        for lr in dict.fromkeys(self.lrs):
+            stop = start + self.lrs.count(lr)
+            for name, value in self.params.items():
+                plain = name.removeprefix("model.")
+                rows = [_adam_state(state, plain, value[0]) for state in states[start:stop]]
+                merged.append({"step": rows[0]["step"],
+                               **{key: torch.stack([row[key] for row in rows]) for key in ADAM_MOMENTS}})
+            start = stop
+        self.optimizer = self._adam(self.lrs, merged)
 
     @torch.no_grad()
     def load_state(self, row: int, state: dict[str, torch.Tensor]) -> None:

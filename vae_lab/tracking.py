@@ -25,6 +25,7 @@ from . import names
 from .config import Config, config_from_flat, parse_yaml
 
 MAX_METRICS_PER_BATCH = 1000
+STORE_PATIENCE_SECONDS = 300  # how long a run keeps training while its store cannot be reached
 MAX_PARAMS_PER_BATCH = 100
 MODEL_ARTIFACT = "model"
 STATE_DICT_ARTIFACT = "model_state/state_dict.pt"
@@ -154,6 +155,23 @@ def _param_value(value: Any) -> str:
     return str(value)[:6000]
 
 
+class StoreUnavailable(RuntimeError):
+    """The tracking store stayed unreachable: the run stops, resumable from its checkpoint."""
+
+
+def is_store_error(error: BaseException) -> bool:
+    """Did `error` come from a store that could not be reached (rather than from a refusal)?"""
+    import requests
+    import sqlalchemy.exc
+
+    if isinstance(error, (StoreUnavailable, requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                          ConnectionError, TimeoutError, sqlalchemy.exc.OperationalError)):
+        return True
+    message = str(error)
+    return isinstance(error, mlflow.exceptions.MlflowException) and (
+        "Max retries exceeded" in message or "Connection refused" in message or "timed out" in message)
+
+
 class RunTracker:
     """One MLflow run: params, buffered metrics, artifacts, model, and its final status."""
 
@@ -163,6 +181,9 @@ class RunTracker:
         self.run_id = run_id
         self.experiment_id = experiment_id
         self._pending: list[Metric] = []
+        self._logged: set[tuple] | None = None  # (key, step, value) a resumed run already holds
+        self._failing_since: float | None = None
+        self._checkpointed = False
         self.ended = False
 
     @classmethod
@@ -181,6 +202,30 @@ class RunTracker:
         run = client.create_run(experiment_id, run_name=name, tags=all_tags)
         tracker = cls(client, tracking_uri, run.info.run_id, experiment_id)
         tracker.log_params(config.flat())
+        if config.train.checkpoint_every:  # what `--resume` and a study's next worker rebuild it from
+            client.log_text(tracker.run_id, config.to_yaml(), CONFIG_ARTIFACT)
+        return tracker
+
+    @classmethod
+    def resume(cls, config: Config, run_id: str, tags: dict[str, str] | None = None,
+               checkpoint=None) -> "RunTracker":
+        """Continue run `run_id` (RUNNING again). Metrics it already holds are not sent twice;
+        those its checkpoint buffered are sent now, in case the store never got them."""
+        tracking_uri = resolve_tracking_uri(config.tracking.uri)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        run = client.get_run(run_id)
+        tracker = cls(client, tracking_uri, run_id, run.info.experiment_id)
+        tracker._logged = {(metric.key, metric.step, metric.value) for key in run.data.metrics
+                           for metric in client.get_metric_history(run_id, key)}
+        tracker._checkpointed = checkpoint is not None
+        client.update_run(run_id, status="RUNNING")
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            client.delete_tag(run_id, names.FAILURE_REASON_TAG)
+        tracker.set_tags({**(tags or {}), names.RESUMED_FROM_TAG: checkpoint.epoch if checkpoint else 0})
+        if checkpoint is not None:
+            tracker._pending = [Metric(key, float(value), int(timestamp), int(step))
+                                for key, value, timestamp, step in checkpoint.pending_metrics]
+            tracker.flush()
         return tracker
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -196,10 +241,45 @@ class RunTracker:
         timestamp = int(time.time() * 1000)
         self._pending.extend(Metric(key, float(value), timestamp, step) for key, value in metrics.items())
 
+    def pending(self) -> list[list]:
+        """The buffered metrics as [key, value, timestamp, step] (what a checkpoint keeps)."""
+        return [[metric.key, metric.value, metric.timestamp, metric.step] for metric in self._pending]
+
     def flush(self) -> None:
-        pending, self._pending = self._pending, []
+        """Send the buffered metrics; they stay buffered if the store cannot take them."""
+        pending = self._pending
+        if self._logged is not None:
+            pending = [metric for metric in pending if (metric.key, metric.step, metric.value) not in self._logged]
         for start in range(0, len(pending), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=pending[start:start + MAX_METRICS_PER_BATCH])
+        self._pending = []
+
+    def attempt(self, action, what: str) -> bool:
+        """Run a store call that may wait: False while the store cannot be reached (training goes
+        on and the call is made again later), StoreUnavailable once that has lasted
+        STORE_PATIENCE_SECONDS."""
+        try:
+            action()
+        except Exception as error:
+            if not is_store_error(error):
+                raise
+            now = time.time()
+            if self._failing_since is None:
+                self._failing_since = now
+                logging.getLogger(__name__).warning("run %s: could not save %s, will retry: %s",
+                                                    self.run_id, what, str(error).splitlines()[0][:200])
+            if now - self._failing_since > STORE_PATIENCE_SECONDS:
+                raise StoreUnavailable(f"the tracking store {self.tracking_uri} has been unreachable for "
+                                       f"{now - self._failing_since:.0f} s; rerun to continue from the last "
+                                       "checkpoint") from error
+            return False
+        self._failing_since = None
+        return True
+
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+        if artifact_path == "checkpoint":
+            self._checkpointed = True
 
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
@@ -231,15 +311,36 @@ class RunTracker:
                 code_paths=[str(Path(__file__).resolve().parent)],
             )
         self.ended = True
+        self._finished()
 
-    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+    def end(self, status: str = "FINISHED", reason: str | None = None, resumable: bool = False) -> None:
+        """End the run with `status`. A `resumable` end (an interrupt) of a run with a checkpoint
+        drops the metrics buffered since that checkpoint: continuing the run logs them again.
+        A store that cannot be reached leaves the run RUNNING (a study's next worker sees its
+        heartbeat stop and continues it from its checkpoint)."""
         if self.ended:
             return
-        self.flush()
-        if reason:
-            self.set_tags({names.FAILURE_REASON_TAG: reason[:5000]})
-        self.client.set_terminated(self.run_id, status=status)
+        if resumable and self._checkpointed:
+            self._pending = []
+        try:
+            self.flush()
+            if reason:
+                self.set_tags({names.FAILURE_REASON_TAG: reason[:5000]})
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as error:
+            if status == "FINISHED" or not is_store_error(error):
+                raise
+            logging.getLogger(__name__).warning("run %s could not be marked %s: %s", self.run_id, status,
+                                                str(error).splitlines()[0][:200])
         self.ended = True
+        if status == "FINISHED":
+            self._finished()
+
+    def _finished(self) -> None:
+        if self._checkpointed:  # a finished run keeps its model, not its training state
+            from .checkpoints import delete_checkpoints
+
+            delete_checkpoints(self.client, self.run_id)
 
 
 def _skip_requirement_scan() -> None:
@@ -262,10 +363,12 @@ class NullTracker:
     def log_params(self, params): pass
     def set_tags(self, tags): pass
     def log_metrics(self, metrics, step): pass
+    def pending(self): return []
+    def attempt(self, action, what): return True
     def flush(self): pass
     def log_artifacts(self, local_dir, artifact_path=None): pass
     def finish_with_model(self, model): pass
-    def end(self, status="FINISHED", reason=None): pass
+    def end(self, status="FINISHED", reason=None, resumable=False): pass
 
 
 def missing_store(tracking_uri: str) -> str | None:

@@ -3,6 +3,8 @@
     python -m vae_lab.train model.name=conv_vae model.latent_dim=16 loss.kl_weight=0.8 train.epochs=5
     python -m vae_lab.train --config experiments/runs/pytorch_example_vae.yaml train.seed=3
     python -m vae_lab.train train.epochs=300 train.early_stopping_patience=10
+    python -m vae_lab.train train.epochs=300 train.checkpoint_every=5   # then, if it is killed:
+    python -m vae_lab.train --resume RUN_ID                              # continues that run
 
 A run is a batch of one in the engine (`vae_lab.engine`): val/* every epoch, test/* once at the
 end (from the best epoch's weights under early stopping), then eval/*, images, latents, model.
@@ -20,8 +22,9 @@ from .config import Config, ConfigError, load_config
 
 def train(config: Config, *, parent_run_id: str | None = None, run_name: str | None = None,
           tags: dict[str, str] | None = None, data=None,
-          on_epoch_end: Callable[[int, dict[str, float]], None] | None = None):
+          on_epoch_end: Callable[[int, dict[str, float]], None] | None = None, resume=None):
     """Train one model as one MLflow run and return its `RunResult` (final metrics, run id, model).
+    `resume` (a `vae_lab.checkpoints.Resume`) continues that run from its checkpoint instead.
 
     The data is loaded (and so can fail) before any run is created. Whatever stops the
     run, it ends FINISHED, FAILED (an error, a diverged loss) or KILLED (Ctrl-C, pruned),
@@ -34,10 +37,48 @@ def train(config: Config, *, parent_run_id: str | None = None, run_name: str | N
     if data is None:
         data = load_data(config.data, device, config.train.batch_size)
     (outcome,) = train_group([config], data=data, device=device, parent_run_id=parent_run_id,
-                             run_names=[run_name], tags=[tags], on_epoch_end=[on_epoch_end], stacked=False)
+                             run_names=[run_name], tags=[tags], on_epoch_end=[on_epoch_end], resume=[resume],
+                             stacked=False)
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
+
+
+RESUME_OVERRIDES = ("device", "train.progress", "tracking.uri")  # how it runs, not what it trains
+
+
+def resumable_run(run_id: str, config_file: str | None, overrides: list[str]):
+    """The config and checkpoint of run `run_id`, or ConfigError saying why it cannot continue."""
+    import mlflow
+
+    from .checkpoints import Resume, load_checkpoint
+    from .config import apply_overrides, parse_override
+    from .tracking import load_run_config, missing_store, resolve_tracking_uri
+
+    if config_file:
+        raise ConfigError("--resume continues a run with the config it was started with; drop --config")
+    keys = [parse_override(text)[0] for text in overrides]
+    refused = [key for key in keys if key not in RESUME_OVERRIDES]
+    if refused:
+        raise ConfigError(f"--resume continues a run with the config it was started with; {refused[0]} cannot "
+                          f"change (allowed: {', '.join(RESUME_OVERRIDES)})")
+    uri = resolve_tracking_uri(dict(parse_override(text) for text in overrides).get("tracking.uri", ""))
+    problem = missing_store(uri)
+    if problem:
+        raise ConfigError(problem)
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(f"no run {run_id!r} in {uri}") from None
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"run {run_id} already FINISHED; nothing to resume")
+    checkpoint = load_checkpoint(client, run_id)
+    if checkpoint is None:
+        raise ConfigError(f"run {run_id} has no checkpoint to continue from (it trained with "
+                          "train.checkpoint_every=0, or was stopped before its first one)")
+    config = apply_overrides(load_run_config(client, run_id), [*overrides, f"tracking.uri={uri}"])
+    return config, Resume(run_id, checkpoint)
 
 
 def _interrupt_on_sigterm(signum, frame):
@@ -51,13 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Overrides are dotted keys, e.g. model.name=conv_vae model.latent_dim=16 loss.kl_weight=0.8",
     )
     parser.add_argument("--config", help="a run config YAML (sections data, model, loss, train, eval, tracking)")
+    parser.add_argument("--resume", metavar="RUN_ID",
+                        help="continue a killed run from its checkpoint (it trained with train.checkpoint_every)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     from .data import DataUnavailable, load_data
     from .engine import resolve_device
 
+    resume = None
     try:
-        config = load_config(args.config, args.overrides)
+        if args.resume:
+            config, resume = resumable_run(args.resume, args.config, args.overrides)
+        else:
+            config = load_config(args.config, args.overrides)
         device = resolve_device(config.device)
         data = load_data(config.data, device, config.train.batch_size)
     except (ConfigError, DataUnavailable) as error:
@@ -68,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
-        result = train(config, data=data)
+        result = train(config, data=data, resume=resume)
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

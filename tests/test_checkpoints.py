@@ -1,0 +1,108 @@
+"""Checkpoints in the one loop: a run stopped after some epochs and continued from its checkpoint
+ends with the numbers and metric histories of a run that was never stopped."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY_RUN
+from vae_lab import names
+from vae_lab.checkpoints import CHECKPOINT_DIR, Resume, load_checkpoint
+from vae_lab.config import build_config
+from vae_lab.data import load_data
+from vae_lab.engine import train_group
+
+FAST = ["tracking.log_model=false", "tracking.log_images=false", "eval.enabled=false"]
+EPOCHS = 4
+
+
+def configs_for(tracking_uri, *per_trial, epochs=EPOCHS, extra=()):
+    return [build_config(overrides=[*TINY_RUN, *FAST, f"tracking.uri={tracking_uri}", f"train.epochs={epochs}",
+                                    "train.checkpoint_every=1", "data.train_limit=256", "tracking.log_every_steps=2",
+                                    *extra, *overrides]) for overrides in per_trial]
+
+
+def stop_at(epoch):
+    def callback(at, metrics):
+        if at == epoch:
+            raise KeyboardInterrupt("stopped for the test")
+    return callback
+
+
+def histories(client, run_id):
+    run = client.get_run(run_id)
+    return {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in run.data.metrics}
+
+
+def assert_same_run(client, resumed_id, reference_id):
+    resumed, reference = histories(client, resumed_id), histories(client, reference_id)
+    timing = {names.IMAGES_PER_SEC, names.EPOCH_SECONDS}
+    assert set(resumed) == set(reference)
+    for key in reference:
+        steps = [step for step, _ in resumed[key]]
+        assert steps == [step for step, _ in reference[key]], key  # no gap, no duplicate
+        if key not in timing:
+            assert [value for _, value in resumed[key]] == pytest.approx(
+                [value for _, value in reference[key]], rel=1e-6, abs=1e-6), key
+
+
+@pytest.mark.parametrize("per_trial", [
+    [["model.name=linear_vae"]],
+    [["loss.kl_weight=0.5", "train.seed=1"], ["loss.kl_weight=1.0", "train.seed=2"],
+     ["loss.kl_weight=2.0", "train.seed=1", "train.lr=3e-3"]],
+], ids=["one run", "a batch of three"])
+def test_a_stopped_run_continues_from_its_checkpoint_as_if_never_stopped(tracking_uri, per_trial):
+    configs = configs_for(tracking_uri, *per_trial)
+    data = load_data(configs[0].data, torch.device("cpu"), configs[0].train.batch_size)
+    reference = train_group(configs, data=data, device=torch.device("cpu"))
+
+    with pytest.raises(KeyboardInterrupt):  # during epoch 3, before its checkpoint
+        train_group(configs, data=data, device=torch.device("cpu"), on_epoch_end=[stop_at(3)] * len(configs))
+    client = MlflowClient(tracking_uri)
+    stopped = [run for run in client.search_runs([client.get_experiment_by_name("vae_lab").experiment_id])
+               if run.info.status == "KILLED"]
+    by_seed_and_weight = {(run.data.params["train.seed"], run.data.params["loss.kl_weight"]): run.info.run_id
+                          for run in stopped}
+    run_ids = [by_seed_and_weight[(str(c.train.seed), str(c.loss.kl_weight))] for c in configs]
+    checkpoints = [load_checkpoint(client, run_id) for run_id in run_ids]
+    assert [checkpoint.epoch for checkpoint in checkpoints] == [2] * len(configs)
+
+    ended = []
+    resumed = train_group(configs, data=data, device=torch.device("cpu"),
+                          resume=[Resume(run_id, checkpoint) for run_id, checkpoint in zip(run_ids, checkpoints)],
+                          on_trial_end=lambda index, outcome: ended.append(index))
+    assert sorted(ended) == list(range(len(configs)))
+    for result, expected, run_id in zip(resumed, reference, run_ids):
+        assert result.run_id == run_id  # the same run, continued
+        for key, value in expected.metrics.items():
+            if key not in (names.IMAGES_PER_SEC, names.EPOCH_SECONDS):
+                assert result.metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags[names.RESUMED_FROM_TAG] == "2"
+        assert_same_run(client, run_id, expected.run_id)
+        assert not client.list_artifacts(run_id, CHECKPOINT_DIR)  # removed once the run finished
+
+
+def test_train_resume_continues_a_killed_plain_run(tmp_path, tracking_uri):
+    overrides = [*TINY_RUN, *FAST, f"tracking.uri={tracking_uri}", "train.epochs=3", "train.checkpoint_every=1",
+                 "data.name=digits", "train.batch_size=16"]
+    config = build_config(overrides=overrides)
+    data = load_data(config.data, torch.device("cpu"), config.train.batch_size)
+    with pytest.raises(KeyboardInterrupt):
+        train_group([config], data=data, device=torch.device("cpu"), on_epoch_end=[stop_at(2)])
+    client = MlflowClient(tracking_uri)
+    (killed,) = client.search_runs([client.get_experiment_by_name("vae_lab").experiment_id])
+    command = [sys.executable, "-m", "vae_lab.train", "--resume", killed.info.run_id, f"tracking.uri={tracking_uri}"]
+    refused = subprocess.run([*command, "train.epochs=5"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "train.epochs cannot change" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    run = client.get_run(killed.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics[names.EPOCH] == 3
+    assert [m.value for m in client.get_metric_history(run.info.run_id, names.EPOCH)] == [1, 2, 3]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already FINISHED" in again.stderr
