@@ -55,7 +55,7 @@ def runs_of(tracking_uri: str) -> pd.DataFrame:
 
 def optuna_trials(tracking_uri: str, name: str, storage_url: str | None = None) -> list:
     folder = Path(tracking_uri[len("sqlite:///"):]).parent
-    storage = open_storage(storage_url or f"sqlite:///{folder / 'optuna.db'}")
+    storage = open_storage(storage_url or f"journal:///{folder / 'optuna.journal'}")
     return [t for t in optuna.load_study(study_name=name, storage=storage).get_trials()
             if not t.user_attrs.get("vae_lab.skipped")]
 

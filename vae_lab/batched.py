@@ -131,9 +131,11 @@ def plan_batches(configs: Sequence[Config], max_batch: int | str = "auto") -> li
 def train_batch(configs: list[Config], *, data: ImageData, parent_run_id: str | None = None,
                 run_names: list[str | None] | None = None, tags: list[dict[str, str] | None] | None = None,
                 on_epoch_end: list[Callable[[int, dict[str, float]], None] | None] | None = None,
+                resume: list | None = None, on_trial_end: Callable[[int, Any], None] | None = None,
                 ) -> list[RunResult | BaseException]:
     """Train `configs` (equal `batch_key`s) together in the engine; one MLflow run and one
-    result per config: a `RunResult`, or the exception that stopped that trial."""
+    result per config: a `RunResult`, or the exception that stopped that trial. `resume` and
+    `on_trial_end` are `vae_lab.engine.train_group`'s."""
     configs = list(configs)
     keys = [batch_key(config) for config in configs]
     if any(key != keys[0] for key in keys):
@@ -144,4 +146,5 @@ def train_batch(configs: list[Config], *, data: ImageData, parent_run_id: str | 
     if not configs:
         return []
     return train_group(configs, data=data, device=resolve_device(configs[0].device), parent_run_id=parent_run_id,
-                       run_names=run_names, tags=tags, on_epoch_end=on_epoch_end)
+                       run_names=run_names, tags=tags, on_epoch_end=on_epoch_end, resume=resume,
+                       on_trial_end=on_trial_end)

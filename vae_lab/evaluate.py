@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from .data import DataUnavailable
-    from .sweep import DataCache
+    from .study_session import DataCache
     from .tracking import has_logged_model, missing_store, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from . import names
-from .config import (VAE_MODELS, Config, ConfigError, allowed_keys, apply_mapping, build_config,
+from .config import (VAE_MODELS, Config, ConfigError, allowed_keys, apply_mapping, build_config, flatten,
                      load_yaml_mapping, parse_override, validate)
 
 SAMPLERS = ("grid", "tpe", "random", "nsga2")
@@ -37,6 +37,7 @@ STUDY_KEYS = ("name", "sampler", "pruner", "objectives", "n_trials", "timeout", 
 RANGE_KEYS = ("low", "high", "log", "step", "type")
 POINTS_KEY, SEEDS_KEY = "points", "seeds"
 SEED_PARAM = "train.seed"
+STUDY_DEFAULTS = {"train.checkpoint_every": 1}  # a killed trial continues from its last epoch
 
 ALWAYS_LOGGED = (names.TRAIN_LOSS, names.TRAIN_RECON, names.IMAGES_PER_SEC, names.EPOCH_SECONDS,
                  names.STOPPED_EPOCH, names.TEST_LOSS, names.TEST_RECON, names.TEST_MSE)
@@ -115,8 +116,11 @@ class StudySpec:
         return build_config(self.base)
 
     def trial_config(self, assignment: dict[str, Any], extra: list[str] | None = None) -> Config:
-        """The base config with one trial's assignment (dotted keys) applied, validated."""
-        config = apply_mapping(build_config(self.base), assignment)
+        """The base config with one trial's assignment (dotted keys) applied, validated.
+        Trials checkpoint every epoch unless the file says otherwise (STUDY_DEFAULTS)."""
+        given = flatten(self.base)
+        defaults = {key: value for key, value in STUDY_DEFAULTS.items() if key not in given}
+        config = apply_mapping(build_config(self.base), {**defaults, **assignment})
         if extra:
             apply_mapping(config, dict(parse_override(text) for text in extra))
         return validate(config)
@@ -138,7 +142,7 @@ class StudySpec:
     def fingerprint(self) -> dict:
         """What must stay the same for a stored study to be resumed with this file."""
         base = {key: value for key, value in self.base_config().flat().items()
-                if not key.startswith("tracking.") and key not in ("train.progress", "device")}
+                if not key.startswith("tracking.") and key not in ("train.progress", "train.checkpoint_every", "device")}
         return {
             "sampler": self.sampler,
             "objectives": [str(objective) for objective in self.objectives],
