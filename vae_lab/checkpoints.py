@@ -82,8 +82,9 @@ def save_checkpoint(tracker, checkpoint: Checkpoint) -> None:
         tracker.log_artifact(path, CHECKPOINT_DIR)
 
 
-def load_checkpoint(client, run_id: str) -> Checkpoint | None:
-    """The run's newest checkpoint that reads back whole, or None when it has none."""
+def load_checkpoint(client, run_id: str, at_most_epoch: int | None = None) -> Checkpoint | None:
+    """The run's newest checkpoint that reads back whole (of epoch `at_most_epoch` or before,
+    when given), or None when it has none."""
     try:
         listed = {item.path for item in client.list_artifacts(run_id, CHECKPOINT_DIR)}
     except Exception:  # no artifact folder yet
@@ -101,6 +102,8 @@ def load_checkpoint(client, run_id: str) -> Checkpoint | None:
             if payload.pop("format", None) != FORMAT:
                 continue
             checkpoint = Checkpoint(**payload)
+            if at_most_epoch is not None and checkpoint.epoch > at_most_epoch:
+                continue
             if newest is None or checkpoint.sequence > newest.sequence:
                 newest = checkpoint
     return newest

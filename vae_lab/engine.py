@@ -165,6 +165,7 @@ class Trial:
     last_step: int = 0
     finished_training: bool = False  # what is left is test/*, eval/*, artifacts
     checkpoints_written: int = 0
+    saved: bool = False  # this epoch's checkpoint (if one was due) is saved
     outcome: Any = None  # RunResult or the exception that stopped it
 
     @property
@@ -406,7 +407,7 @@ class Engine:
             all_val = [{} for _ in self.trials]
         throughput = {names.IMAGES_PER_SEC: self.data.train_images.shape[0] / seconds,
                       names.EPOCH_SECONDS: seconds}
-        failed, done = {}, []
+        failed, done, saved = {}, [], []
         for row, (trial, val) in enumerate(zip(self.trials, all_val)):
             try:
                 check_finite(val, self.step, epoch)
@@ -423,11 +424,19 @@ class Engine:
                     failed[id(trial)] = error
                     continue
             trial.finished_training = stop or last
+            saved.append((row, trial))
+        # every checkpoint of the batch first, then the metrics: a process killed in between has
+        # sent no trial's metrics past its previous checkpoint (see study_trials.align_resumes)
+        for row, trial in saved:
             try:
-                self._checkpoint_and_flush(row, trial)
+                trial.saved = self._checkpoint(row, trial)
             except Exception as error:  # the store stayed unreachable (tracking.StoreUnavailable)
                 failed[id(trial)] = error
+        for row, trial in saved:
+            if id(trial) in failed:
                 continue
+            if trial.saved:
+                trial.tracker.attempt(trial.tracker.flush, "metrics")
             if trial.finished_training:
                 done.append(trial)
         if self.progress:
@@ -436,15 +445,15 @@ class Engine:
         self._finish(done)
         self._drop(None, {id(trial) for trial in done})
 
-    def _checkpoint_and_flush(self, row: int, trial: Trial) -> None:
-        """Send the trial's buffered metrics to the store; under `train.checkpoint_every`, at its
-        checkpoint epochs and its last, and only after the checkpoint that re-sends them."""
+    def _checkpoint(self, row: int, trial: Trial) -> bool:
+        """Whether the trial's buffered metrics may go to the store now: always without
+        `train.checkpoint_every`; with it, at its checkpoint epochs and its last, once the
+        checkpoint that re-sends them is saved."""
         every = trial.config.train.checkpoint_every
         if not every or trial.tracker.run_id is None:
-            trial.tracker.flush()
-            return
+            return True
         if trial.epochs_trained % every and not trial.finished_training:
-            return  # the metrics wait for the next checkpoint
+            return False  # the metrics wait for the next checkpoint
         seed = trial.config.train.seed
         checkpoint = Checkpoint(
             epoch=trial.epochs_trained, step=self.step, sequence=trial.checkpoints_written,
@@ -457,7 +466,8 @@ class Engine:
             pending_metrics=trial.tracker.pending())
         if trial.tracker.attempt(lambda: save_checkpoint(trial.tracker, checkpoint), "a checkpoint"):
             trial.checkpoints_written += 1
-            trial.tracker.attempt(trial.tracker.flush, "metrics")
+            return True
+        return False
 
     def _print_epoch(self, epoch: int, all_val: list[dict], throughput: dict) -> None:
         losses = [val[names.VAL_LOSS] for val in all_val if math.isfinite(val.get(names.VAL_LOSS, math.nan))]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import optuna
@@ -34,6 +35,7 @@ READY_ATTR = "vae_lab.ready"
 DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE_STATES = (TrialState.WAITING, TrialState.RUNNING)
 JOURNAL_PREFIX = "journal:///"
+SCHEMA_RACE_ATTEMPTS = 5
 
 
 def default_storage_url(tracking_uri: str, store_dir: Path, study_name: str) -> str:
@@ -60,7 +62,17 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url)
+    import sqlalchemy.exc
+
+    for attempt in range(SCHEMA_RACE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # two workers creating the schema of a new PostgreSQL database at once: one of them
+            # fails on a type or table the other just made; by the next try it is all there
+            if attempt == SCHEMA_RACE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def study_names(url: str) -> list[str]:

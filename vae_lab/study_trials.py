@@ -170,6 +170,7 @@ def run_trials_batched(session: Session, trials: list[optuna.Trial], progress: b
         except Exception as error:
             failed_early[trial.number] = error
     ready = [trial for trial in trials if trial.number in prepared]
+    align_resumes(session, [prepared[trial.number] for trial in ready])
     by_epoch: dict[int, list[optuna.Trial]] = {}
     for trial in ready:
         resume = prepared[trial.number][2]
@@ -215,6 +216,21 @@ def run_trials_batched(session: Session, trials: list[optuna.Trial], progress: b
         for trial in pending.values():  # every claimed trial not yet told: failed and queued again
             record_outcome(session, trial.number, interrupt)
         raise
+
+
+def align_resumes(session: Session, prepared: list[tuple]) -> None:
+    """Retries of one batch killed while it saved its checkpoints are one epoch apart: the
+    ones ahead go back to their previous checkpoint (the engine sends no metrics of an epoch
+    before the whole batch has saved it), so the batch trains on together as it did."""
+    resumes = [resume for _, _, resume in prepared if resume is not None]
+    if not resumes:
+        return
+    target = min(resume.epoch for resume in resumes)
+    for resume in resumes:
+        if resume.epoch == target + 1:
+            previous = load_checkpoint(session.client, resume.run_id, at_most_epoch=target)
+            if previous is not None and previous.epoch == target:
+                resume.checkpoint = previous
 
 
 def batch_ask_count(session: Session) -> int:

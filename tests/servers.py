@@ -1,0 +1,148 @@
+"""Throwaway servers for tests: a PostgreSQL cluster and an `mlflow server`, each on a free
+port of 127.0.0.1, each stopped (with everything it started) when its `with` block ends."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+DATABASES = ("mlflow", "optuna")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def postgres_bin() -> Path:
+    """The newest /usr/lib/postgresql/*/bin (Debian's `postgresql` package; `make postgres`)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda path: int(Path(path).parts[-3]))
+    if not found:
+        raise RuntimeError("no /usr/lib/postgresql/*/bin/initdb: run `make postgres` (apt-get install postgresql)")
+    return Path(found[-1]).parent
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def postgres_server(folder: Path, timeout: float = 60):
+    """Yield the base URL `postgresql://postgres@127.0.0.1:PORT` of a fresh cluster holding the
+    (empty) databases `mlflow` and `optuna`; trust authentication, TCP on 127.0.0.1 only.
+
+    PostgreSQL refuses to run as root: under root the cluster belongs to the `postgres` OS
+    user. Its data folder is a short temporary folder in /tmp (a unix socket path must fit in
+    107 bytes, and pytest's folders are private to root); its log goes to `folder/postgres.log`.
+    """
+    import psycopg
+
+    bin_dir, folder = postgres_bin(), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "postgres.log"
+    as_user: dict = {}
+    data = Path(tempfile.mkdtemp(prefix="vae_lab-pg-"))
+    if os.geteuid() == 0:
+        as_user = {"user": "postgres", "group": "postgres", "extra_groups": []}
+        shutil.chown(data, "postgres", "postgres")
+    cluster = data / "data"
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+    server = None
+    try:
+        with log_path.open("ab") as log:
+            subprocess.run([str(bin_dir / "initdb"), "-D", str(cluster), "-U", "postgres", "--auth=trust",
+                            "-E", "UTF8", "--no-locale", "--no-sync"],
+                           check=True, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data, **as_user)
+            port = free_port()
+            server = subprocess.Popen(
+                [str(bin_dir / "postgres"), "-D", str(cluster), "-k", str(data), "-h", "127.0.0.1",
+                 "-p", str(port), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data, start_new_session=True, **as_user)
+        url = f"postgresql://postgres@127.0.0.1:{port}"
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with psycopg.connect(f"{url}/postgres", connect_timeout=2, autocommit=True) as connection:
+                    for name in DATABASES:
+                        connection.execute(f"CREATE DATABASE {name}")
+                break
+            except psycopg.OperationalError as error:
+                if server.poll() is not None:
+                    raise RuntimeError(f"postgres exited with code {server.returncode}:\n{_tail(log_path)}") from error
+                if time.time() > deadline:
+                    raise RuntimeError(f"postgres did not accept connections in {timeout:.0f} s: {error}\n"
+                                       f"{_tail(log_path)}") from error
+                time.sleep(0.2)
+        yield url
+    finally:
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGINT)  # fast shutdown: disconnect clients, stop cleanly
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.send_signal(signal.SIGQUIT)  # immediate shutdown: the postmaster ends its backends
+                try:
+                    server.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    server.kill()  # backends notice their postmaster is gone and exit
+                    server.wait(timeout=10)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, artifacts_dir: str | Path, timeout: float = 90, log_path: Path | None = None):
+    """Yield the URL `http://127.0.0.1:PORT` of an `mlflow server` (one worker) on this store,
+    serving artifacts from `artifacts_dir`. Its whole process group is killed at the end."""
+    mlflow = Path(sys.executable).parent / "mlflow"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    own_log = log_path is None
+    log_path = Path(tempfile.mkstemp(prefix="vae_lab-mlflow-", suffix=".log")[1]) if own_log else Path(log_path)
+    with log_path.open("ab") as log:
+        server = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(artifacts_dir)],
+            # no job runner: MLflow 3 would start 7 huey consumer processes for features vae_lab never uses
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with code {server.returncode}:\n{_tail(log_path)}")
+            if time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not answer {url}/health in {timeout:.0f} s:\n{_tail(log_path)}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # workers that outlived the leader
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
+        if own_log:
+            log_path.unlink(missing_ok=True)
