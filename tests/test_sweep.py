@@ -200,20 +200,19 @@ def test_interrupt_and_sigkill_mid_trial_then_resume_runs_each_point_once(tmp_pa
 
 
 def test_two_worker_processes_never_run_a_point_twice(tmp_path, tracking_uri):
-    # processes started together on one journal storage, as on many machines; the second
-    # command also spawns a helper (--workers 2)
+    # `sweep FILE` and `sweep FILE --workers 2` started together on a fresh store join one
+    # study (one parent run): the default Optuna storage does not depend on --workers
     points = [2, 3, 4, 5, 6, 7, 8, 9]
     # 8 epochs: each trial lasts long enough that a worker still importing torch gets points too
     path = write_study(tmp_path / "workers.yaml", "workers", {"model.latent_dim": points},
                        **{"data.name": "digits", "train.epochs": 8, "train.batch_size": 16})
-    journal = f"journal:///{tmp_path / 'optuna.journal'}"
-    command = [PYTHON, "-m", "vae_lab.sweep", str(path), "--storage", journal]
+    command = [PYTHON, "-m", "vae_lab.sweep", str(path)]  # the default storage, whatever --workers says
     logs = [tmp_path / f"worker{index}.log" for index in range(2)]
     workers = [subprocess.Popen(command + extra, env=subprocess_env(tracking_uri), stdout=subprocess.DEVNULL,
                                 stderr=log.open("w")) for extra, log in zip(([], ["--workers", "2"]), logs)]
     for worker, log in zip(workers, logs):
         assert worker.wait(timeout=240) == 0, log.read_text()
-    trials = optuna_trials(tracking_uri, "workers", journal)
+    trials = optuna_trials(tracking_uri, "workers")
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == len(trials) == len(points)
     assert Counter(t.user_attrs[POINT_ATTR] for t in complete).most_common(1)[0][1] == 1
