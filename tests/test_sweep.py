@@ -3,11 +3,9 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+import servers
 from conftest import TINY_RUN
 from vae_lab import sweep
 from vae_lab.config import parse_override
@@ -224,36 +223,10 @@ def test_two_worker_processes_never_run_a_point_twice(tmp_path, tracking_uri):
     assert set(runs["status"]) == {"FINISHED"}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    mlflow = Path(PYTHON).parent / "mlflow"
-    server = subprocess.Popen(
-        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
-        time.sleep(0.3)
-    yield url
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+    with servers.mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts") as url:
+        yield url
 
 
 def test_study_against_a_real_mlflow_server(tmp_path, mlflow_server, monkeypatch, capsys):

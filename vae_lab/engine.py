@@ -165,7 +165,6 @@ class Trial:
     last_step: int = 0
     finished_training: bool = False  # what is left is test/*, eval/*, artifacts
     checkpoints_written: int = 0
-    saved: bool = False  # this epoch's checkpoint (if one was due) is saved
     outcome: Any = None  # RunResult or the exception that stopped it
 
     @property
@@ -427,15 +426,16 @@ class Engine:
             saved.append((row, trial))
         # every checkpoint of the batch first, then the metrics: a process killed in between has
         # sent no trial's metrics past its previous checkpoint (see study_trials.align_resumes)
+        may_send = {}
         for row, trial in saved:
             try:
-                trial.saved = self._checkpoint(row, trial)
+                may_send[id(trial)] = self._checkpoint(row, trial)
             except Exception as error:  # the store stayed unreachable (tracking.StoreUnavailable)
                 failed[id(trial)] = error
         for row, trial in saved:
             if id(trial) in failed:
                 continue
-            if trial.saved:
+            if may_send[id(trial)]:
                 trial.tracker.attempt(trial.tracker.flush, "metrics")
             if trial.finished_training:
                 done.append(trial)

@@ -199,7 +199,7 @@ class StackedStep:
             return functional_call(self.template, (params, buffers), (images, noise))
 
     def _train_step_fn(self):
-        from torch.func import grad_and_value, vmap
+        from torch.func import grad_and_value
 
         loss = self.config.loss  # the likelihood is part of the batch key: the same in every row
 

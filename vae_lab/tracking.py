@@ -278,7 +278,9 @@ class RunTracker:
 
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
-        if artifact_path == "checkpoint":
+        from .checkpoints import CHECKPOINT_DIR
+
+        if artifact_path == CHECKPOINT_DIR:
             self._checkpointed = True
 
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
