@@ -6,7 +6,8 @@ A function whose data is missing returns no sentence rather than a guess.
 
 Comparisons and trends are decisions, so they are made on the validation split (val/*);
 a sentence that quotes numbers names their split, and test/* numbers appear only as what
-is reported for the configurations validation picked.
+is reported for the configurations validation picked. A difference is called only where its
+95% bootstrap interval, paired by seed (`analysis.stats`), excludes zero.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from vae_lab import names
 
 from vae_lab.evaluation import COLLAPSE_KL_NATS
 
+from . import stats
 from .runs import display_param, parse_param
 from .tables import VAE_FAMILIES, pareto_front
 
@@ -82,11 +84,11 @@ def improving_steps(values: Sequence[float], lower_is_better: bool = True) -> tu
 
 def trend_sentence(metric: str, x_name: str, xs: Sequence, ys: Sequence[float],
                    lower_is_better: bool = True, context: str = "",
-                   spread: float | None = None) -> str | None:
+                   step_differences: Sequence[stats.Difference] | None = None) -> str | None:
     """'Reconstruction improves monotonically with latent size (5/5 steps; ...)', or the honest count.
 
-    `spread` is the seed-to-seed std of the points (when replicated); a trend whose every
-    step is smaller than it is said to be within the noise.
+    `step_differences` are the differences between neighbouring points, paired by seed; the sentence says
+    how many of them their interval resolves, and a trend none of them resolves is noise.
     """
     if len(xs) < 2 or any(np.isnan(float(y)) for y in ys):
         return None
@@ -102,25 +104,43 @@ def trend_sentence(metric: str, x_name: str, xs: Sequence, ys: Sequence[float],
     else:
         sentence = (f"{metric} improves with {x_name}{where} in {improved}/{steps} steps only, "
                     f"not monotonically ({span})")
-    changes = np.abs(np.diff(np.asarray(ys, dtype=float)))
-    if spread is not None and not np.isnan(spread) and (changes < spread).all():
-        sentence += f"; every step is smaller than the seed-to-seed std of {_number(spread)}, so this is noise"
-    return sentence + "."
+    return sentence + _steps_resolved(step_differences) + "."
 
 
-def latent_size_findings(summary: pd.DataFrame, config_params: list[str],
+def _steps_resolved(steps: Sequence[stats.Difference] | None) -> str:
+    if not steps:
+        return ""
+    with_interval = [step for step in steps if step.interval.has_interval]
+    if not with_interval:
+        return "; one seed per point, so no step has an interval and no step is called"
+    resolved = sum(step.resolved for step in with_interval)
+    counted = f"{resolved}/{len(with_interval)} steps"
+    if resolved == 0:
+        return (f"; no step's paired 95% interval excludes zero ({counted}), so the trend is not "
+                "established at these seeds")
+    return f"; {counted} resolved by a paired 95% interval that excludes zero"
+
+
+def _difference(runs: pd.DataFrame, first_label: str, second_label: str, metric: str,
+                lower_is_better: bool) -> stats.Difference:
+    return stats.difference(stats.seed_values(runs, first_label, metric),
+                            stats.seed_values(runs, second_label, metric), metric, lower_is_better)
+
+
+def latent_size_findings(summary: pd.DataFrame, runs: pd.DataFrame, config_params: list[str],
                          paired: Sequence[str] = ()) -> list[str]:
     """Reconstruction against latent size, per family and setting. Params in `paired` (the keys
     of a study's `points:`, e.g. seed 000's hidden width paired with its latent size) change
     along with the latent size instead of splitting it into groups."""
-    mean, std = f"{names.VAL_RECON} mean", f"{names.VAL_RECON} std"
+    mean = f"{names.VAL_RECON} mean"
     if "model.latent_dim" not in summary or mean not in summary:
         return []
     sentences = []
     for family, settings, group in _groups(summary, config_params, "model.latent_dim", paired):
-        spread = group[std].max() if std in group else None
+        labels = list(group["label"])
+        steps = [_difference(runs, after, before, names.VAL_RECON, True) for before, after in zip(labels, labels[1:])]
         sentence = trend_sentence("Validation reconstruction (val/recon)", "latent size", list(group["_x"]),
-                                  list(group[mean]), True, _group_name(family, settings), spread)
+                                  list(group[mean]), True, _group_name(family, settings), steps)
         if sentence:
             sentences.append(sentence)
     return sentences
@@ -128,7 +148,7 @@ def latent_size_findings(summary: pd.DataFrame, config_params: list[str],
 
 # ----------------------------------------------------------------------------- KL weight
 
-def kl_weight_findings(summary: pd.DataFrame, config_params: list[str]) -> list[str]:
+def kl_weight_findings(summary: pd.DataFrame, runs: pd.DataFrame, config_params: list[str]) -> list[str]:
     """Each KL weight against the smallest one, at otherwise equal settings."""
     kl, recon = f"{names.VAL_KL} mean", f"{names.VAL_RECON} mean"
     if "loss.kl_weight" not in summary or kl not in summary or recon not in summary:
@@ -145,25 +165,68 @@ def kl_weight_findings(summary: pd.DataFrame, config_params: list[str]) -> list[
                 continue
             kl_words = f"{'cut' if kl_change < 0 else 'raised'} KL by {abs(kl_change):.0f}%"
             recon_words = f"{'raised' if recon_change > 0 else 'lowered'} reconstruction loss by {abs(recon_change):.0f}%"
+            change = _difference(runs, row["label"], base["label"], names.VAL_RECON, True)
+            called = ("" if not change.interval.has_interval else
+                      "; the reconstruction change is resolved" if change.resolved else
+                      "; the reconstruction change is not resolved, its interval includes zero")
             sentences.append(
                 f"{_group_name(family, settings)}: KL weight {_plain(row['_x'])} {kl_words} and "
                 f"{recon_words} compared with KL weight {_plain(base['_x'])} on the validation split "
                 f"(val/kl {_number(base[kl])} → {_number(row[kl])} nats, "
-                f"val/recon {_number(base[recon])} → {_number(row[recon])} nats).")
+                f"val/recon {_number(base[recon])} → {_number(row[recon])} nats; "
+                f"val/recon change {stats.evidence(change, 'the larger weight')}{called}).")
     return sentences
 
 
 # ----------------------------------------------------------------------------- families
 
-def _spread_note(first: pd.Series, second: pd.Series, metric: str, difference: float) -> str:
-    stds = [row.get(f"{metric} std") for row in (first, second)]
-    stds = [std for std in stds if std is not None and not np.isnan(std)]
-    if not stds:
+def _reported_difference(runs: pd.DataFrame, first: pd.Series, second: pd.Series, chosen_on: str,
+                         lower_is_better: bool) -> str:
+    """'; their test/elbo: -91.0 vs -103.2 (difference 12.2 [10.1, 14.0])', or '' without test numbers."""
+    reported = names.held_out_counterpart(chosen_on)
+    means = [row.get(f"{reported} mean") if reported else None for row in (first, second)]
+    if any(mean is None or np.isnan(mean) for mean in means):
         return ""
-    largest = max(stds)
-    if abs(difference) > largest:
-        return f"; larger than the seed-to-seed std of {_number(largest)}"
-    return f"; within the seed-to-seed std of {_number(largest)}, so not a clear difference"
+    found = _difference(runs, first["label"], second["label"], reported, lower_is_better)
+    return (f"; their {reported}: {_number(means[0])} vs {_number(means[1])} "
+            f"(difference {stats.interval_text(found.interval)}, reported, not used to choose)")
+
+
+def family_findings(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    """Best configuration of each family against the next one, both chosen and compared on
+    validation (ELBO among VAEs, reconstruction among all); a difference is called only where
+    its seed-paired 95% interval excludes zero."""
+    sentences = []
+    for metric, higher_better, families in (
+            (names.VAL_ELBO, True, [f for f in summary["family"].unique() if f in VAE_FAMILIES]),
+            (names.VAL_RECON, False, list(summary["family"].unique()))):
+        column = f"{metric} mean"
+        if column not in summary or len(families) < 2:
+            continue
+        best = {}
+        for family in families:
+            rows = summary[(summary["family"] == family) & summary[column].notna()]
+            if len(rows):
+                best[family] = rows.loc[rows[column].idxmax() if higher_better else rows[column].idxmin()]
+        ranked = sorted(best, key=lambda family: best[family][column], reverse=higher_better)
+        for winner, loser in zip(ranked[:-1], ranked[1:]):
+            first, second = best[winner], best[loser]
+            found = _difference(runs, first["label"], second["label"], metric, not higher_better)
+            means = (f"best configuration of each, mean over seeds: {_number(first[column])} vs "
+                     f"{_number(second[column])}")
+            reported = _reported_difference(runs, first, second, metric, not higher_better)
+            gap = _number(abs(first[column] - second[column]))
+            if found.resolved:
+                sentences.append(f"{winner} beats {loser} on {NAMES[metric]} by {gap} nats ({means}; "
+                                 f"{stats.evidence(found, winner)}{reported}).")
+            elif not found.interval.has_interval:
+                sentences.append(f"{winner} and {loser} are not told apart on {NAMES[metric]}: {means}, a gap "
+                                 f"of {gap} nats from one seed, where no interval is possible{reported}.")
+            else:
+                sentences.append(f"{winner} and {loser} are not told apart on {NAMES[metric]}: {means}, a gap "
+                                 f"of {gap} nats whose {stats.evidence(found, winner)} includes zero; "
+                                 f"{stats.settle(found)}{reported}.")
+    return sentences
 
 
 def _reported_mean(row: pd.Series, chosen_on: str) -> tuple[str, float] | None:
@@ -175,44 +238,7 @@ def _reported_mean(row: pd.Series, chosen_on: str) -> tuple[str, float] | None:
     return reported, value
 
 
-def _reported_pair(first: pd.Series, second: pd.Series, chosen_on: str) -> str:
-    """'; their test/elbo: -91.0 vs -103.2', or '' when a test number is missing."""
-    pair = [_reported_mean(row, chosen_on) for row in (first, second)]
-    if None in pair:
-        return ""
-    return f"; their {pair[0][0]}: {_number(pair[0][1])} vs {_number(pair[1][1])}"
-
-
-def family_findings(summary: pd.DataFrame) -> list[str]:
-    """Best configuration of each family against the others, both chosen and compared on
-    validation: ELBO among VAEs, reconstruction among all."""
-    sentences = []
-    for metric, higher_better, unit, families in (
-            (names.VAL_ELBO, True, "nats", [f for f in summary["family"].unique() if f in VAE_FAMILIES]),
-            (names.VAL_RECON, False, "nats", list(summary["family"].unique()))):
-        column = f"{metric} mean"
-        if column not in summary or len(families) < 2:
-            continue
-        best = {}
-        for family in families:
-            rows = summary[(summary["family"] == family) & summary[column].notna()]
-            if len(rows):
-                best[family] = rows.loc[rows[column].idxmax() if higher_better else rows[column].idxmin()]
-        ranked = sorted(best, key=lambda family: best[family][column], reverse=higher_better)
-        for winner, loser in zip(ranked[:-1], ranked[1:]):
-            gap = abs(best[winner][column] - best[loser][column])
-            if gap == 0:
-                sentences.append(f"{winner} and {loser} tie on {NAMES[metric]} ({_number(best[winner][column])}).")
-                continue
-            sentences.append(
-                f"{winner} beats {loser} on {NAMES[metric]} by {_number(gap)} {unit} "
-                f"(best configuration of each, mean over seeds: {_number(best[winner][column])} vs "
-                f"{_number(best[loser][column])}{_spread_note(best[winner], best[loser], metric, gap)}"
-                f"{_reported_pair(best[winner], best[loser], metric)}).")
-    return sentences
-
-
-def best_configuration_findings(summary: pd.DataFrame) -> list[str]:
+def best_configuration_findings(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     if "best" not in summary:
         return []
     sentences = []
@@ -220,8 +246,10 @@ def best_configuration_findings(summary: pd.DataFrame) -> list[str]:
         metric = row["ranked_metric"]
         reported = _reported_mean(row, metric)
         test_words = f"; reported {reported[0]} {_number(reported[1])}" if reported else ""
-        sentences.append(f"Best {row['family']} configuration by {row['ranked_by']}, mean over seeds: "
-                         f"{row['label']} ({metric} {_number(row[f'{metric} mean'])}{test_words}).")
+        chosen = stats.mean_interval(stats.seed_values(runs, row["label"], metric).values())
+        value = stats.interval_text(chosen) if chosen.n else _number(row[f"{metric} mean"])
+        sentences.append(f"Best {row['family']} configuration by {row['ranked_by']}, mean over seeds "
+                         f"[95% interval]: {row['label']} ({metric} {value}{test_words}).")
     return sentences
 
 
@@ -327,7 +355,8 @@ def seed_spread_findings(summary: pd.DataFrame) -> list[str]:
         return []
     return [f"Seed-to-seed spread: over {len(replicated)} replicated configuration(s), val/recon varies "
             f"with a std of {_number(replicated[std].mean())} nats on average "
-            f"(largest {_number(replicated[std].max())}); smaller differences are noise."]
+            f"(largest {_number(replicated[std].max())}); differences are called only where a seed-paired "
+            "95% bootstrap interval excludes zero."]
 
 
 def all_findings(summary: pd.DataFrame, finished: pd.DataFrame, config_params: list[str],
@@ -335,10 +364,10 @@ def all_findings(summary: pd.DataFrame, finished: pd.DataFrame, config_params: l
     if summary.empty:
         return ["No run finished, so there are no numbers to draw findings from."]
     return [
-        *best_configuration_findings(summary),
-        *family_findings(summary),
-        *latent_size_findings(summary, config_params, paired),
-        *kl_weight_findings(summary, config_params),
+        *best_configuration_findings(summary, finished),
+        *family_findings(summary, finished),
+        *latent_size_findings(summary, finished, config_params, paired),
+        *kl_weight_findings(summary, finished, config_params),
         *pareto_findings(finished),
         *pca_baseline_findings(summary),
         *collapse_findings(finished),

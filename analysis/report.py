@@ -21,11 +21,12 @@ import pandas as pd
 from vae_lab import names
 from vae_lab.tracking import resolve_tracking_uri
 
-from . import findings, latents, plots, samples
+from . import findings, latents, plots, samples, stats
 from .page import Bullets, Code, Section, Table, Text, render_html, render_markdown
 from .runs import (ReportInputError, Study, load_study, newest_study_id, open_store, paired_params,
                    read_text_artifact)
-from .tables import configuration_summary, display_table, mark_best, metric_names, table_metrics
+from .tables import (ALL_PAIRS_UP_TO, configuration_summary, difference_table, display_table, interval_table, mark_best,
+                     metric_names, table_metrics)
 
 REPORT_ARTIFACT_DIR = "report"
 KEY_PARAMS = ["model.name", "model.latent_dim", "loss.kl_weight", "train.seed", "train.epochs", "data.name"]
@@ -134,6 +135,29 @@ def comparison_section(study: Study, summary: pd.DataFrame, metrics: list[str]) 
     return Section("Comparison", [Text(text), Table(display_table(summary, study.config_params, shown), "")])
 
 
+def intervals_section(summary: pd.DataFrame, finished: pd.DataFrame) -> Section:
+    title = "Intervals and paired differences"
+    if summary.empty:
+        return Section(title, [Text("No run finished: there is nothing to compare.")])
+    blocks = [Text(f"Each configuration's mean over its seeds with a {stats.METHOD}; with one seed no interval "
+                   "is possible. With very few seeds these intervals are optimistic (three seeds admit ten "
+                   "distinct resamples)."),
+              Table(interval_table(summary, finished), "")]
+    differences = difference_table(summary, finished)
+    if differences.empty:
+        return Section(title, blocks + [Text("No two configurations share a validation metric to compare.")])
+    scope = ("every pair of configurations" if len(summary) <= ALL_PAIRS_UP_TO else
+             "each configuration against its family's ★ row, and the ★ rows against each other")
+    blocks += [Text(f"Differences A − B for {scope}, on the validation metric that compares them, paired by "
+                    "train.seed where the two share seeds (the seed's luck cancels) and unpaired otherwise. "
+                    "P(A better) is the share of bootstrap resamples in which A's mean is better. A difference is "
+                    "called only when its 95% interval excludes zero; otherwise the call says how many seeds "
+                    "would settle it at the observed spread (Student's t). The test/* column is reported, "
+                    "not used to choose."),
+               Table(differences)]
+    return Section(title, blocks)
+
+
 def heatmap_metric(study: Study) -> str:
     """What the heatmaps show: the study's first objective when it may select (val/*), else val/recon."""
     objective = study.objectives[0][0] if study.objectives else names.VAL_RECON
@@ -213,6 +237,7 @@ def build_report(study: Study, folder: Path, log_to_mlflow: bool = True) -> Path
                                      Bullets(findings.all_findings(summary, finished, study.config_params,
                                                                    paired_params(study.study_yaml)))]),
                 comparison_section(study, summary, metrics),
+                intervals_section(summary, finished),
                 plot_section(study, folder),
                 latents_section(study, folder),
                 models_section(study, folder)]

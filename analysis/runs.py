@@ -78,7 +78,7 @@ def _experiment_names(client: MlflowClient) -> list[str]:
     return sorted(experiment.name for experiment in client.search_experiments())
 
 
-def _recent_studies(client: MlflowClient, limit: int = 8) -> list[str]:
+def recent_studies(client: MlflowClient, limit: int = 8) -> list[str]:
     experiments = {experiment.experiment_id: experiment.name for experiment in client.search_experiments()}
     if not experiments:
         return []
@@ -114,7 +114,7 @@ def get_run(client: MlflowClient, run_id: str) -> Run:
     try:
         return client.get_run(run_id)
     except MlflowException:
-        studies = ", ".join(_recent_studies(client)) or "none"
+        studies = ", ".join(recent_studies(client)) or "none"
         names = ", ".join(_experiment_names(client)) or "none"
         raise ReportInputError(f"no run {run_id!r} in this store; recent studies: {studies}; "
                                f"experiments: {names}") from None

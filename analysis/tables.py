@@ -15,6 +15,7 @@ import pandas as pd
 from vae_lab import names
 from vae_lab.config import VAE_MODELS
 
+from . import stats
 from .runs import SEED_PARAM, display_param, parse_param
 
 VAL_METRICS = [*names.split_metrics(names.VAL, variational=True), names.VAL_RECON_PLUS_KL]
@@ -164,3 +165,80 @@ def markdown_table(table: pd.DataFrame) -> str:
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
     body = ["| " + " | ".join(cell(value) for value in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join([header, rule, *body])
+
+
+# ----------------------------------------------------------------------------- intervals
+
+ALL_PAIRS_UP_TO = 6  # configurations; beyond, each is compared with its family's best only
+
+
+def interval_metrics(summary: pd.DataFrame) -> list[str]:
+    """The metrics worth an interval: each one that chose a ★ row, val/recon, and their test/* counterparts."""
+    chosen = [metric for metric in dict.fromkeys(summary.get("ranked_metric", [])) if metric]
+    selecting = list(dict.fromkeys([*chosen, names.VAL_RECON]))
+    reported = [names.held_out_counterpart(metric) for metric in selecting]
+    return [metric for metric in [*selecting, *reported]
+            if metric and f"{metric} mean" in summary and summary[f"{metric} mean"].notna().any()]
+
+
+def interval_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: its seeds and 'mean [95% interval]' of each `interval_metrics`."""
+    table = pd.DataFrame({"": np.where(summary["best"], "★", "") if "best" in summary else "",
+                          "configuration": summary["label"], "seeds": summary["runs"].astype(str)})
+    for metric in interval_metrics(summary):
+        table[metric] = [stats.interval_text(stats.mean_interval(stats.seed_values(runs, label, metric).values()))
+                         if not np.isnan(mean) else "–"
+                         for label, mean in zip(summary["label"], summary[f"{metric} mean"])]
+    return table
+
+
+def compared_pairs(summary: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
+    """Which configurations are set against each other: every pair when there are few; otherwise
+    each configuration against its family's ★ row, and the ★ rows against each other."""
+    rows = [row for _, row in summary.iterrows()]
+    if len(rows) <= ALL_PAIRS_UP_TO:
+        return [(first, second) for index, first in enumerate(rows) for second in rows[index + 1:]]
+    stars = [row for row in rows if row.get("best", False)]
+    pairs = [(first, second) for index, first in enumerate(stars) for second in stars[index + 1:]]
+    for star in stars:
+        pairs += [(star, row) for row in rows if row["family"] == star["family"] and row["label"] != star["label"]]
+    return pairs
+
+
+def _shared_metric(first: pd.Series, second: pd.Series) -> tuple[str, bool] | None:
+    """What two configurations are compared on: the metric that ranks both (the same family's), else
+    val/elbo between VAEs, else val/recon; with whether lower is better."""
+    candidates = [first.get("ranked_metric")] if first.get("ranked_metric") == second.get("ranked_metric") else []
+    candidates += [names.VAL_ELBO, names.VAL_RECON]
+    for metric in candidates:
+        if metric and all(not np.isnan(row.get(f"{metric} mean", np.nan)) for row in (first, second)):
+            return metric, metric != names.VAL_ELBO
+    return None
+
+
+def difference_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Pairs of configurations (`compared_pairs`): A − B on the validation metric that compares them,
+    paired by seed, its 95% interval, P(A better), the call, and the test counterpart's difference."""
+    rows = []
+    for first, second in compared_pairs(summary):
+        shared = _shared_metric(first, second)
+        if shared is None:
+            continue
+        metric, lower_is_better = shared
+        found = stats.difference(stats.seed_values(runs, first["label"], metric),
+                                 stats.seed_values(runs, second["label"], metric), metric, lower_is_better)
+        reported = names.held_out_counterpart(metric)
+        reported_found = stats.difference(stats.seed_values(runs, first["label"], reported),
+                                          stats.seed_values(runs, second["label"], reported),
+                                          reported, lower_is_better) if reported else None
+        rows.append({
+            "A": first["label"], "B": second["label"], "compared on": metric,
+            "seeds": f"{found.interval.n} {'paired' if found.paired else 'unpaired'}",
+            "A − B [95% interval]": stats.interval_text(found.interval),
+            "P(A better)": "–" if found.probability_first_better is None else f"{found.probability_first_better:.0%}",
+            "call": stats.call(found, "A", "B"),
+            "reported: test A − B": "–" if reported_found is None or np.isnan(reported_found.interval.estimate)
+            else f"{reported}: {stats.interval_text(reported_found.interval)}",
+        })
+    return pd.DataFrame(rows, columns=["A", "B", "compared on", "seeds", "A − B [95% interval]", "P(A better)",
+                                       "call", "reported: test A − B"])

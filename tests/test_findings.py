@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import findings
+from analysis import findings, stats
 from analysis.runs import config_label, display_param, parse_objectives, parse_param, swept_params
 from analysis.tables import (configuration_summary, display_table, mark_best, markdown_table, pareto_front,
                              table_metrics)
@@ -26,6 +26,25 @@ def summary_frame(rows: list[dict]) -> pd.DataFrame:
     if "label" not in frame:
         frame["label"] = [f"{row['family']} #{index}" for index, row in frame.iterrows()]
     return frame
+
+
+def one_seed_runs(summary: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs behind a summary of single runs: one run (seed 0) per configuration."""
+    runs = pd.DataFrame({"label": summary["label"], "family": summary["family"], "params.train.seed": "0"})
+    for column in [c for c in summary.columns if c.endswith(" mean")]:
+        runs[f"metrics.{column[:-len(' mean')]}"] = summary[column]
+    return runs
+
+
+def seeded(rows: list[dict], config_params: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary, runs) from one dict per run: family, seed, the config params and metrics by name."""
+    runs = pd.DataFrame([{"family": row["family"], "params.train.seed": str(row["seed"]),
+                          **{f"params.{key}": str(row[key]) for key in config_params if key in row},
+                          **{f"metrics.{key}": value for key, value in row.items() if "/" in key}}
+                         for row in rows])
+    runs["label"] = [config_label(row, config_params) for _, row in runs.iterrows()]
+    metrics = [column[len("metrics."):] for column in runs.columns if column.startswith("metrics.")]
+    return configuration_summary(runs, config_params, metrics), runs
 
 
 # ----------------------------------------------------------------------------- trends
@@ -54,11 +73,23 @@ def test_flat_steps_are_not_improvements_and_higher_is_better_flips():
     assert "gets worse at every step" in sentence and "0/1 step improve" in sentence
 
 
-def test_trend_within_seed_noise_is_called_noise():
-    noisy = findings.trend_sentence("Reconstruction", "latent size", [2, 4, 8], [100, 99, 98], spread=5.0)
-    assert "so this is noise" in noisy
-    clear = findings.trend_sentence("Reconstruction", "latent size", [2, 4, 8], [100, 90, 80], spread=5.0)
-    assert "noise" not in clear
+def test_trend_within_seed_noise_is_not_established():
+    def step(before: list[float], after: list[float]) -> stats.Difference:
+        return stats.difference(dict(enumerate(after)), dict(enumerate(before)), "val/recon", True)
+
+    # the means fall by 1 per step, but seed by seed the steps go both ways
+    noisy = [step([100, 95, 105], [96, 99, 102]), step([96, 99, 102], [101, 92, 101])]
+    sentence = findings.trend_sentence("Reconstruction", "latent size", [2, 4, 8], [100, 99, 98],
+                                       step_differences=noisy)
+    assert sentence.endswith("; no step's paired 95% interval excludes zero (0/2 steps), so the trend is not "
+                             "established at these seeds.")
+    clear = [step([100, 95, 105], [90, 86, 94]), step([90, 86, 94], [80, 75, 85])]
+    sentence = findings.trend_sentence("Reconstruction", "latent size", [2, 4, 8], [100, 90, 80],
+                                       step_differences=clear)
+    assert sentence.endswith("; 2/2 steps resolved by a paired 95% interval that excludes zero.")
+    single = [step([100], [90])]
+    assert findings.trend_sentence("Reconstruction", "latent size", [2, 4], [100, 90], step_differences=single) \
+        .endswith("; one seed per point, so no step has an interval and no step is called.")
 
 
 def test_trend_needs_two_points():
@@ -71,7 +102,8 @@ def test_latent_size_findings_per_family_and_setting():
         for d, r in [(2, 140.0), (4, 120.0), (8, 110.0), (16, 100.0), (32, 95.0), (64, 94.0)]
     ] + [{"family": "ae", "model.latent_dim": d, "loss.kl_weight": 1.0, "val/recon mean": r}
          for d, r in [(2, 130.0), (4, 131.0)]])
-    sentences = findings.latent_size_findings(summary, ["model.name", "model.latent_dim", "loss.kl_weight"])
+    sentences = findings.latent_size_findings(summary, one_seed_runs(summary),
+                                              ["model.name", "model.latent_dim", "loss.kl_weight"])
     assert len(sentences) == 2
     vae = next(s for s in sentences if "linear_vae" in s)
     assert "improves monotonically" in vae and "5/5 steps" in vae and "kl_weight=1" in vae
@@ -84,11 +116,12 @@ def test_latent_size_trend_follows_validation_not_test():
     summary = summary_frame([
         {"family": "ae", "model.latent_dim": d, "val/recon mean": v, "test/recon mean": t}
         for d, v, t in [(2, 100.0, 120.0), (4, 105.0, 90.0), (8, 110.0, 80.0)]])
-    [sentence] = findings.latent_size_findings(summary, ["model.latent_dim"])
+    runs = one_seed_runs(summary)
+    [sentence] = findings.latent_size_findings(summary, runs, ["model.latent_dim"])
     assert sentence.startswith("Validation reconstruction (val/recon) gets worse at every step of latent size")
     assert "100.0 at latent size 2 → 110.0 at 8" in sentence
     assert findings.latent_size_findings(summary.drop(columns=["val/recon mean", "val/recon std"]),
-                                         ["model.latent_dim"]) == []
+                                         runs, ["model.latent_dim"]) == []
 
 
 def test_latent_size_trend_over_paired_points():
@@ -97,8 +130,9 @@ def test_latent_size_trend_over_paired_points():
         {"family": "linear_vae", "model.latent_dim": d, "model.hidden_dims": f"[{8 * d}]", "val/recon mean": r}
         for d, r in [(4, 220.0), (8, 200.0), (16, 190.0), (32, 185.0), (64, 179.0)]])
     params = ["model.latent_dim", "model.hidden_dims"]
-    assert findings.latent_size_findings(summary, params) == []  # unpaired: no two rows share a setting
-    (sentence,) = findings.latent_size_findings(summary, params, paired=params)
+    runs = one_seed_runs(summary)
+    assert findings.latent_size_findings(summary, runs, params) == []  # unpaired: no two rows share a setting
+    (sentence,) = findings.latent_size_findings(summary, runs, params, paired=params)
     assert "hidden_dims paired with it" in sentence
     assert "improves monotonically" in sentence and "4/4 steps" in sentence
 
@@ -121,9 +155,24 @@ def test_kl_weight_sentence_has_the_right_percentages():
         {"family": "linear_vae", "loss.kl_weight": 100.0, "val/kl mean": 2.0, "val/recon mean": 135.0,
          "test/kl mean": 12.0, "test/recon mean": 90.0},
     ])
-    [sentence] = findings.kl_weight_findings(summary, ["model.name", "loss.kl_weight"])
+    [sentence] = findings.kl_weight_findings(summary, one_seed_runs(summary), ["model.name", "loss.kl_weight"])
     assert "KL weight 100 cut KL by 80% and raised reconstruction loss by 35% compared with KL weight 1" in sentence
-    assert "on the validation split (val/kl 10.0 → 2.0 nats, val/recon 100.0 → 135.0 nats)" in sentence
+    assert ("on the validation split (val/kl 10.0 → 2.0 nats, val/recon 100.0 → 135.0 nats; "
+            "val/recon change paired over 1 shared seed: no interval is possible).") in sentence
+
+
+def test_kl_weight_sentence_says_whether_the_paired_interval_resolves_the_change():
+    rows = [{"family": "linear_vae", "loss.kl_weight": weight, "seed": seed, "val/kl": 10.0 / weight,
+             "val/recon": recon} for weight, recons in ((1.0, [100, 104, 102]), (4.0, [110, 115, 111]))
+            for seed, recon in enumerate(recons)]
+    summary, runs = seeded(rows, ["loss.kl_weight"])
+    [sentence] = findings.kl_weight_findings(summary, runs, ["loss.kl_weight"])
+    assert ("val/recon change 95% interval [9.00, 11.00], paired over 3 shared seeds; the larger weight better "
+            "in 0% of resamples; the reconstruction change is resolved).") in sentence
+    rows[3]["val/recon"] = 95.0  # seed 0 now improves with the larger weight
+    summary, runs = seeded(rows, ["loss.kl_weight"])
+    [sentence] = findings.kl_weight_findings(summary, runs, ["loss.kl_weight"])
+    assert sentence.endswith("; the reconstruction change is not resolved, its interval includes zero).")
 
 
 def test_kl_weight_sentence_reports_the_other_direction_too():
@@ -131,7 +180,7 @@ def test_kl_weight_sentence_reports_the_other_direction_too():
         {"family": "conv_vae", "loss.kl_weight": 0.5, "val/kl mean": 4.0, "val/recon mean": 100.0},
         {"family": "conv_vae", "loss.kl_weight": 2.0, "val/kl mean": 5.0, "val/recon mean": 90.0},
     ])
-    [sentence] = findings.kl_weight_findings(summary, ["loss.kl_weight"])
+    [sentence] = findings.kl_weight_findings(summary, one_seed_runs(summary), ["loss.kl_weight"])
     assert "KL weight 2 raised KL by 25% and lowered reconstruction loss by 10%" in sentence
 
 
@@ -140,45 +189,68 @@ def test_kl_weight_ignores_plain_autoencoders():
         {"family": "ae", "loss.kl_weight": 1.0, "val/kl mean": np.nan, "val/recon mean": 100.0},
         {"family": "ae", "loss.kl_weight": 10.0, "val/kl mean": np.nan, "val/recon mean": 101.0},
     ])
-    assert findings.kl_weight_findings(summary, ["loss.kl_weight"]) == []
+    assert findings.kl_weight_findings(summary, one_seed_runs(summary), ["loss.kl_weight"]) == []
 
 
 def test_family_comparison_on_elbo_and_reconstruction():
-    summary = summary_frame([
-        {"family": "conv_vae", "val/elbo mean": -90.0, "val/recon mean": 80.0},
-        {"family": "linear_vae", "val/elbo mean": -102.0, "val/recon mean": 95.0},
-        {"family": "linear_vae", "val/elbo mean": -110.0, "val/recon mean": 90.0},
-        {"family": "ae", "val/elbo mean": np.nan, "val/recon mean": 70.0},
-    ])
-    sentences = findings.family_findings(summary)
-    assert any(s.startswith("conv_vae beats linear_vae on validation ELBO (val/elbo) by 12.0 nats") for s in sentences)
+    # three seeds each; every seed agrees on each ranking, so each difference is resolved
+    rows = []
+    for seed in range(3):
+        rows += [{"family": "conv_vae", "model.latent_dim": 2, "seed": seed, "val/elbo": -90.0 - seed,
+                  "val/recon": 80.0 + seed},
+                 {"family": "linear_vae", "model.latent_dim": 2, "seed": seed, "val/elbo": -102.0 - 2 * seed,
+                  "val/recon": 95.0 + seed},
+                 {"family": "linear_vae", "model.latent_dim": 4, "seed": seed, "val/elbo": -110.0,
+                  "val/recon": 90.0 + seed},
+                 {"family": "ae", "model.latent_dim": 2, "seed": seed, "val/recon": 70.0 + 2 * seed}]
+    summary, runs = seeded(rows, ["model.name", "model.latent_dim"])
+    sentences = findings.family_findings(summary, runs)
+    assert ("conv_vae beats linear_vae on validation ELBO (val/elbo) by 13.0 nats (best configuration of each, "
+            "mean over seeds: -91.0 vs -104.0; 95% interval [12.00, 14.00], paired over 3 shared seeds; "
+            "conv_vae better in 100% of resamples).") in sentences
     recon = [s for s in sentences if "reconstruction loss" in s]
-    assert recon[0].startswith("ae beats conv_vae on validation reconstruction loss (val/recon) by 10.0 nats")
+    assert recon[0].startswith("ae beats conv_vae on validation reconstruction loss (val/recon) by 9.0 nats")
     assert recon[1].startswith("conv_vae beats linear_vae on validation reconstruction loss (val/recon) by 10.0 nats")
     assert not any(s.startswith("ae ") and "ELBO" in s for s in sentences)
 
 
 def test_family_winner_is_decided_on_validation_and_its_test_numbers_are_reported():
     # linear_vae is better on test/elbo, conv_vae on val/elbo: conv_vae wins, test is only quoted
-    summary = summary_frame([
-        {"family": "conv_vae", "val/elbo mean": -95.0, "test/elbo mean": -120.0},
-        {"family": "conv_vae", "val/elbo mean": -130.0, "test/elbo mean": -80.0},
-        {"family": "linear_vae", "val/elbo mean": -100.0, "test/elbo mean": -90.0},
-    ])
-    [sentence] = findings.family_findings(summary)
-    assert sentence.startswith("conv_vae beats linear_vae on validation ELBO (val/elbo) by 5.0 nats "
-                               "(best configuration of each, mean over seeds: -95.0 vs -100.0")
-    assert sentence.endswith("; their test/elbo: -120.0 vs -90.0).")
-    assert findings.family_findings(summary.drop(columns=["val/elbo mean", "val/elbo std"])) == []
+    rows = []
+    for seed in range(2):
+        rows += [{"family": "conv_vae", "model.latent_dim": 2, "seed": seed, "val/elbo": -95.0 - seed,
+                  "test/elbo": -120.0 - seed},
+                 {"family": "conv_vae", "model.latent_dim": 4, "seed": seed, "val/elbo": -130.0, "test/elbo": -80.0},
+                 {"family": "linear_vae", "model.latent_dim": 2, "seed": seed, "val/elbo": -100.0 - 2 * seed,
+                  "test/elbo": -90.0}]
+    summary, runs = seeded(rows, ["model.name", "model.latent_dim"])
+    [sentence] = findings.family_findings(summary, runs)
+    assert sentence.startswith("conv_vae beats linear_vae on validation ELBO (val/elbo) by 5.5 nats "
+                               "(best configuration of each, mean over seeds: -95.5 vs -101.0")
+    assert sentence.endswith("; their test/elbo: -120.5 vs -90.0 (difference -30.50 [-31.00, -30.00], reported, "
+                             "not used to choose)).")
+    assert findings.family_findings(summary.drop(columns=["val/elbo mean", "val/elbo std"]), runs) == []
 
 
-def test_family_gap_inside_seed_spread_is_not_called_clear():
-    summary = summary_frame([
-        {"family": "conv_vae", "val/elbo mean": -100.0, "val/elbo std": 3.0, "runs": 3},
-        {"family": "linear_vae", "val/elbo mean": -101.0, "val/elbo std": 2.0, "runs": 3},
-    ])
-    [sentence] = findings.family_findings(summary)
-    assert "within the seed-to-seed std of 3.0, so not a clear difference" in sentence
+def test_family_gap_inside_the_paired_interval_is_not_called():
+    rows = [{"family": family, "seed": seed, "val/elbo": value}
+            for family, values in (("conv_vae", [-98.0, -100.0, -102.0]), ("linear_vae", [-101.0, -99.0, -103.0]))
+            for seed, value in enumerate(values)]
+    summary, runs = seeded(rows, ["model.name"])
+    [sentence] = findings.family_findings(summary, runs)
+    assert sentence.startswith("conv_vae and linear_vae are not told apart on validation ELBO (val/elbo): "
+                               "best configuration of each, mean over seeds: -100.0 vs -101.0, a gap of 1.0 nats "
+                               "whose 95% interval [")
+    assert "includes zero; about " in sentence and "seeds would settle it at the observed spread." in sentence
+    assert " beats " not in sentence
+
+
+def test_family_gap_from_one_seed_is_not_called():
+    rows = [{"family": "conv_vae", "seed": 0, "val/elbo": -90.0}, {"family": "linear_vae", "seed": 0, "val/elbo": -99.0}]
+    summary, runs = seeded(rows, ["model.name"])
+    assert findings.family_findings(summary, runs) == [
+        "conv_vae and linear_vae are not told apart on validation ELBO (val/elbo): best configuration of each, "
+        "mean over seeds: -90.0 vs -99.0, a gap of 9.0 nats from one seed, where no interval is possible."]
 
 
 # ----------------------------------------------------------------------------- baselines and diagnostics
@@ -304,9 +376,9 @@ def test_best_row_follows_the_validation_mean_over_seeds_not_test_nor_one_lucky_
         best = mark_best(summary, objectives)
         assert best.loc[best["best"], "label"].tolist() == ["linear_vae, kl_weight=1"], objectives
         assert set(best["ranked_by"]) == {"val/elbo (max)"}
-    [sentence] = findings.best_configuration_findings(mark_best(summary, []))
-    assert sentence == ("Best linear_vae configuration by val/elbo (max), mean over seeds: linear_vae, kl_weight=1 "
-                        "(val/elbo -101.0; reported test/elbo -110.0).")
+    [sentence] = findings.best_configuration_findings(mark_best(summary, []), runs)
+    assert sentence == ("Best linear_vae configuration by val/elbo (max), mean over seeds [95% interval]: "
+                        "linear_vae, kl_weight=1 (val/elbo -101.00 [-102.00, -100.00]; reported test/elbo -110.0).")
 
 
 def test_runs_without_validation_metrics_get_no_best_row():
@@ -314,7 +386,7 @@ def test_runs_without_validation_metrics_get_no_best_row():
     best = mark_best(summary, objectives=[("test/recon", "minimize")])
     assert not best["best"].any() and set(best["ranked_by"]) == {""}
     assert table_metrics(best, ["test/recon"]) == ["test/recon"]
-    assert findings.best_configuration_findings(best) == []
+    assert findings.best_configuration_findings(best, one_seed_runs(summary)) == []
 
 
 def test_pareto_finding_uses_the_validation_split():
@@ -336,7 +408,8 @@ def test_seed_spread_is_measured_on_validation():
     ])
     assert findings.seed_spread_findings(summary) == [
         "Seed-to-seed spread: over 2 replicated configuration(s), val/recon varies with a std of 3.0 nats "
-        "on average (largest 4.0); smaller differences are noise."]
+        "on average (largest 4.0); differences are called only where a seed-paired 95% bootstrap interval "
+        "excludes zero."]
 
 
 def test_swept_params_from_tag_or_from_differences():

@@ -180,12 +180,24 @@ def test_runs_csv_matches_mlflow(store, study_report):
                                        "FINISHED", "KILLED"]
 
 
-def comparison_rows(folder: Path) -> pd.DataFrame:
+def markdown_tables(folder: Path, section_title: str) -> list[pd.DataFrame]:
+    """The tables of one section of report.md, as strings."""
     text = (folder / "report.md").read_text()
-    section = text.split("## Comparison", 1)[1].split("\n## ", 1)[0]
-    lines = [line for line in section.splitlines() if line.startswith("|")]
-    split = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
-    return pd.DataFrame(split[2:], columns=split[0])
+    section = text.split(f"## {section_title}\n", 1)[1].split("\n## ", 1)[0]
+    tables, lines = [], []
+    for line in [*section.splitlines(), ""]:
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            split = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
+            tables.append(pd.DataFrame(split[2:], columns=split[0]))
+            lines = []
+    return tables
+
+
+def comparison_rows(folder: Path) -> pd.DataFrame:
+    [table] = markdown_tables(folder, "Comparison")
+    return table
 
 
 def test_comparison_table_matches_the_runs(store, study_report):
@@ -429,15 +441,41 @@ def test_star_rows_follow_the_validation_mean_not_test(selection_report):
 
 def test_findings_decide_on_validation_and_label_their_numbers(selection_report):
     sentences = findings_of(selection_report["out"])
-    assert ("Best linear_vae configuration by val/elbo (max), mean over seeds: linear_vae, latent_dim=2 "
-            "(val/elbo -102.0; reported test/elbo -110.0).") in sentences
+    assert ("Best linear_vae configuration by val/elbo (max), mean over seeds [95% interval]: linear_vae, "
+            "latent_dim=2 (val/elbo -102.00 [-104.00, -100.00]; reported test/elbo -110.0).") in sentences
     [winner] = [s for s in sentences if " beats " in s]
-    assert winner.startswith("ae beats linear_vae on validation reconstruction loss (val/recon) by 15.5 nats")
-    assert "; their test/recon: 90.0 vs 62.0" in winner
+    assert winner.startswith("ae beats linear_vae on validation reconstruction loss (val/recon) by 15.5 nats "
+                             "(best configuration of each, mean over seeds: 81.0 vs 96.5; 95% interval "
+                             "[-16.00, -15.00], paired over 2 shared seeds; ae better in 100% of resamples")
+    assert "; their test/recon: 90.0 vs 62.0 (difference 28.00 [28.00, 28.00]" in winner
     [ae_trend] = [s for s in sentences if s.endswith(".") and "for ae" in s]
     assert ae_trend.startswith("Validation reconstruction (val/recon) gets worse at every step of latent size")
     assert any("validation rate–distortion Pareto front" in s for s in sentences)
     assert any(s.startswith("Seed-to-seed spread") and "val/recon" in s for s in sentences)
+
+
+def test_intervals_and_differences_are_paired_by_seed(selection_report):
+    means, differences = markdown_tables(selection_report["out"], "Intervals and paired differences")
+    means = means.set_index("configuration")
+    # ae latent 2: val/recon 80 and 82 over seeds 0 and 1; linear_vae latent 2: val/elbo -100 and -104
+    assert means.loc["ae, latent_dim=2", "val/recon"] == "81.00 [80.00, 82.00]"
+    assert means.loc["linear_vae, latent_dim=2", "val/elbo"] == "-102.00 [-104.00, -100.00]"
+    assert means.loc["linear_vae, latent_dim=2", "test/elbo"] == "-110.00 [-110.00, -110.00]"
+    assert means.loc["ae, latent_dim=2", ""] == "★" and means.loc["ae, latent_dim=4", ""] == ""
+    assert len(differences) == 6  # four configurations: every pair
+    pair = differences[(differences["A"] == "ae, latent_dim=2") & (differences["B"] == "ae, latent_dim=4")].iloc[0]
+    # seed by seed: 80 - 85 and 82 - 85 on val/recon; 90 - 70 on test/recon for both seeds
+    assert (pair["compared on"], pair["seeds"], pair["A − B [95% interval]"], pair["P(A better)"], pair["call"]) == \
+        ("val/recon", "2 paired", "-4.00 [-5.00, -3.00]", "100%", "A better")
+    assert pair["reported: test A − B"] == "test/recon: 20.00 [20.00, 20.00]"
+    # linear_vae latent 2 against 4 on val/elbo: seed 0 -100 vs -99, seed 1 -104 vs -107: not resolved
+    vae = differences[differences["A"] == "linear_vae, latent_dim=2"].iloc[-1]
+    assert vae["B"] == "linear_vae, latent_dim=4" and vae["compared on"] == "val/elbo"
+    assert vae["A − B [95% interval]"] == "1.00 [-1.00, 3.00]"
+    assert vae["call"].startswith("not resolved: about ") and vae["call"].endswith("seeds would settle it at the "
+                                                                                   "observed spread")
+    mixed = differences[(differences["A"] == "ae, latent_dim=2") & (differences["B"] == "linear_vae, latent_dim=2")]
+    assert mixed.iloc[0]["compared on"] == "val/recon"  # an AE has no ELBO: the two share val/recon
 
 
 def test_plots_draw_validation_curves_and_the_validation_front(selection_report):

@@ -46,26 +46,15 @@ def _checked_overrides(overrides: list[str]) -> list[str]:
 
 
 def study_runs(client, study: str) -> list:
-    """The FINISHED trial runs of a study given by its parent run id or its name (the newest
-    parent of that name)."""
-    from mlflow.exceptions import MlflowException
+    """The FINISHED trial runs of a study given by its parent run id or its name."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+    from .tracking import StudyNotFound, find_study
+
     try:
-        parent = client.get_run(study)
-    except MlflowException:
-        parents = client.search_runs(
-            [experiment.experiment_id for experiment in client.search_experiments()],
-            filter_string=f"tags.`{names.ROLE_TAG}` = 'study' and tags.`{names.STUDY_NAME_TAG}` = '{study}'",
-            order_by=["attributes.start_time DESC"], max_results=10)
-        if not parents:
-            raise EvaluateError(f"no study named {study!r} and no run with that id in {client.tracking_uri}") from None
-        if len(parents) > 1:
-            raise EvaluateError(f"{len(parents)} studies are named {study!r} (parent runs "
-                                f"{', '.join(run.info.run_id for run in parents)}); pass the parent run id")
-        parent = parents[0]
-    if parent.data.tags.get(names.ROLE_TAG) != "study":
-        raise EvaluateError(f"run {parent.info.run_id} is not a study's parent run; use --run for a single run")
+        parent = find_study(client, study)
+    except StudyNotFound as error:
+        raise EvaluateError(f"{error}; use --run for a single run") from None
     return client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' and attributes.status = 'FINISHED'",

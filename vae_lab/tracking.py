@@ -383,6 +383,33 @@ def missing_store(tracking_uri: str) -> str | None:
     return None
 
 
+class StudyNotFound(LookupError):
+    """A study named on a command line is not there, or not one study; the message is one line."""
+
+
+def find_study(client: MlflowClient, study: str):
+    """The parent run of a study given by its parent run id or its name (`vae_lab.study_name`).
+    A name that several parent runs carry (a `--new-study` restart) is ambiguous: their ids are listed."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        parent = client.get_run(study)
+    except MlflowException:
+        parents = client.search_runs(
+            [experiment.experiment_id for experiment in client.search_experiments()],
+            filter_string=f"tags.`{names.ROLE_TAG}` = 'study' and tags.`{names.STUDY_NAME_TAG}` = '{study}'",
+            order_by=["attributes.start_time DESC"], max_results=10)
+        if not parents:
+            raise StudyNotFound(f"no study named {study!r} and no run with that id in {client.tracking_uri}") from None
+        if len(parents) > 1:
+            raise StudyNotFound(f"{len(parents)} studies are named {study!r} (parent runs "
+                                f"{', '.join(run.info.run_id for run in parents)}); pass the parent run id") from None
+        parent = parents[0]
+    if parent.data.tags.get(names.ROLE_TAG) != "study":
+        raise StudyNotFound(f"run {parent.info.run_id} is not a study's parent run")
+    return parent
+
+
 def has_logged_model(client: MlflowClient, run_id: str) -> bool:
     """Did the run log its state dict (what `load_logged_model` reads)?"""
     try:

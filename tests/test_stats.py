@@ -1,0 +1,84 @@
+"""Intervals and paired differences (analysis.stats) against SciPy and Student's t directly."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from analysis import stats
+
+
+def scipy_interval(*samples, statistic, paired=False):
+    result = scipy_stats.bootstrap(samples, statistic, n_resamples=stats.RESAMPLES, method="percentile",
+                                   paired=paired, rng=np.random.default_rng(stats.GENERATOR_SEED))
+    return result.confidence_interval.low, result.confidence_interval.high
+
+
+def test_mean_interval_is_scipys_percentile_bootstrap():
+    values = [101.3, 99.2, 104.8, 100.1, 98.7]
+    interval = stats.mean_interval(values)
+    low, high = scipy_interval(np.array(values), statistic=np.mean)
+    assert (interval.estimate, interval.n) == (pytest.approx(np.mean(values)), 5)
+    assert (interval.low, interval.high) == (pytest.approx(low), pytest.approx(high))
+    assert interval.low < np.mean(values) < interval.high
+    assert stats.mean_interval(values) == interval  # a fixed generator: the same report twice
+
+
+def test_one_value_has_no_interval_and_equal_values_a_point():
+    single = stats.mean_interval([3.0, math.nan])
+    assert (single.estimate, single.low, single.high, single.n) == (3.0, None, None, 1)
+    assert not single.has_interval and not single.excludes_zero
+    assert stats.interval_text(single) == "3.00 (one seed: no interval)"
+    same = stats.mean_interval([2.0, 2.0, 2.0])
+    assert (same.low, same.high) == (2.0, 2.0)
+    assert math.isnan(stats.mean_interval([]).estimate)
+
+
+def test_paired_difference_cancels_the_seeds_luck():
+    # the seed moves both configurations by up to 10 nats; B is 1 nat worse at every seed
+    luck = [0.0, 10.0, -8.0, 4.0]
+    first = {seed: 100.0 + value for seed, value in enumerate(luck)}
+    second = {seed: 101.0 + value + 0.1 * seed for seed, value in enumerate(luck)}
+    paired = stats.difference(first, second, "val/recon", lower_is_better=True)
+    deltas = np.array([first[seed] - second[seed] for seed in first])
+    low, high = scipy_interval(deltas, statistic=np.mean)
+    assert paired.paired and paired.interval.n == 4
+    assert (paired.interval.low, paired.interval.high) == (pytest.approx(low), pytest.approx(high))
+    assert paired.resolved and paired.first_better and paired.probability_first_better == 1.0
+    assert paired.seeds_to_settle is None
+    assert stats.call(paired, "A", "B") == "A better"
+    # the same numbers without shared seeds: the luck no longer cancels and the interval spans zero
+    unpaired = stats.difference(first, {seed + 10: value for seed, value in second.items()}, "val/recon", True)
+    low, high = scipy_interval(np.array(list(first.values())), np.array(list(second.values())),
+                               statistic=lambda a, b, axis=-1: np.mean(a, axis=axis) - np.mean(b, axis=axis))
+    assert not unpaired.paired and not unpaired.resolved
+    assert (unpaired.interval.low, unpaired.interval.high) == (pytest.approx(low), pytest.approx(high))
+    assert stats.call(unpaired, "A", "B").endswith("seeds per side would settle it at the observed spread")
+
+
+def test_higher_is_better_flips_the_winner_and_the_probability():
+    found = stats.difference({0: -90.0, 1: -91.0, 2: -92.5}, {0: -95.0, 1: -95.5, 2: -96.0}, "val/elbo",
+                             lower_is_better=False)
+    assert found.resolved and found.first_better and found.probability_first_better == 1.0
+    assert stats.call(found, "conv", "mlp") == "conv better"
+
+
+def test_one_shared_seed_calls_nothing():
+    found = stats.difference({0: 90.0}, {0: 99.0}, "val/recon", True)
+    assert not found.interval.has_interval and not found.resolved
+    assert stats.call(found, "A", "B") == "no interval (one seed)"
+    assert stats.evidence(found, "A") == "paired over 1 shared seed: no interval is possible"
+
+
+def test_seeds_to_settle_is_the_first_n_whose_t_interval_excludes_zero():
+    mean, std = 0.5, 1.5
+    n = stats.seeds_to_settle(mean, std)
+    half_width = lambda k: scipy_stats.t.ppf(0.975, k - 1) * std / math.sqrt(k)  # noqa: E731
+    assert half_width(n) < mean <= half_width(n - 1)
+    assert stats.seeds_to_settle(0.0, 1.0) is None
+    assert stats.seeds_to_settle(1e-6, 10.0) is None  # more than MAX_SEEDS_TO_SETTLE
+    unresolved = stats.difference({0: 100.0, 1: 101.0, 2: 99.0}, {0: 100.5, 1: 100.0, 2: 99.2}, "val/recon", True)
+    deltas = np.array([-0.5, 1.0, -0.2])
+    assert not unresolved.resolved
+    assert unresolved.seeds_to_settle == stats.seeds_to_settle(deltas.mean(), deltas.std(ddof=1))
