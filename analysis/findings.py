@@ -215,7 +215,7 @@ def family_findings(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
             means = (f"best configuration of each, mean over seeds: {_number(first[column])} vs "
                      f"{_number(second[column])}")
             reported = _reported_difference(runs, first, second, metric, not higher_better)
-            gap = _number(abs(first[column] - second[column]))
+            gap = stats.number(abs(first[column] - second[column]))
             if found.resolved:
                 sentences.append(f"{winner} beats {loser} on {NAMES[metric]} by {gap} nats ({means}; "
                                  f"{stats.evidence(found, winner)}{reported}).")
@@ -224,8 +224,8 @@ def family_findings(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
                                  f"of {gap} nats from one seed, where no interval is possible{reported}.")
             else:
                 sentences.append(f"{winner} and {loser} are not told apart on {NAMES[metric]}: {means}, a gap "
-                                 f"of {gap} nats whose {stats.evidence(found, winner)} includes zero; "
-                                 f"{stats.settle(found)}{reported}.")
+                                 f"of {gap} nats whose 95% interval {stats.bounds(found.interval)} includes zero "
+                                 f"({stats.support(found, winner)}); {stats.settle(found)}{reported}.")
     return sentences
 
 

@@ -194,15 +194,25 @@ def how_paired(found: Difference) -> str:
     return f"paired over {n} shared seed{'s' * (n != 1)}" if found.paired else f"unpaired, {n}+ seeds each"
 
 
+def support(found: Difference, first: str) -> str:
+    """'paired over 3 shared seeds; conv_vae better in 100% of resamples'."""
+    text = how_paired(found)
+    if found.probability_first_better is not None:
+        text += f"; {first} better in {found.probability_first_better:.0%} of resamples"
+    return text
+
+
+def bounds(interval: Interval) -> str:
+    """'[2.00, 8.00]'."""
+    _, low, high = _numbers(interval)
+    return f"[{low}, {high}]"
+
+
 def evidence(found: Difference, first: str) -> str:
     """'95% interval [2.00, 8.00], paired over 3 shared seeds; conv_vae better in 100% of resamples'."""
     if not found.interval.has_interval:
         return f"{how_paired(found)}: no interval is possible"
-    _, low, high = _numbers(found.interval)
-    text = f"95% interval [{low}, {high}], {how_paired(found)}"
-    if found.probability_first_better is not None:
-        text += f"; {first} better in {found.probability_first_better:.0%} of resamples"
-    return text
+    return f"95% interval {bounds(found.interval)}, {support(found, first)}"
 
 
 def settle(found: Difference) -> str:

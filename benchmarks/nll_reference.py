@@ -3,6 +3,7 @@
     python benchmarks/nll_reference.py                          # the whole protocol (up to 2000 epochs)
     python benchmarks/nll_reference.py train.epochs=300         # a shorter run (not the protocol: say so)
     python benchmarks/nll_reference.py device=cuda
+    python benchmarks/nll_reference.py --resume RUN_ID          # continue a stopped run from its checkpoint
 
 Trains `experiments/runs/fashion_mnist_nll.yaml` (the VampPrior code's protocol, see that file)
 with `vae_lab.train.train`, tracked in MLflow (experiment `fashion_mnist_nll`, default store),
@@ -13,6 +14,7 @@ CPU the whole protocol takes hours (early stopping decides); on a GPU, minutes.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from _common import machine_line
 from vae_lab.config import ConfigError, load_config  # noqa: E402
 from vae_lab.data import DEBIAN_FASHION_MNIST, DataUnavailable  # noqa: E402
 from vae_lab.engine import resolve_device  # noqa: E402
-from vae_lab.train import train  # noqa: E402
+from vae_lab.train import resumable_run, train  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "runs" / "fashion_mnist_nll.yaml"
 # Norouzi, Fleet & Norouzi, "Exemplar VAE", NeurIPS 2020, Table 1 (test NLL in nats, 5000
@@ -34,19 +36,27 @@ PUBLISHED = {"source": "Exemplar VAE (NeurIPS 2020), Table 1, VAE w/ Gaussian pr
 
 
 def main(argv: list[str] | None = None) -> int:
-    overrides = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python benchmarks/nll_reference.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--resume", metavar="RUN_ID", help="continue a stopped run of this protocol")
+    parser.add_argument("overrides", nargs="*", help="section.key=value (with --resume: device, tracking.uri)")
+    args = parser.parse_args(argv)
+    overrides, resume = args.overrides, None
     try:
-        config = load_config(CONFIG, overrides)
+        if args.resume:
+            config, resume = resumable_run(args.resume, None, overrides)
+        else:
+            config = load_config(CONFIG, overrides)
         device = resolve_device(config.device)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(machine_line(device))
-    print(f"{CONFIG.relative_to(CONFIG.parents[2])} {' '.join(overrides)}".rstrip())
+    print(f"{CONFIG.relative_to(CONFIG.parents[2])} {' '.join(overrides)}".rstrip()
+          + (f" (continuing run {args.resume} from epoch {resume.checkpoint.epoch})" if resume else ""))
     protocol = config.train.epochs == 2000 and config.train.early_stopping_patience == 50
     started = time.perf_counter()
     try:
-        result = train(config)
+        result = train(config, resume=resume)
     except DataUnavailable as error:
         print(f"error: {error} ({DEBIAN_FASHION_MNIST})", file=sys.stderr)
         return 2
@@ -56,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     stopped, best = int(metrics["train/stopped_epoch"]), int(metrics["train/best_epoch"])
     print(f"\nrun {result.run_id} (MLflow experiment {config.tracking.experiment!r})")
     print(f"epochs: {stopped} trained ({'early stopping' if stopped < config.train.epochs else 'all'}), "
-          f"best val/loss at epoch {best}; {seconds / 60:.1f} min")
+          f"best val/loss at epoch {best}; {seconds / 60:.1f} min{' in this process' if resume else ''}")
     print(f"val/elbo {metrics['val/elbo']:.2f}  test/elbo {metrics['test/elbo']:.2f} nats (one sample)")
     print(f"eval/nll_iwae {nll:.2f} nats ({config.eval.iwae_samples} samples, "
           f"{min(config.eval.iwae_points, 10000)} test images)")

@@ -205,12 +205,12 @@ def test_family_comparison_on_elbo_and_reconstruction():
                  {"family": "ae", "model.latent_dim": 2, "seed": seed, "val/recon": 70.0 + 2 * seed}]
     summary, runs = seeded(rows, ["model.name", "model.latent_dim"])
     sentences = findings.family_findings(summary, runs)
-    assert ("conv_vae beats linear_vae on validation ELBO (val/elbo) by 13.0 nats (best configuration of each, "
+    assert ("conv_vae beats linear_vae on validation ELBO (val/elbo) by 13.00 nats (best configuration of each, "
             "mean over seeds: -91.0 vs -104.0; 95% interval [12.00, 14.00], paired over 3 shared seeds; "
             "conv_vae better in 100% of resamples).") in sentences
     recon = [s for s in sentences if "reconstruction loss" in s]
-    assert recon[0].startswith("ae beats conv_vae on validation reconstruction loss (val/recon) by 9.0 nats")
-    assert recon[1].startswith("conv_vae beats linear_vae on validation reconstruction loss (val/recon) by 10.0 nats")
+    assert recon[0].startswith("ae beats conv_vae on validation reconstruction loss (val/recon) by 9.00 nats")
+    assert recon[1].startswith("conv_vae beats linear_vae on validation reconstruction loss (val/recon) by 10.00 nats")
     assert not any(s.startswith("ae ") and "ELBO" in s for s in sentences)
 
 
@@ -225,7 +225,7 @@ def test_family_winner_is_decided_on_validation_and_its_test_numbers_are_reporte
                   "test/elbo": -90.0}]
     summary, runs = seeded(rows, ["model.name", "model.latent_dim"])
     [sentence] = findings.family_findings(summary, runs)
-    assert sentence.startswith("conv_vae beats linear_vae on validation ELBO (val/elbo) by 5.5 nats "
+    assert sentence.startswith("conv_vae beats linear_vae on validation ELBO (val/elbo) by 5.50 nats "
                                "(best configuration of each, mean over seeds: -95.5 vs -101.0")
     assert sentence.endswith("; their test/elbo: -120.5 vs -90.0 (difference -30.50 [-31.00, -30.00], reported, "
                              "not used to choose)).")
@@ -239,9 +239,10 @@ def test_family_gap_inside_the_paired_interval_is_not_called():
     summary, runs = seeded(rows, ["model.name"])
     [sentence] = findings.family_findings(summary, runs)
     assert sentence.startswith("conv_vae and linear_vae are not told apart on validation ELBO (val/elbo): "
-                               "best configuration of each, mean over seeds: -100.0 vs -101.0, a gap of 1.0 nats "
+                               "best configuration of each, mean over seeds: -100.0 vs -101.0, a gap of 1.00 nats "
                                "whose 95% interval [")
-    assert "includes zero; about " in sentence and "seeds would settle it at the observed spread." in sentence
+    assert sentence.endswith("includes zero (paired over 3 shared seeds; conv_vae better in 85% of resamples); "
+                             "about 18 seeds would settle it at the observed spread.")
     assert " beats " not in sentence
 
 
@@ -250,7 +251,7 @@ def test_family_gap_from_one_seed_is_not_called():
     summary, runs = seeded(rows, ["model.name"])
     assert findings.family_findings(summary, runs) == [
         "conv_vae and linear_vae are not told apart on validation ELBO (val/elbo): best configuration of each, "
-        "mean over seeds: -90.0 vs -99.0, a gap of 9.0 nats from one seed, where no interval is possible."]
+        "mean over seeds: -90.0 vs -99.0, a gap of 9.00 nats from one seed, where no interval is possible."]
 
 
 # ----------------------------------------------------------------------------- baselines and diagnostics

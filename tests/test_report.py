@@ -444,7 +444,7 @@ def test_findings_decide_on_validation_and_label_their_numbers(selection_report)
     assert ("Best linear_vae configuration by val/elbo (max), mean over seeds [95% interval]: linear_vae, "
             "latent_dim=2 (val/elbo -102.00 [-104.00, -100.00]; reported test/elbo -110.0).") in sentences
     [winner] = [s for s in sentences if " beats " in s]
-    assert winner.startswith("ae beats linear_vae on validation reconstruction loss (val/recon) by 15.5 nats "
+    assert winner.startswith("ae beats linear_vae on validation reconstruction loss (val/recon) by 15.50 nats "
                              "(best configuration of each, mean over seeds: 81.0 vs 96.5; 95% interval "
                              "[-16.00, -15.00], paired over 2 shared seeds; ae better in 100% of resamples")
     assert "; their test/recon: 90.0 vs 62.0 (difference 28.00 [28.00, 28.00]" in winner
