@@ -143,6 +143,10 @@ def intervals_section(summary: pd.DataFrame, finished: pd.DataFrame) -> Section:
                    "is possible. With very few seeds these intervals are optimistic (three seeds admit ten "
                    "distinct resamples)."),
               Table(interval_table(summary, finished), "")]
+    if summary["runs"].max() < 2:
+        return Section(title, blocks + [Text(
+            "Every configuration ran one seed, so no difference between two of them has an interval and none is "
+            "called; add `seeds: [0, 1, 2]` under the study file's `search_space` to replicate them.")])
     differences = difference_table(summary, finished)
     if differences.empty:
         return Section(title, blocks + [Text("No two configurations share a validation metric to compare.")])

@@ -491,3 +491,16 @@ def test_plots_draw_validation_curves_and_the_validation_front(selection_report)
     text = (selection_report["out"] / "report.md").read_text()
     assert "### Rate–distortion (validation)" in text and "Heatmap" in text
     assert (selection_report["out"] / "learning_curves.png").is_file()
+
+
+def test_single_seed_configurations_get_no_difference_table():
+    runs = pd.DataFrame({"label": ["a", "b"], "family": ["ae", "ae"], "params.train.seed": ["0", "0"],
+                         "metrics.val/recon": [90.0, 95.0]})
+    summary = pd.DataFrame({"label": ["a", "b"], "family": ["ae", "ae"], "runs": [1, 1], "best": [True, False],
+                            "ranked_metric": ["val/recon"] * 2, "val/recon mean": [90.0, 95.0],
+                            "val/recon std": [np.nan, np.nan]})
+    section = report.intervals_section(summary, runs)
+    tables = [block for block in section.blocks if type(block).__name__ == "Table"]
+    assert len(tables) == 1 and tables[0].frame["val/recon"].tolist() == ["90.00 (one seed: no interval)",
+                                                                          "95.00 (one seed: no interval)"]
+    assert "Every configuration ran one seed" in section.blocks[-1].text
