@@ -21,7 +21,7 @@ import pandas as pd
 from vae_lab import names
 from vae_lab.tracking import resolve_tracking_uri
 
-from . import findings, latents, plots, samples, stats
+from . import findings, importance, latents, plots, samples, stats
 from .page import Bullets, Code, Section, Table, Text, render_html, render_markdown
 from .runs import (ReportInputError, Study, load_study, newest_study_id, open_store, paired_params,
                    read_text_artifact)
@@ -242,6 +242,7 @@ def build_report(study: Study, folder: Path, log_to_mlflow: bool = True) -> Path
                                                                    paired_params(study.study_yaml)))]),
                 comparison_section(study, summary, metrics),
                 intervals_section(summary, finished),
+                importance.importance_section(study, folder),
                 plot_section(study, folder),
                 latents_section(study, folder),
                 models_section(study, folder)]

@@ -100,7 +100,7 @@ def test_grid_runs_each_point_once_as_children_of_one_parent_and_resumes(tmp_pat
     assert f"model.name={chosen['params']['model.name']} (val/loss=" in out
     assert "its test score (reported, not used to choose): test/loss=" in out
     listed = {a.path for a in client.list_artifacts(parent_id, "study")}
-    assert {"study/study.yaml", "study/best.png"} <= listed
+    assert {"study/study.yaml", "study/optimization_history.png", "study/importances.json"} <= listed
     assert f"mlflow ui --backend-store-uri {tracking_uri}" in out
     assert f"python -m analysis.report --run {parent_id}" in out
 

@@ -1,4 +1,17 @@
-"""The end-of-study summary on the parent run: trials.csv, summary.json, best.png / pareto.png."""
+"""The end-of-study summary on the parent run, written (again) whenever a sweep command ends.
+
+Artifacts under `study/` on the parent run:
+
+    study.yaml          the study file as run (after overrides)
+    trials.csv          one row per trial: state, objective values, swept values, run id, seconds
+    summary.json        counts, best trial or Pareto front, best configuration over seeds;
+                        "importance": {"file": ...} or {"skipped": why}; "plot_errors" if any
+    importances.json    fANOVA importance of each swept param per objective
+                        (vae_lab.study_importance); absent where it cannot be computed
+    *.png               Optuna's plots, each where it applies (vae_lab.study_plots):
+                        optimization_history.png or pareto_front.png, param_importances.png,
+                        slice.png, contour.png (per objective with several: slice_val_kl.png)
+"""
 
 from __future__ import annotations
 
@@ -9,18 +22,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
+import optuna
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-import pandas as pd  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+from . import names
+from .study import SEED_PARAM, StudySpec
+from .study_importance import param_importances, varying_params
+from .study_plots import save_plots
+from .study_storage import REASON_ATTR, REPORTED_ATTR, RUN_ID_ATTR, assignment_of, real_trials
 
-from . import names  # noqa: E402
-from .study import SEED_PARAM, StudySpec  # noqa: E402
-from .study_storage import REASON_ATTR, REPORTED_ATTR, RUN_ID_ATTR, assignment_of, real_trials  # noqa: E402
+ARTIFACT_DIR = "study"
+IMPORTANCES_FILE = "importances.json"
 
 STATE_NAMES = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL",
                TrialState.RUNNING: "RUNNING", TrialState.WAITING: "WAITING"}
@@ -118,68 +132,28 @@ def summarize(study: optuna.Study, spec: StudySpec, table: pd.DataFrame, wall_se
     return summary
 
 
-def plot_best(table: pd.DataFrame, spec: StudySpec, path: Path) -> bool:
-    objective = spec.objectives[0]
-    done = table[table["state"] == "COMPLETE"].sort_values("number")
-    if done.empty:
-        return False
-    values = done[objective.metric].astype(float)
-    best_so_far = values.cummin() if objective.direction == "minimize" else values.cummax()
-    figure, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(done["number"], values, s=18, label="trial")
-    ax.step(done["number"], best_so_far, where="post", color="C3", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel(f"{objective.metric} ({objective.direction})")
-    ax.set_title(f"study {spec.name}")
-    ax.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return True
-
-
-def plot_pareto(table: pd.DataFrame, spec: StudySpec, front_numbers: set[int], path: Path) -> bool:
-    if len(spec.objectives) != 2:
-        return False
-    done = table[table["state"] == "COMPLETE"]
-    if done.empty:
-        return False
-    x_metric, y_metric = (objective.metric for objective in spec.objectives)
-    on_front = done["number"].isin(front_numbers)
-    figure, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter(done.loc[~on_front, x_metric], done.loc[~on_front, y_metric], s=18, color="0.6", label="trial")
-    front = done[on_front].sort_values(x_metric)
-    ax.plot(front[x_metric], front[y_metric], "o-", color="C3", label="Pareto front")
-    for _, row in front.iterrows():
-        ax.annotate(str(int(row["number"])), (row[x_metric], row[y_metric]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel(x_metric)
-    ax.set_ylabel(y_metric)
-    ax.set_title(f"study {spec.name}: trade-off")
-    ax.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return True
-
-
 def log_summary(client: MlflowClient, parent_run_id: str, study: optuna.Study, spec: StudySpec) -> dict:
     """Write the summary artifacts and metrics on the parent run; returns summary.json's content."""
     started = client.get_run(parent_run_id).info.start_time or time.time() * 1000
     wall_seconds = time.time() - started / 1000
     table = trials_table(study, spec)
     summary = summarize(study, spec, table, wall_seconds)
+    params = varying_params(study)
+    importances = param_importances(study, spec, params)
+    has_importances = "skipped" not in importances
+    summary["importance"] = ({"file": f"{ARTIFACT_DIR}/{IMPORTANCES_FILE}", "evaluator": importances["evaluator"]}
+                             if has_importances else importances)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
+        plot_errors = save_plots(study, spec, params, has_importances, folder)
+        if plot_errors:
+            summary["plot_errors"] = plot_errors
+        if has_importances:
+            (folder / IMPORTANCES_FILE).write_text(json.dumps(importances, indent=2))
         (folder / "study.yaml").write_text(spec.to_yaml())
         table.to_csv(folder / "trials.csv", index=False)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        if len(spec.objectives) > 1:
-            front = {entry["number"] for entry in summary["pareto_front"]}
-            plot_pareto(table, spec, front, folder / "pareto.png")
-        else:
-            plot_best(table, spec, folder / "best.png")
-        client.log_artifacts(parent_run_id, str(folder), "study")
+        client.log_artifacts(parent_run_id, str(folder), ARTIFACT_DIR)
     counts = summary["counts"]
     metrics = {f"study/{name}": float(counts[name]) for name in ("complete", "pruned", "failed")}
     metrics["study/total_seconds"] = summary["total_seconds"]
