@@ -12,7 +12,6 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from vae_lab.config import build_config
-from vae_lab.data import load_data
 from vae_lab.engine import TrainingDiverged, resolve_device
 from vae_lab.tracking import load_logged_model
 from vae_lab.train import main, train

@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import names
 from .config import Config, ConfigError, apply_overrides, parse_override, validate
 
 EVAL_SETTINGS_TAG = "vae_lab.eval_settings"
