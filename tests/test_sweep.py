@@ -102,6 +102,10 @@ def test_grid_runs_each_point_once_as_children_of_one_parent_and_resumes(tmp_pat
     listed = {a.path for a in client.list_artifacts(parent_id, "study")}
     assert {"study/study.yaml", "study/optimization_history.png", "study/importances.json"} <= listed
     assert f"mlflow ui --backend-store-uri {tracking_uri}" in out
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    assert (f"  parent:  http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{parent_id}"
+            "?workflowType=machine_learning") in out
+    assert f"  runs:    http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning" in out
     assert f"python -m analysis.report --run {parent_id}" in out
 
     # the same command again: nothing is rerun

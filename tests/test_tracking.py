@@ -1,5 +1,6 @@
 """The MLflow store: a new SQLite store starts from an empty-store template, as MLflow would make it."""
 
+import json
 import sqlite3
 import threading
 
@@ -51,3 +52,63 @@ def test_concurrent_creators_of_one_store_get_one_store(tmp_path):
     assert not errors
     assert [path.name for path in database.parent.iterdir()] == ["mlflow.db"]  # no drafts left behind
     assert MlflowClient(f"sqlite:///{database}").search_experiments()[0].name == "Default"
+
+
+# ----------------------------------------------------------------------------- MLflow's UI
+
+def test_experiments_open_on_their_runs_and_runs_carry_their_data_as_dataset_inputs(tiny_overrides, tracking_uri):
+    from vae_lab.config import load_config
+    from vae_lab.data import load_data
+    from vae_lab.train import train
+
+    config = load_config(None, [*tiny_overrides, "train.epochs=1", "data.binarize=dynamic", "eval.enabled=false",
+                                "tracking.log_images=false", "tracking.log_model=false"])
+    data = load_data(config.data, "cpu")
+    run_id = train(config, data=data).run_id
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    inputs = {tag.value: entry.dataset for entry in client.get_run(run_id).inputs.dataset_inputs
+              for tag in entry.tags if tag.key == "mlflow.data.context"}
+    assert set(inputs) == {"train", "validation", "test"}
+    for context, split in (("train", "train"), ("validation", "val"), ("test", "test")):
+        images, _ = data.split(split)
+        dataset = inputs[context]
+        assert dataset.name == "mnist5k" and "mnist_5k.csv.gz" in dataset.source
+        assert json.loads(dataset.profile)["features_shape"] == list(images.shape)
+    assert len({dataset.digest for dataset in inputs.values()}) == 3
+    found = client.search_runs([experiment.experiment_id],
+                               filter_string="dataset.name = 'mnist5k' and dataset.context = 'validation'")
+    assert [run.info.run_id for run in found] == [run_id]
+
+    again = train(config, data=data).run_id  # the same seed: MLflow's own random names would repeat
+    names = [client.get_run(run).info.run_name for run in (run_id, again)]
+    assert names[0] != names[1] and all(name.startswith(f"{config.model.name}-") for name in names)
+
+
+def test_an_older_experiment_is_tagged_when_used_again(tmp_path):
+    from vae_lab.tracking import get_or_create_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    prepare_store(uri)
+    client = MlflowClient(uri)
+    old = client.create_experiment("old", artifact_location=str(tmp_path / "artifacts"))
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    assert get_or_create_experiment(client, "old", uri) == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_ui_links_open_model_training_mode_and_never_print_credentials():
+    from vae_lab.tracking import browse_lines, ui_links
+
+    assert ui_links("sqlite:////x/mlflow.db", "3", "abc") == [
+        "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning",
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"]
+    assert ui_links("https://user:secret@mlflow.example.org:8443/base/", "7") == [
+        "https://mlflow.example.org:8443/base/#/experiments/7?workflowType=machine_learning"]
+    lines = browse_lines("http://u:p@10.0.0.5:5000", "2", "r1", "parent")
+    assert lines == ["  runs:    http://10.0.0.5:5000/#/experiments/2?workflowType=machine_learning",
+                     "  parent:  http://10.0.0.5:5000/#/experiments/2/runs/r1?workflowType=machine_learning"]
+    assert browse_lines("sqlite:////x/mlflow.db", "2", "r1", "run")[0] == \
+        "  browse:  mlflow ui --backend-store-uri sqlite:////x/mlflow.db   (then open the links below)"

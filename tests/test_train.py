@@ -1,4 +1,5 @@
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,9 @@ def test_command_line_run_end_to_end(tmp_path, tiny_overrides):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "mlflow ui --backend-store-uri sqlite:///" in result.stdout
+    run_id = re.search(r"^run (\w+) in experiment", result.stdout, re.MULTILINE).group(1)
+    assert re.search(rf"^  run:     http://127.0.0.1:5000/#/experiments/\d+/runs/{run_id}\?workflowType=machine_learning$",
+                     result.stdout, re.MULTILINE)
     bad = subprocess.run([sys.executable, "-m", "vae_lab.train", "model.name=nope"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "model.name" in bad.stderr

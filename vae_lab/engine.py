@@ -646,6 +646,7 @@ def train_group(configs: list[Config], *, data: ImageData, device: torch.device,
                 else:
                     trial.tracker = RunTracker.start(trial.config, device, parent_run_id, run_names[trial.index],
                                                      run_tags)
+                    trial.tracker.log_datasets(data)
             by_lr = sorted(range(count), key=lambda index: configs[index].train.lr)  # see StackedStep
             engine = Engine([trials[index] for index in by_lr], [models[index] for index in by_lr], data, device,
                             stacked=count > 1 if stacked is None else stacked, amp=amp,

@@ -68,3 +68,7 @@ FAILURE_REASON_TAG = "failure_reason"
 STOP_REASON_TAG = "vae_lab.stop_reason"  # "early_stopping" or "epochs"
 PRECISION_TAG = "vae_lab.precision"  # what train.amp became on this device: "bf16 autocast" or "fp32"
 RESUMED_FROM_TAG = "vae_lab.resumed_from_epoch"  # set when a run was continued from a checkpoint
+# MLflow's own: an experiment of this kind opens on its runs, not on MLflow's GenAI overview
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_WORKFLOW = "workflowType=machine_learning"  # the query that keeps MLflow's UI in model-training mode
+DATASET_CONTEXTS = {"train": "train", "val": "validation", "test": "test"}  # split -> mlflow.data.context

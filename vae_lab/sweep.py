@@ -35,6 +35,7 @@ from .config import ConfigError
 from .data import DataUnavailable
 from .engine import resolve_device
 from .stores import check_optuna_storage, check_tracking_store, short_http_retries
+from .tracking import browse_lines
 from .study import Choices, load_study_spec
 from .study_progress import TrialsBar
 from .study_repair import repair_stale_trials
@@ -94,10 +95,8 @@ def print_results(session: Session, summary: dict) -> None:
     experiment = session.spec.base_config().tracking.experiment
     print(f"results: MLflow experiment {experiment!r}, parent run {session.parent_run_id} "
           f"(study/trials.csv, study/summary.json)")
-    if settings.tracking_uri.startswith(("http://", "https://")):
-        print(f"  browse:  open {settings.tracking_uri} in a browser")
-    else:
-        print(f"  browse:  mlflow ui --backend-store-uri {settings.tracking_uri}")
+    experiment_id = session.client.get_run(session.parent_run_id).info.experiment_id
+    print("\n".join(browse_lines(settings.tracking_uri, experiment_id, session.parent_run_id, "parent")))
     print(f"  report:  python -m analysis.report --run {session.parent_run_id}")
     print(f"  optuna:  study {session.spec.name!r} in {store.redact_url(settings.storage_url)}")
 

@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import time
+import uuid
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,6 @@ def _empty_store_template() -> Path:
     migrations (about 1.5 s of every fresh store; MLflow still checks the schema and creates
     the store's own Default experiment)."""
     import sqlite3
-    import uuid
 
     folder = Path.home() / ".cache" / "vae_lab"
     template = folder / f"empty-mlflow-{mlflow.__version__}.db"
@@ -96,7 +96,6 @@ def _empty_store_template() -> Path:
 
 def _copy_empty_store(database: Path) -> None:
     import shutil
-    import uuid
 
     try:
         template = _empty_store_template()
@@ -113,18 +112,75 @@ def _copy_empty_store(database: Path) -> None:
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The experiment's id, created (or restored) when needed, tagged as model development so
+    that MLflow's UI opens it on its runs."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if experiment.tags.get(names.EXPERIMENT_KIND_TAG) != names.EXPERIMENT_KIND:  # made by an older vae_lab
+            client.set_experiment_tag(experiment.experiment_id, names.EXPERIMENT_KIND_TAG, names.EXPERIMENT_KIND)
         return experiment.experiment_id
     artifact_root = _local_artifact_root(tracking_uri)
     location = f"{artifact_root}/{name}" if artifact_root else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={names.EXPERIMENT_KIND_TAG: names.EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException:
         # another worker created it between our lookup and our create
         return client.get_experiment_by_name(name).experiment_id
+
+
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless told otherwise
+
+
+def ui_links(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> list[str]:
+    """Links that open MLflow's UI in model-training mode on the experiment's runs (and on one run):
+    on the tracking server itself, or on what `mlflow ui` serves for a local store. No credentials."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    base = UI_ADDRESS
+    if tracking_uri.startswith(("http://", "https://")):
+        parts = urlsplit(tracking_uri)
+        base = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""),
+                           parts.path.rstrip("/"), "", ""))
+    links = [f"{base}/#/experiments/{experiment_id}?{names.UI_WORKFLOW}"]
+    if run_id:
+        links.append(f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{names.UI_WORKFLOW}")
+    return links
+
+
+def browse_lines(tracking_uri: str, experiment_id: str, run_id: str, run_words: str) -> list[str]:
+    """What a command prints so a person can look at its runs in MLflow's UI."""
+    experiment_link, run_link = ui_links(tracking_uri, experiment_id, run_id)
+    serve = [] if tracking_uri.startswith(("http://", "https://")) else \
+        [("browse", f"mlflow ui --backend-store-uri {tracking_uri}   (then open the links below)")]
+    return [f"  {label + ':':9}{text}" for label, text in [*serve, ("runs", experiment_link), (run_words, run_link)]]
+
+
+def dataset_inputs(data) -> list:
+    """MLflow dataset inputs of each split of `data` (vae_lab.data.ImageData): name, digest, source
+    and shape, with the split as its context. Computed once per data object."""
+    if "mlflow_datasets" not in data.derived:
+        import json
+
+        import mlflow.data
+        from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        # from its JSON: MLflow registers its local source twice, and resolving a path warns about it
+        source = get_dataset_source_from_json(json.dumps({"uri": data.source or data.name}), "local")
+        inputs = []
+        for split, context in names.DATASET_CONTEXTS.items():
+            if split == "val" and not data.has_val:
+                continue
+            images, labels = data.split(split)
+            dataset = mlflow.data.from_numpy(images.cpu().numpy(), targets=labels.cpu().numpy(),
+                                             source=source, name=data.name)
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        data.derived["mlflow_datasets"] = inputs
+    return data.derived["mlflow_datasets"]
 
 
 def git_commit() -> str | None:
@@ -198,7 +254,9 @@ class RunTracker:
         all_tags.update(tags or {})
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        name = run_name or config.tracking.run_name or None
+        # MLflow draws its random names from `random`, which the run has just seeded: every run would
+        # get the same name. os.urandom is not seeded.
+        name = run_name or config.tracking.run_name or f"{config.model.name}-{uuid.uuid4().hex[:6]}"
         run = client.create_run(experiment_id, run_name=name, tags=all_tags)
         tracker = cls(client, tracking_uri, run.info.run_id, experiment_id)
         tracker.log_params(config.flat())
@@ -227,6 +285,10 @@ class RunTracker:
                                 for key, value, timestamp, step in checkpoint.pending_metrics]
             tracker.flush()
         return tracker
+
+    def log_datasets(self, data) -> None:
+        """The run's train, validation and test data as MLflow dataset inputs (the UI's Dataset column)."""
+        self.client.log_inputs(self.run_id, datasets=dataset_inputs(data))
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(key, _param_value(value)) for key, value in params.items()]
@@ -363,6 +425,7 @@ class NullTracker:
     run_id = None
 
     def log_params(self, params): pass
+    def log_datasets(self, data): pass
     def set_tags(self, tags): pass
     def log_metrics(self, metrics, step): pass
     def pending(self): return []

@@ -127,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in sorted(result.metrics.items()):
         print(f"  {key:28s} {value:.4f}")
     print(f"run {result.run_id} in experiment {config.tracking.experiment!r}")
-    print(f"browse it:  mlflow ui --backend-store-uri {uri}")
+    if config.tracking.enabled:
+        from mlflow.tracking import MlflowClient
+
+        from .tracking import browse_lines
+
+        experiment_id = MlflowClient(tracking_uri=uri).get_run(result.run_id).info.experiment_id
+        print("\n".join(browse_lines(uri, experiment_id, result.run_id, "run")))
     return 0
 
 
