@@ -38,6 +38,7 @@ from .page import Bullets, Section, Table, Text, render_html, render_markdown  #
 from .report import safe_name  # noqa: E402
 from .runs import (SEED_PARAM, ReportInputError, Study, display_param, load_study, open_store,  # noqa: E402
                    recent_studies)
+from .tables import DIFFERENCE_COLUMNS, difference_cells  # noqa: E402
 
 MAX_CURVE_PANELS = 6
 MAX_RECONSTRUCTED = 6
@@ -56,11 +57,8 @@ class Match:
 
 
 def resolve_studies(client: MlflowClient, given: list[str]) -> tuple[str, str]:
-    """The two parent run ids; a wrong count, an unknown or ambiguous study, or the same study
-    twice raise ReportInputError with one line (an unknown one lists the studies there are)."""
-    if len(given) != 2:
-        raise ReportInputError(f"compare takes exactly two studies (parent run ids or study names), got {len(given)}"
-                               + (f": {' '.join(given)}" if given else ""))
+    """The two parent run ids; an unknown or ambiguous study, or the same study twice, raise
+    ReportInputError with one line (an unknown one lists the studies there are)."""
     parents = []
     for study in given:
         try:
@@ -112,11 +110,11 @@ def arm_settings(a: Study, b: Study) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setting", "A", "B"])
 
 
-def _comparison_metric(a: Study, b: Study, match: Match) -> tuple[str, bool] | None:
+def _comparison_metric(a: Study, b: Study, match: Match) -> str | None:
     """val/elbo where both arms have it, else val/recon+kl (VAEs without an ELBO), else val/recon."""
     for metric in (names.VAL_ELBO, names.VAL_RECON_PLUS_KL, names.VAL_RECON):
         if stats.seed_values(a.finished, match.label_a, metric) and stats.seed_values(b.finished, match.label_b, metric):
-            return metric, metric != names.VAL_ELBO
+            return metric
     return None
 
 
@@ -125,36 +123,22 @@ def difference_rows(a: Study, b: Study, matches: list[Match]) -> tuple[pd.DataFr
     that is another), with each arm's interval, A − B paired by seed, and test/* beside it."""
     rows, decided = [], []
     for match in matches:
-        chosen = _comparison_metric(a, b, match)
-        if chosen is None:
+        metric = _comparison_metric(a, b, match)
+        if metric is None:
             continue
-        metric, lower_is_better = chosen
         for shown in dict.fromkeys([metric, names.VAL_RECON]):
             values_a = stats.seed_values(a.finished, match.label_a, shown)
             values_b = stats.seed_values(b.finished, match.label_b, shown)
             if not values_a or not values_b:
                 continue
-            lower = lower_is_better if shown == metric else True
-            found = stats.difference(values_a, values_b, shown, lower)
+            cells, found = difference_cells(a.finished, match.label_a, b.finished, match.label_b, shown)
             if shown == metric:
                 decided.append(found)
-            reported = names.held_out_counterpart(shown)
-            test_a = stats.seed_values(a.finished, match.label_a, reported) if reported else {}
-            test_b = stats.seed_values(b.finished, match.label_b, reported) if reported else {}
-            test = stats.difference(test_a, test_b, reported, lower) if test_a and test_b else None
-            rows.append({
-                "configuration": match.name, "metric": shown,
-                "A [95% interval]": stats.interval_text(stats.mean_interval(values_a.values())),
-                "B [95% interval]": stats.interval_text(stats.mean_interval(values_b.values())),
-                "seeds": f"{found.interval.n} {'paired' if found.paired else 'unpaired'}",
-                "A − B [95% interval]": stats.interval_text(found.interval),
-                "P(A better)": "–" if found.probability_first_better is None
-                else f"{found.probability_first_better:.0%}",
-                "call": stats.call(found, "A", "B"),
-                "reported: test A − B": "–" if test is None else f"{reported}: {stats.interval_text(test.interval)}",
-            })
-    columns = ["configuration", "metric", "A [95% interval]", "B [95% interval]", "seeds", "A − B [95% interval]",
-               "P(A better)", "call", "reported: test A − B"]
+            rows.append({"configuration": match.name, "metric": shown,
+                         "A [95% interval]": stats.interval_text(stats.mean_interval(values_a.values())),
+                         "B [95% interval]": stats.interval_text(stats.mean_interval(values_b.values())),
+                         **cells})
+    columns = ["configuration", "metric", "A [95% interval]", "B [95% interval]", *DIFFERENCE_COLUMNS]
     return pd.DataFrame(rows, columns=columns), decided
 
 
@@ -216,20 +200,32 @@ def overlaid_curves(a: Study, b: Study, matches: list[Match], path: Path) -> plo
                                              f"each epoch.{more}")
 
 
-def _lowest_seed_run(study: Study, label: str) -> pd.DataFrame:
-    return samples.one_run_per_configuration(study.finished[study.finished["label"] == label])
+def _run_of(study: Study, label: str, seed: str | None) -> pd.DataFrame:
+    """The configuration's run at `seed`, or its lowest seed's."""
+    runs = study.finished[study.finished["label"] == label]
+    if seed is not None:
+        runs = runs[runs[f"params.{SEED_PARAM}"].astype(str) == seed]
+    return samples.one_run_per_configuration(runs)
+
+
+def _shared_seed(a: Study, b: Study, match: Match) -> str | None:
+    seeds = [set(study.finished.loc[study.finished["label"] == label, f"params.{SEED_PARAM}"].dropna().astype(str))
+             if f"params.{SEED_PARAM}" in study.finished else set()
+             for study, label in ((a, match.label_a), (b, match.label_b))]
+    shared = seeds[0] & seeds[1]
+    return min(shared, key=lambda seed: (len(seed), seed)) if shared else None
 
 
 def reconstructions(a: Study, b: Study, matches: list[Match], folder: Path) -> tuple[list, list[str]]:
-    """The same test images through A's and B's model of each match (the lowest seed of each)."""
+    """The same test images through A's and B's model of each match, at a seed both ran where there is one."""
     shown = matches[:MAX_RECONSTRUCTED]
     if not shown:
         return [plots.Figure("Reconstructions", skipped="no configuration is in both studies")], []
     runs = []
     for match in shown:
+        seed = _shared_seed(a, b, match)
         for arm, study, label in (("A", a, match.label_a), ("B", b, match.label_b)):
-            run = _lowest_seed_run(study, label).assign(label=f"{arm}: {match.name}")
-            runs.append(run)
+            runs.append(_run_of(study, label, seed).assign(label=f"{arm}: {match.name}"))
     models, missing = samples.load_models(pd.concat(runs, ignore_index=True), a.tracking_uri)
     if not models:
         return [plots.Figure("Reconstructions", skipped="no logged model could be loaded")], missing
@@ -287,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     try:
+        if len(args.studies) != 2:
+            raise ReportInputError(f"compare takes exactly two studies (parent run ids or study names), got "
+                                   f"{len(args.studies)}" + (f": {' '.join(args.studies)}" if args.studies else ""))
         client = open_store(tracking_uri)
         first, second = resolve_studies(client, args.studies)
         a, b = load_study(tracking_uri, first), load_study(tracking_uri, second)

@@ -108,17 +108,21 @@ def trend_sentence(metric: str, x_name: str, xs: Sequence, ys: Sequence[float],
 
 
 def _steps_resolved(steps: Sequence[stats.Difference] | None) -> str:
+    """How many steps (each `after − before`, `first` = the later point) an interval resolves, and which way."""
     if not steps:
         return ""
     with_interval = [step for step in steps if step.interval.has_interval]
     if not with_interval:
         return "; one seed per point, so no step has an interval and no step is called"
-    resolved = sum(step.resolved for step in with_interval)
-    counted = f"{resolved}/{len(with_interval)} steps"
-    if resolved == 0:
-        return (f"; no step's paired 95% interval excludes zero ({counted}), so the trend is not "
+    better = sum(step.resolved and step.first_better for step in with_interval)
+    worse = sum(step.resolved and not step.first_better for step in with_interval)
+    of = f"/{len(with_interval)} steps"
+    if better + worse == 0:
+        return (f"; no step's paired 95% interval excludes zero (0{of}), so the trend is not "
                 "established at these seeds")
-    return f"; {counted} resolved by a paired 95% interval that excludes zero"
+    words = [f"{better}{of} resolved as better" if better else "",
+             f"{worse}{of} resolved as worse" if worse else ""]
+    return f"; by a paired 95% interval that excludes zero, {' and '.join(word for word in words if word)}"
 
 
 def _difference(runs: pd.DataFrame, first_label: str, second_label: str, metric: str,
@@ -166,9 +170,11 @@ def kl_weight_findings(summary: pd.DataFrame, runs: pd.DataFrame, config_params:
             kl_words = f"{'cut' if kl_change < 0 else 'raised'} KL by {abs(kl_change):.0f}%"
             recon_words = f"{'raised' if recon_change > 0 else 'lowered'} reconstruction loss by {abs(recon_change):.0f}%"
             change = _difference(runs, row["label"], base["label"], names.VAL_RECON, True)
+            same_way = (change.interval.estimate > 0) == (row[recon] > base[recon])
             called = ("" if not change.interval.has_interval else
-                      "; the reconstruction change is resolved" if change.resolved else
-                      "; the reconstruction change is not resolved, its interval includes zero")
+                      "; the reconstruction change is not resolved, its interval includes zero" if not change.resolved
+                      else "; the reconstruction change is resolved" if same_way else
+                      "; over the seeds both share, the resolved change goes the other way")
             sentences.append(
                 f"{_group_name(family, settings)}: KL weight {_plain(row['_x'])} {kl_words} and "
                 f"{recon_words} compared with KL weight {_plain(base['_x'])} on the validation split "
@@ -212,16 +218,20 @@ def family_findings(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
         for winner, loser in zip(ranked[:-1], ranked[1:]):
             first, second = best[winner], best[loser]
             found = _difference(runs, first["label"], second["label"], metric, not higher_better)
+            if found.resolved and not found.first_better:  # the seeds both share point the other way
+                winner, loser, first, second = loser, winner, second, first
+                found = _difference(runs, first["label"], second["label"], metric, not higher_better)
             means = (f"best configuration of each, mean over seeds: {_number(first[column])} vs "
                      f"{_number(second[column])}")
             reported = _reported_difference(runs, first, second, metric, not higher_better)
-            gap = stats.number(abs(first[column] - second[column]))
+            gap = stats.number(abs(found.interval.estimate if found.resolved else first[column] - second[column]))
             if found.resolved:
                 sentences.append(f"{winner} beats {loser} on {NAMES[metric]} by {gap} nats ({means}; "
                                  f"{stats.evidence(found, winner)}{reported}).")
             elif not found.interval.has_interval:
                 sentences.append(f"{winner} and {loser} are not told apart on {NAMES[metric]}: {means}, a gap "
-                                 f"of {gap} nats from one seed, where no interval is possible{reported}.")
+                                 f"of {gap} nats ({stats.how_paired(found)}), where no interval is possible"
+                                 f"{reported}.")
             else:
                 sentences.append(f"{winner} and {loser} are not told apart on {NAMES[metric]}: {means}, a gap "
                                  f"of {gap} nats whose 95% interval {stats.bounds(found.interval)} includes zero "

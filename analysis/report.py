@@ -143,6 +143,8 @@ def intervals_section(summary: pd.DataFrame, finished: pd.DataFrame) -> Section:
                    "is possible. With very few seeds these intervals are optimistic (three seeds admit ten "
                    "distinct resamples)."),
               Table(interval_table(summary, finished), "")]
+    if len(summary) < 2:
+        return Section(title, blocks)
     if summary["runs"].max() < 2:
         return Section(title, blocks + [Text(
             "Every configuration ran one seed, so no difference between two of them has an interval and none is "

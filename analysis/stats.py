@@ -5,8 +5,8 @@ a fixed generator so the same runs give the same report). A difference between t
 configurations pairs their runs by `train.seed` where they share seeds (the same data order
 and initial noise on both sides, so the seed's luck cancels); without shared seeds it falls
 back to an unpaired two-sample bootstrap. A difference is *resolved* only when its interval
-excludes zero. With one value there is no interval, and the functions say so (None), never a
-zero-width guess.
+excludes zero. With one value there is no interval, and the functions say so (None). Values that
+do not vary give a zero-width interval: that is what the bootstrap says, and all it can say.
 
 With very few seeds a bootstrap interval is optimistic (three seeds admit only ten distinct
 resamples); `seeds_to_settle` uses Student's t, which is not.
@@ -56,6 +56,7 @@ class Difference:
     lower_is_better: bool
     probability_first_better: float | None  # share of bootstrap resamples in which first wins
     seeds_to_settle: int | None  # seeds per side for a t interval to exclude zero at this spread
+    seeds: tuple[int, int] = (0, 0)  # how many seeds each side has in all
 
     @property
     def resolved(self) -> bool:
@@ -102,18 +103,16 @@ def mean_interval(values) -> Interval:
 
 def seeds_to_settle(mean: float, std: float, two_samples: bool = False) -> int | None:
     """The fewest seeds (per side) for which a 95% t interval of a mean difference `mean` with
-    per-seed spread `std` would exclude zero; None when no number would (mean 0) or it exceeds
+    per-seed spread `std` would exclude zero, were the mean and spread to stay as observed (so
+    about an even chance, not a promise); None when no number would (mean 0) or it exceeds
     MAX_SEEDS_TO_SETTLE. Two independent samples add their variances (`std` is then each side's)."""
     if not (np.isfinite(mean) and np.isfinite(std)) or mean == 0:
         return None
-    if std == 0:
-        return 2
+    seeds = np.arange(2, MAX_SEEDS_TO_SETTLE + 1)
+    degrees = 2 * seeds - 2 if two_samples else seeds - 1
     spread = std * (math.sqrt(2) if two_samples else 1.0)
-    for n in range(2, MAX_SEEDS_TO_SETTLE + 1):
-        degrees = 2 * n - 2 if two_samples else n - 1
-        if stats.t.ppf(0.5 + CONFIDENCE / 2, degrees) * spread / math.sqrt(n) < abs(mean):
-            return n
-    return None
+    enough = stats.t.ppf(0.5 + CONFIDENCE / 2, degrees) * spread / np.sqrt(seeds) < abs(mean)
+    return int(seeds[enough.argmax()]) if enough.any() else None
 
 
 def _share_better(resampled: np.ndarray, lower_is_better: bool) -> float:
@@ -122,47 +121,49 @@ def _share_better(resampled: np.ndarray, lower_is_better: bool) -> float:
 
 
 def difference(first: dict, second: dict, metric: str, lower_is_better: bool) -> Difference:
-    """first − second, each a {seed: value} map: paired over their shared seeds, else unpaired."""
-    shared = sorted(seed for seed in first.keys() & second.keys()
-                    if np.isfinite(first[seed]) and np.isfinite(second[seed]))
-    if shared:
+    """first − second, each a {seed: value} map: paired over their shared seeds where at least two
+    are shared, else the unpaired difference of their means over all their seeds."""
+    first = {seed: value for seed, value in first.items() if np.isfinite(value)}
+    second = {seed: value for seed, value in second.items() if np.isfinite(value)}
+    seeds = (len(first), len(second))
+    shared = sorted(first.keys() & second.keys())
+    if len(shared) >= 2:
         deltas = np.array([first[seed] - second[seed] for seed in shared], dtype=float)
         mean = float(deltas.mean())
-        if len(deltas) == 1:
-            return Difference(metric, Interval(mean, None, None, 1), True, lower_is_better, None, None)
         if np.ptp(deltas) == 0:
-            probability = _share_better(deltas, lower_is_better)
             return Difference(metric, Interval(mean, mean, mean, len(deltas)), True, lower_is_better,
-                              probability, None)
+                              _share_better(deltas, lower_is_better), None, seeds)
         result = _bootstrap((deltas,), _mean)
         interval = Interval(mean, float(result.confidence_interval.low), float(result.confidence_interval.high),
                             len(deltas))
         return Difference(metric, interval, True, lower_is_better,
                           _share_better(result.bootstrap_distribution, lower_is_better),
-                          None if interval.excludes_zero else seeds_to_settle(mean, float(deltas.std(ddof=1))))
-    a, b = _finite(first.values()), _finite(second.values())
+                          None if interval.excludes_zero else seeds_to_settle(mean, float(deltas.std(ddof=1))),
+                          seeds)
+    a, b = np.array(list(first.values())), np.array(list(second.values()))
     mean = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
     if len(a) < 2 or len(b) < 2:
-        return Difference(metric, Interval(mean, None, None, min(len(a), len(b))), False, lower_is_better,
-                          None, None)
+        return Difference(metric, Interval(mean, None, None, min(seeds)), False, lower_is_better, None, None, seeds)
     result = _bootstrap((a, b), _mean_difference)
     interval = Interval(mean, float(result.confidence_interval.low), float(result.confidence_interval.high),
-                        min(len(a), len(b)))
+                        min(seeds))
     spread = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
     return Difference(metric, interval, False, lower_is_better,
                       _share_better(result.bootstrap_distribution, lower_is_better),
-                      None if interval.excludes_zero else seeds_to_settle(mean, spread, two_samples=True))
+                      None if interval.excludes_zero else seeds_to_settle(mean, spread, two_samples=True), seeds)
 
 
 def seed_values(runs: pd.DataFrame, label: str, metric: str, seed_column: str = "params.train.seed") -> dict:
-    """{seed: value} of one configuration's finished runs (a seed run twice: its mean)."""
+    """{seed: value} of one configuration's finished runs (a seed run twice: its mean). A run
+    without a seed is keyed by its run id, so it pairs with nothing."""
     column = f"metrics.{metric}"
     if column not in runs:
         return {}
     rows = runs[(runs["label"] == label) & runs[column].notna()]
     if rows.empty:
         return {}
-    seeds = rows[seed_column] if seed_column in rows else pd.Series(range(len(rows)), index=rows.index)
+    ids = rows["run_id"].astype(str) if "run_id" in rows else pd.Series(rows.index, index=rows.index).map("run {}".format)
+    seeds = rows[seed_column].astype("string").fillna(ids) if seed_column in rows else ids
     return {str(seed): float(value) for seed, value in rows.groupby(seeds.astype(str))[column].mean().items()}
 
 
@@ -190,8 +191,11 @@ def interval_text(interval: Interval) -> str:
 
 
 def how_paired(found: Difference) -> str:
-    n = found.interval.n
-    return f"paired over {n} shared seed{'s' * (n != 1)}" if found.paired else f"unpaired, {n}+ seeds each"
+    n, (first, second) = found.interval.n, found.seeds
+    if found.paired:
+        left_out = "" if first == second == n else f" of {first} and {second}"
+        return f"paired over {n} shared seed{'s' * (n != 1)}{left_out}"
+    return "one seed each" if first == second == 1 else f"unpaired, {first} and {second} seeds"
 
 
 def support(found: Difference, first: str) -> str:
@@ -221,16 +225,17 @@ def settle(found: Difference) -> str:
         return "a second seed would give an interval"
     if found.seeds_to_settle:
         per_side = "" if found.paired else " per side"
-        return f"about {found.seeds_to_settle} seeds{per_side} would settle it at the observed spread"
+        return (f"about {found.seeds_to_settle} seeds{per_side} would be needed for the interval to exclude zero "
+                "if the observed difference and spread held")
     if found.interval.estimate == 0:
-        return "the means are equal: no number of seeds would call a difference"
-    return f"more than {MAX_SEEDS_TO_SETTLE} seeds would be needed at the observed spread"
+        return "the observed mean difference is 0"
+    return f"more than {MAX_SEEDS_TO_SETTLE} seeds would be needed at the observed difference and spread"
 
 
 def call(found: Difference, first: str, second: str) -> str:
     """The table's verdict: who is better, or why no difference is called."""
     if not found.interval.has_interval:
-        return "no interval (one seed)"
+        return f"no interval ({how_paired(found)})"
     if found.resolved:
         return f"{first if found.first_better else second} better"
     return f"not resolved: {settle(found)}"

@@ -183,9 +183,11 @@ def interval_metrics(summary: pd.DataFrame) -> list[str]:
 
 def interval_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration: its seeds and 'mean [95% interval]' of each `interval_metrics`."""
+    metrics = interval_metrics(summary)
+    seeds = [len(stats.seed_values(runs, label, metrics[0])) if metrics else 0 for label in summary["label"]]
     table = pd.DataFrame({"": np.where(summary["best"], "★", "") if "best" in summary else "",
-                          "configuration": summary["label"], "seeds": summary["runs"].astype(str)})
-    for metric in interval_metrics(summary):
+                          "configuration": summary["label"], "seeds": [str(count) for count in seeds]})
+    for metric in metrics:
         table[metric] = [stats.interval_text(stats.mean_interval(stats.seed_values(runs, label, metric).values()))
                          if not np.isnan(mean) else "–"
                          for label, mean in zip(summary["label"], summary[f"{metric} mean"])]
@@ -205,15 +207,44 @@ def compared_pairs(summary: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
     return pairs
 
 
-def _shared_metric(first: pd.Series, second: pd.Series) -> tuple[str, bool] | None:
+def lower_is_better(metric: str) -> bool:
+    """Every loss here falls as it improves; an ELBO rises."""
+    return not metric.endswith("/elbo")
+
+
+def _shared_metric(first: pd.Series, second: pd.Series) -> str | None:
     """What two configurations are compared on: the metric that ranks both (the same family's), else
-    val/elbo between VAEs, else val/recon; with whether lower is better."""
+    val/elbo between VAEs, else val/recon."""
     candidates = [first.get("ranked_metric")] if first.get("ranked_metric") == second.get("ranked_metric") else []
     candidates += [names.VAL_ELBO, names.VAL_RECON]
     for metric in candidates:
         if metric and all(not np.isnan(row.get(f"{metric} mean", np.nan)) for row in (first, second)):
-            return metric, metric != names.VAL_ELBO
+            return metric
     return None
+
+
+DIFFERENCE_COLUMNS = ["seeds", "A − B [95% interval]", "P(A better)", "call", "reported: test A − B"]
+
+
+def difference_cells(runs_a: pd.DataFrame, label_a: str, runs_b: pd.DataFrame, label_b: str,
+                     metric: str) -> tuple[dict, stats.Difference]:
+    """A − B on `metric` over the two configurations' runs (paired by seed where they share seeds),
+    as table cells, with the test/* counterpart's difference beside it, reported."""
+    lower = lower_is_better(metric)
+    found = stats.difference(stats.seed_values(runs_a, label_a, metric), stats.seed_values(runs_b, label_b, metric),
+                             metric, lower)
+    reported = names.held_out_counterpart(metric)
+    test_a = stats.seed_values(runs_a, label_a, reported) if reported else {}
+    test_b = stats.seed_values(runs_b, label_b, reported) if reported else {}
+    test = stats.difference(test_a, test_b, reported, lower) if test_a and test_b else None
+    cells = {
+        "seeds": stats.how_paired(found),
+        "A − B [95% interval]": stats.interval_text(found.interval),
+        "P(A better)": "–" if found.probability_first_better is None else f"{found.probability_first_better:.0%}",
+        "call": stats.call(found, "A", "B"),
+        "reported: test A − B": "–" if test is None else f"{reported}: {stats.interval_text(test.interval)}",
+    }
+    return cells, found
 
 
 def difference_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -221,24 +252,8 @@ def difference_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     paired by seed, its 95% interval, P(A better), the call, and the test counterpart's difference."""
     rows = []
     for first, second in compared_pairs(summary):
-        shared = _shared_metric(first, second)
-        if shared is None:
-            continue
-        metric, lower_is_better = shared
-        found = stats.difference(stats.seed_values(runs, first["label"], metric),
-                                 stats.seed_values(runs, second["label"], metric), metric, lower_is_better)
-        reported = names.held_out_counterpart(metric)
-        reported_found = stats.difference(stats.seed_values(runs, first["label"], reported),
-                                          stats.seed_values(runs, second["label"], reported),
-                                          reported, lower_is_better) if reported else None
-        rows.append({
-            "A": first["label"], "B": second["label"], "compared on": metric,
-            "seeds": f"{found.interval.n} {'paired' if found.paired else 'unpaired'}",
-            "A − B [95% interval]": stats.interval_text(found.interval),
-            "P(A better)": "–" if found.probability_first_better is None else f"{found.probability_first_better:.0%}",
-            "call": stats.call(found, "A", "B"),
-            "reported: test A − B": "–" if reported_found is None or np.isnan(reported_found.interval.estimate)
-            else f"{reported}: {stats.interval_text(reported_found.interval)}",
-        })
-    return pd.DataFrame(rows, columns=["A", "B", "compared on", "seeds", "A − B [95% interval]", "P(A better)",
-                                       "call", "reported: test A − B"])
+        metric = _shared_metric(first, second)
+        if metric is not None:
+            cells, _ = difference_cells(runs, first["label"], runs, second["label"], metric)
+            rows.append({"A": first["label"], "B": second["label"], "compared on": metric, **cells})
+    return pd.DataFrame(rows, columns=["A", "B", "compared on", *DIFFERENCE_COLUMNS])

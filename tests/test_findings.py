@@ -86,7 +86,11 @@ def test_trend_within_seed_noise_is_not_established():
     clear = [step([100, 95, 105], [90, 86, 94]), step([90, 86, 94], [80, 75, 85])]
     sentence = findings.trend_sentence("Reconstruction", "latent size", [2, 4, 8], [100, 90, 80],
                                        step_differences=clear)
-    assert sentence.endswith("; 2/2 steps resolved by a paired 95% interval that excludes zero.")
+    assert sentence.endswith("; by a paired 95% interval that excludes zero, 2/2 steps resolved as better.")
+    mixed = [step([100, 95, 105], [90, 86, 94]), step([90, 86, 94], [95, 90, 99])]
+    sentence = findings.trend_sentence("Reconstruction", "latent size", [2, 4, 8], [100, 90, 94.7],
+                                       step_differences=mixed)
+    assert sentence.endswith("1/2 steps resolved as better and 1/2 steps resolved as worse.")
     single = [step([100], [90])]
     assert findings.trend_sentence("Reconstruction", "latent size", [2, 4], [100, 90], step_differences=single) \
         .endswith("; one seed per point, so no step has an interval and no step is called.")
@@ -158,7 +162,7 @@ def test_kl_weight_sentence_has_the_right_percentages():
     [sentence] = findings.kl_weight_findings(summary, one_seed_runs(summary), ["model.name", "loss.kl_weight"])
     assert "KL weight 100 cut KL by 80% and raised reconstruction loss by 35% compared with KL weight 1" in sentence
     assert ("on the validation split (val/kl 10.0 → 2.0 nats, val/recon 100.0 → 135.0 nats; "
-            "val/recon change paired over 1 shared seed: no interval is possible).") in sentence
+            "val/recon change one seed each: no interval is possible).") in sentence
 
 
 def test_kl_weight_sentence_says_whether_the_paired_interval_resolves_the_change():
@@ -242,7 +246,7 @@ def test_family_gap_inside_the_paired_interval_is_not_called():
                                "best configuration of each, mean over seeds: -100.0 vs -101.0, a gap of 1.00 nats "
                                "whose 95% interval [")
     assert sentence.endswith("includes zero (paired over 3 shared seeds; conv_vae better in 85% of resamples); "
-                             "about 18 seeds would settle it at the observed spread.")
+                             "about 18 seeds would be needed for the interval to exclude zero if the observed difference and spread held.")
     assert " beats " not in sentence
 
 
@@ -251,7 +255,20 @@ def test_family_gap_from_one_seed_is_not_called():
     summary, runs = seeded(rows, ["model.name"])
     assert findings.family_findings(summary, runs) == [
         "conv_vae and linear_vae are not told apart on validation ELBO (val/elbo): best configuration of each, "
-        "mean over seeds: -90.0 vs -99.0, a gap of 9.00 nats from one seed, where no interval is possible."]
+        "mean over seeds: -90.0 vs -99.0, a gap of 9.00 nats (one seed each), where no interval is possible."]
+
+
+def test_the_winner_follows_the_seeds_both_share_not_the_means():
+    # conv_vae's mean is worse only because of a seed linear_vae never ran; on the two seeds both
+    # ran, conv_vae is better at each: the interval decides, and names conv_vae
+    rows = [{"family": "linear_vae", "seed": 0, "val/recon": 12.0}, {"family": "linear_vae", "seed": 1, "val/recon": 12.1},
+            {"family": "conv_vae", "seed": 0, "val/recon": 11.0}, {"family": "conv_vae", "seed": 1, "val/recon": 11.2},
+            {"family": "conv_vae", "seed": 2, "val/recon": 20.0}]
+    summary, runs = seeded(rows, ["model.name"])
+    [sentence] = findings.family_findings(summary, runs)
+    assert sentence.startswith("conv_vae beats linear_vae on validation reconstruction loss (val/recon) by 0.9500 "
+                               "nats"), sentence
+    assert "paired over 2 shared seeds of 3 and 2; conv_vae better in 100% of resamples" in sentence
 
 
 # ----------------------------------------------------------------------------- baselines and diagnostics

@@ -143,7 +143,7 @@ def test_two_objectives_get_importances_and_plots_each_and_the_seed_is_named(tmp
     for by_param in importances["objectives"].values():
         assert set(by_param) == {"loss.kl_weight", "train.seed"} and sum(by_param.values()) == pytest.approx(1.0)
         assert by_param["loss.kl_weight"] > by_param["train.seed"]
-    assert "seed noise" in importances["notes"]["train.seed"]
+    assert "as rerunning with another seed" in importances["notes"]["train.seed"]
     assert save_plots(study, spec, params, True, tmp_path) == {}
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "param_importances_val_kl.png", "param_importances_val_recon.png", "pareto_front.png",

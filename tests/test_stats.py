@@ -54,7 +54,7 @@ def test_paired_difference_cancels_the_seeds_luck():
                                statistic=lambda a, b, axis=-1: np.mean(a, axis=axis) - np.mean(b, axis=axis))
     assert not unpaired.paired and not unpaired.resolved
     assert (unpaired.interval.low, unpaired.interval.high) == (pytest.approx(low), pytest.approx(high))
-    assert stats.call(unpaired, "A", "B").endswith("seeds per side would settle it at the observed spread")
+    assert "seeds per side would be needed for the interval to exclude zero" in stats.call(unpaired, "A", "B")
 
 
 def test_higher_is_better_flips_the_winner_and_the_probability():
@@ -64,11 +64,32 @@ def test_higher_is_better_flips_the_winner_and_the_probability():
     assert stats.call(found, "conv", "mlp") == "conv better"
 
 
-def test_one_shared_seed_calls_nothing():
+def test_one_seed_each_calls_nothing():
     found = stats.difference({0: 90.0}, {0: 99.0}, "val/recon", True)
     assert not found.interval.has_interval and not found.resolved
-    assert stats.call(found, "A", "B") == "no interval (one seed)"
-    assert stats.evidence(found, "A") == "paired over 1 shared seed: no interval is possible"
+    assert stats.call(found, "A", "B") == "no interval (one seed each)"
+    assert stats.evidence(found, "A") == "one seed each: no interval is possible"
+
+
+def test_one_shared_seed_of_three_falls_back_to_all_seeds_unpaired():
+    found = stats.difference({0: 10.0, 1: 11.0, 2: 12.0}, {2: 20.0, 3: 21.0, 4: 22.0}, "val/recon", True)
+    assert not found.paired and found.seeds == (3, 3) and found.resolved and found.first_better
+    assert found.interval.estimate == pytest.approx(-10.0)
+    assert stats.how_paired(found) == "unpaired, 3 and 3 seeds"
+
+
+def test_runs_without_a_seed_pair_with_nothing():
+    import pandas as pd
+
+    runs = pd.DataFrame({"run_id": ["r1", "r2", "r3", "r4", "r5"], "label": ["a", "a", "a", "b", "b"],
+                         "params.train.seed": ["0", None, None, "0", "1"],
+                         "metrics.val/recon": [10.0, 11.0, 12.0, 10.5, 11.5]})
+    first, second = stats.seed_values(runs, "a", "val/recon"), stats.seed_values(runs, "b", "val/recon")
+    assert first == {"0": 10.0, "r2": 11.0, "r3": 12.0} and second == {"0": 10.5, "1": 11.5}
+    no_seeds = runs.drop(columns="params.train.seed")
+    found = stats.difference(stats.seed_values(no_seeds, "a", "val/recon"), stats.seed_values(no_seeds, "b", "val/recon"),
+                             "val/recon", True)
+    assert not found.paired
 
 
 def test_seeds_to_settle_is_the_first_n_whose_t_interval_excludes_zero():

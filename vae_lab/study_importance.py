@@ -7,7 +7,8 @@ the trials share and wants at least 5 trials there: some 50 trials, more than mo
 
 Importance is computed once per objective (`target=trial.values[i]`) over the params that take
 at least two values among the complete trials. The seed (`train.seed`) stays in when it is
-swept: its share is seed noise, the yardstick for every other param. Optuna names params by
+swept: its share is what the seed alone moves, a yardstick for the other params (a rough one:
+fANOVA puts the rest of the seed-to-seed noise in its residual and interactions). Optuna names params by
 their dotted config keys; a sampled study with `search_space.points` has one more, `points`,
 the index of the entry it took.
 """
@@ -50,8 +51,8 @@ def param_notes(spec: StudySpec, params: list[str]) -> dict[str, str]:
     """What a reader must know to read some params' importances."""
     notes = {}
     if SEED_PARAM in params:
-        notes[SEED_PARAM] = ("the random seed: its share is seed noise; a param below it is not "
-                             "distinguishable from noise")
+        notes[SEED_PARAM] = ("the random seed: its share is the part of the variation the seed alone explains; "
+                             "a param near it moves the objective about as much as rerunning with another seed")
     paired = list(dict.fromkeys(key for point in spec.points for key in point))
     if POINTS_KEY in params:
         notes[POINTS_KEY] = f"which entry of search_space.points, each setting {', '.join(paired)} together"

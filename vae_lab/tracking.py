@@ -458,6 +458,8 @@ def find_study(client: MlflowClient, study: str):
     try:
         parent = client.get_run(study)
     except MlflowException:
+        if "'" in study:  # it cannot be quoted in MLflow's filter language, and no study name has one
+            raise StudyNotFound(f"no study named {study!r} and no run with that id in {client.tracking_uri}") from None
         parents = client.search_runs(
             [experiment.experiment_id for experiment in client.search_experiments()],
             filter_string=f"tags.`{names.ROLE_TAG}` = 'study' and tags.`{names.STUDY_NAME_TAG}` = '{study}'",
