@@ -112,3 +112,27 @@ def test_ui_links_open_model_training_mode_and_never_print_credentials():
                      "  parent:  http://10.0.0.5:5000/#/experiments/2/runs/r1?workflowType=machine_learning"]
     assert browse_lines("sqlite:////x/mlflow.db", "2", "r1", "run")[0] == \
         "  browse:  mlflow ui --backend-store-uri sqlite:////x/mlflow.db   (then open the links below)"
+
+
+def test_system_metrics_are_logged_when_asked_and_on_in_studies(tiny_overrides, tracking_uri):
+    import pytest
+
+    from vae_lab.config import ConfigError, load_config
+    from vae_lab.study import parse_study
+    from vae_lab.train import train
+
+    quiet = [*tiny_overrides, "train.epochs=2", "eval.enabled=false", "tracking.log_images=false",
+             "tracking.log_model=false"]
+    client = MlflowClient(tracking_uri)
+    watched = train(load_config(None, [*quiet, "tracking.system_metrics_every=0.2"])).run_id
+    history = client.get_metric_history(watched, "system/cpu_utilization_percentage")
+    assert len(history) >= 1 and all(0 <= point.value <= 100 for point in history)
+    assert client.get_metric_history(watched, "system/system_memory_usage_megabytes")[0].value > 0
+    plain = train(load_config(None, quiet)).run_id
+    assert not [key for key in client.get_run(plain).data.metrics if key.startswith("system/")]
+
+    spec = parse_study({"study": {"name": "s", "sampler": "grid", "objectives": [{"metric": "val/loss"}]},
+                        "search_space": {"train.seed": [0, 1]}})
+    assert spec.trial_config({"train.seed": 0}).tracking.system_metrics_every == 5.0
+    with pytest.raises(ConfigError, match="tracking.system_metrics_every must be zero or positive"):
+        load_config(None, ["tracking.system_metrics_every=-1"])

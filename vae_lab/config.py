@@ -140,6 +140,9 @@ class TrackingConfig:
     log_every_steps: int = 50
     log_model: bool = True
     log_images: bool = True
+    # CPU, memory, disk, network (and GPU) as system/* metrics, sampled every this many seconds by
+    # MLflow's system-metrics monitor; 0 = off (studies turn it on)
+    system_metrics_every: float = 0.0
 
 
 @dataclass
@@ -316,6 +319,7 @@ def validate(config: Config) -> Config:
         "data.train_limit": config.data.train_limit,
         "data.test_limit": config.data.test_limit,
         "train.checkpoint_every": config.train.checkpoint_every,
+        "tracking.system_metrics_every": config.tracking.system_metrics_every,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -37,7 +37,8 @@ STUDY_KEYS = ("name", "sampler", "pruner", "objectives", "n_trials", "timeout", 
 RANGE_KEYS = ("low", "high", "log", "step", "type")
 POINTS_KEY, SEEDS_KEY = "points", "seeds"
 SEED_PARAM = "train.seed"
-STUDY_DEFAULTS = {"train.checkpoint_every": 1}  # a killed trial continues from its last epoch
+# a killed trial continues from its last epoch; each trial records what it used of the machine
+STUDY_DEFAULTS = {"train.checkpoint_every": 1, "tracking.system_metrics_every": 5.0}
 
 ALWAYS_LOGGED = (names.TRAIN_LOSS, names.TRAIN_RECON, names.IMAGES_PER_SEC, names.EPOCH_SECONDS,
                  names.STOPPED_EPOCH, names.TEST_LOSS, names.TEST_RECON, names.TEST_MSE)

@@ -237,6 +237,7 @@ class RunTracker:
         self.run_id = run_id
         self.experiment_id = experiment_id
         self._pending: list[Metric] = []
+        self._system_monitor = None
         self._logged: set[tuple] | None = None  # (key, step, value) a resumed run already holds
         self._failing_since: float | None = None
         self._checkpointed = False
@@ -262,6 +263,7 @@ class RunTracker:
         tracker.log_params(config.flat())
         if config.train.checkpoint_every:  # what `--resume` and a study's next worker rebuild it from
             client.log_text(tracker.run_id, config.to_yaml(), CONFIG_ARTIFACT)
+        tracker.monitor_system(config.tracking.system_metrics_every)
         return tracker
 
     @classmethod
@@ -284,7 +286,20 @@ class RunTracker:
             tracker._pending = [Metric(key, float(value), int(timestamp), int(step))
                                 for key, value, timestamp, step in checkpoint.pending_metrics]
             tracker.flush()
+        tracker.monitor_system(config.tracking.system_metrics_every, resume=True)
         return tracker
+
+    def monitor_system(self, every_seconds: float, resume: bool = False) -> None:
+        """MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
+        and system/gpu_* where pynvml finds an NVIDIA GPU) on this run, every `every_seconds`; 0 = none."""
+        if not every_seconds:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not two INFO lines per trial
+        self._system_monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every_seconds,
+                                                    resume_logging=resume, tracking_uri=self.tracking_uri)
+        self._system_monitor.start()
 
     def log_datasets(self, data) -> None:
         """The run's train, validation and test data as MLflow dataset inputs (the UI's Dataset column)."""
@@ -384,6 +399,9 @@ class RunTracker:
         heartbeat stop and continues it from its checkpoint)."""
         if self.ended:
             return
+        if self._system_monitor is not None:
+            self._system_monitor.finish()
+            self._system_monitor = None
         if resumable and self._checkpointed:
             self._pending = []
         try:
