@@ -208,7 +208,9 @@ def test_a_batch_of_one_steps_exactly_like_the_plain_step():
         (plain,) = train_group([config], data=data, device=cpu, stacked=False)
         (stacked,) = train_group([config], data=data, device=cpu, stacked=True)
         for name, value in plain.model.state_dict().items():
-            torch.testing.assert_close(stacked.model.state_dict()[name], value, rtol=0, atol=1e-6)
+            # 1e-6 held for the kernel-3 decoder; vmap's kernel-4 transposed convolution sums in another
+            # order, which after 20 Adam steps moves a weight by up to about 1e-5
+            torch.testing.assert_close(stacked.model.state_dict()[name], value, rtol=0, atol=2e-5)
         assert stacked.metrics["val/loss"] == pytest.approx(plain.metrics["val/loss"], rel=1e-6)
 
 

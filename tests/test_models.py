@@ -68,3 +68,32 @@ def test_gated_hidden_layers_compute_value_times_sigmoid_gate():
     assert model(torch.rand(2, 1, 28, 28)).logits.shape == (2, 1, 28, 28)
     relu = build_model(ModelConfig(name="linear_vae", latent_dim=40, hidden_dims=[300, 300]), (1, 28, 28))
     assert not any(isinstance(module, GatedDense) for module in relu.modules())
+
+
+@pytest.mark.parametrize("size", [28, 32])
+@pytest.mark.parametrize("layout, latent", [("vector", 16), ("cube", 64)])
+def test_conv_upsampling_has_even_overlap_and_gives_back_the_input_size(size, layout, latent):
+    config = ModelConfig(name="conv_vae", latent_dim=latent, conv_channels=[16, 32, 32], latent_layout=layout)
+    model = build_model(config, (1, size, size))
+    upsampling = [layer for layer in model.decoder if isinstance(layer, torch.nn.ConvTranspose2d)]
+    assert len(upsampling) == 3
+    for layer in upsampling:
+        assert layer.stride == (2, 2) and all(kernel % 2 == 0 for kernel in layer.kernel_size)
+    x = torch.rand(3, 1, size, size)
+    assert model.decode(model.encode(x).mean).shape == x.shape
+
+
+def test_upsampling_leaves_no_checkerboard():
+    # a transposed convolution with all-ones weights over an all-ones input: with even overlap every
+    # interior output pixel gets the same number of taps; kernel 3 at stride 2 alternates 1 and 2
+    model = build_model(ModelConfig(name="conv_ae", latent_dim=16, conv_channels=[4]), (1, 32, 32))
+    layer = model.decoder[0]
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        out = torch.nn.functional.conv_transpose2d(torch.ones(1, 4, 16, 16), layer.weight, stride=layer.stride,
+                                                   padding=layer.padding, output_padding=layer.output_padding)
+    interior = out[0, 0, 2:-2, 2:-2]
+    assert out.shape[-1] == 32 and torch.all(interior == interior[0, 0])
+    uneven = torch.nn.functional.conv_transpose2d(torch.ones(1, 1, 16, 16), torch.ones(1, 1, 3, 3), stride=2,
+                                                  padding=1, output_padding=1)[0, 0, 2:-2, 2:-2]
+    assert len(uneven.unique()) > 1  # what kernel 3 did

@@ -139,9 +139,27 @@ def _conv_output_size(size: int) -> int:
     return (size + 2 * 1 - 3) // 2 + 1  # kernel 3, stride 2, padding 1
 
 
+UPSAMPLE_KERNEL, UPSAMPLE_STRIDE = 4, 2  # a kernel the stride divides: every output pixel gets as many taps
+
+
+def _upsample(channels_in: int, channels_out: int, size: tuple[int, int], target: tuple[int, int],
+              bias: bool) -> nn.ConvTranspose2d:
+    """A stride-2 kernel-4 transposed convolution from `size` to `target` (2x, give or take one).
+    Kernel 3 with stride 2 overlaps unevenly (alternate output pixels get 1 and 2 taps), which
+    leaves a checkerboard; kernel 4 overlaps every pixel twice. Padding and output padding trim
+    the 2x output to the target: 2 * size + 2 - 2 * padding + output_padding = target."""
+    paddings, output_paddings = [], []
+    for have, want in zip(size, target):
+        excess = 2 * have + 2 - want  # = 2 * padding - output_padding
+        paddings.append((excess + 1) // 2)
+        output_paddings.append(2 * paddings[-1] - excess)
+    return nn.ConvTranspose2d(channels_in, channels_out, UPSAMPLE_KERNEL, stride=UPSAMPLE_STRIDE,
+                              padding=tuple(paddings), output_padding=tuple(output_paddings), bias=bias)
+
+
 class ConvAutoencoder(Autoencoder):
     """`conv_ae` / `conv_vae`: stride-2 3x3 convolutions (each followed by GroupNorm and ReLU),
-    mirrored by transposed ones.
+    mirrored by stride-2 4x4 transposed ones (`_upsample`: no checkerboard).
 
     With `latent_layout="vector"` a linear layer maps the last feature map to the latent
     vector. With `"cube"` the latent stays a C x H x W feature cube (seed 001's 4x4x4):
@@ -189,10 +207,8 @@ class ConvAutoencoder(Autoencoder):
         outs = channels[1:] + [in_channels]
         current = sizes[-1]
         for index, (channels_in, channels_out, target) in enumerate(zip(channels, outs, targets)):
-            output_padding = (target[0] - (2 * current[0] - 1), target[1] - (2 * current[1] - 1))
             normed = index < len(channels) - 1
-            decoder.append(nn.ConvTranspose2d(channels_in, channels_out, 3, stride=2, padding=1,
-                                              output_padding=output_padding, bias=not normed))
+            decoder.append(_upsample(channels_in, channels_out, current, target, bias=not normed))
             if normed:
                 decoder += [_norm(channels_out), nn.ReLU()]
             current = target
