@@ -107,10 +107,12 @@ def test_choose_run_newest_or_the_experiments_lowest_val_loss(store):
 
 
 def log_servable_run(client: MlflowClient, experiment_id: str, metrics: dict[str, float],
-                     status: str = "FINISHED", with_model: bool = True, start_time: int | None = None) -> str:
+                     status: str = "FINISHED", with_model: bool = True, start_time: int | None = None,
+                     parent: str | None = None) -> str:
     """A run with these final metrics; `with_model` adds a stand-in state dict, enough for the
     catalog to list it (choosing a run never loads its model)."""
-    run_id = client.create_run(experiment_id, start_time=start_time).info.run_id
+    tags = {"mlflow.parentRunId": parent, "vae_lab.role": "trial"} if parent else None
+    run_id = client.create_run(experiment_id, start_time=start_time, tags=tags).info.run_id
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in metrics.items()])
     if with_model:
@@ -141,6 +143,31 @@ def test_experiment_choice_follows_val_loss_never_test_loss(tracking_uri):
     described = next(run for run in listing if run["run_id"] == best_on_val)
     assert (described["val_loss"], described["test_loss"]) == (95.0, 120.0)
     assert next(run for run in listing if run["run_id"] == newest)["val_loss"] is None
+
+
+def test_without_a_run_the_newest_studys_best_run_on_validation_is_served(tracking_uri):
+    prepare_store(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = get_or_create_experiment(client, "studies", tracking_uri)
+
+    def study(start_time: int) -> str:
+        return client.create_run(experiment, start_time=start_time, tags={"vae_lab.role": "study"}).info.run_id
+
+    older = study(1_000)
+    log_servable_run(client, experiment, {"val/loss": 1.0}, parent=older, start_time=1_100)
+    newer = study(2_000)
+    best_on_val = log_servable_run(client, experiment, {"val/loss": 90.0, "test/loss": 99.0}, parent=newer,
+                                   start_time=2_100)
+    log_servable_run(client, experiment, {"val/loss": 95.0, "test/loss": 10.0}, parent=newer, start_time=2_200)
+    log_servable_run(client, experiment, {"val/loss": 80.0}, parent=newer, start_time=2_300, with_model=False)
+    log_servable_run(client, experiment, {"val/loss": 70.0}, start_time=3_000)  # newest run, in no study
+    catalog = RunCatalog(tracking_uri)
+    assert choose_run(catalog).info.run_id == best_on_val  # lowest val/loss: no best tag
+    named = log_servable_run(client, experiment, {"val/loss": 91.0}, parent=newer, start_time=2_400)
+    client.set_tag(newer, "vae_lab.best_run_id", named)  # the study's choice, by its objective over seeds
+    assert choose_run(RunCatalog(tracking_uri)).info.run_id == named
+    assert create_app(tracking_uri).test_client().get("/api/runs").get_json()["default"] == named
+    assert len(create_app(tracking_uri).test_client().get("/api/runs").get_json()["runs"]) == 5  # every servable run listed
 
 
 def test_switching_runs_keeps_loaded_models(store):
@@ -399,18 +426,27 @@ def test_the_page_generates_digits_in_headless_chromium(store, tmp_path):
                 "const img = document.getElementById(arguments[0]);"
                 "return img.complete && img.src ? img.naturalWidth : 0;", element_id)
 
+        def shown_images() -> list[dict]:
+            return driver.execute_script(
+                "return Array.from(document.images).filter((img) => img.offsetParent !== null)"
+                ".map((img) => ({id: img.id, loaded: img.complete && img.naturalWidth > 0}));")
+
         driver.get(url)
         picker = Select(driver.find_element(By.ID, "run-picker"))
-        wait.until(lambda _: len(picker.options) == 2 and natural_width("prior") > 0)
+        # first paint: every picture on the page drawn, the generate panel with the first class
+        wait.until(lambda _: len(picker.options) == 2 and all(image["loaded"] for image in shown_images()))
+        assert {image["id"] for image in shown_images()} == {"generated", "prior", "decoded"}
         assert picker.first_selected_option.get_attribute("value") == store.plane
+        assert "Class 0" in driver.find_element(By.ID, "generated-caption").text
+        assert driver.find_element(By.ID, "decoded-z").text == "z = (0.000,0.000)"
+        driver.save_screenshot(str(tmp_path / "first_paint.png"))
 
         Select(driver.find_element(By.ID, "label")).select_by_value("3")
         count = driver.find_element(By.ID, "count")
         count.clear()
         count.send_keys("8")
-        assert natural_width("generated") == 0
         driver.find_element(By.ID, "generate").click()
-        wait.until(lambda _: natural_width("generated") > 0)
+        wait.until(lambda _: "Class 3" in driver.find_element(By.ID, "generated-caption").text)
         assert natural_width("generated") == 32 + 2 + 8 * CELL + 2
         assert "Class 3" in driver.find_element(By.ID, "generated-caption").text
 

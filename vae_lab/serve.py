@@ -1,7 +1,7 @@
 """`python -m vae_lab.serve`: a local page to play with logged models: generate digits of a
 class, sample the prior, click around a 2-D latent plane, interpolate between test images.
 
-    python -m vae_lab.serve                       # newest finished run with a model
+    python -m vae_lab.serve                       # the newest study's best run (else the newest run)
     python -m vae_lab.serve --run RUN_ID
     python -m vae_lab.serve --experiment NAME     # that experiment's run with the lowest val/loss
     # serving on http://127.0.0.1:20202           (--host, --port, --tracking-uri)
@@ -38,6 +38,7 @@ from flask import Flask, Response, jsonify, request, send_from_directory
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
@@ -97,6 +98,30 @@ class RunCatalog:
                           order_by=["attributes.start_time DESC"])
         return [run for run in runs if self.has_model(run.info.run_id)]
 
+    def newest_study_best(self) -> Run | None:
+        """The best servable run, on validation, of the newest study that has one: the run its
+        parent names as best (`vae_lab.best_run_id`, chosen on the study's val/* objective over
+        seeds), else its servable trial with the lowest val/loss, else its newest; None without studies."""
+        experiment_ids = list(self.experiment_names())
+        if not experiment_ids:
+            return None
+        parents = self.client.search_runs(experiment_ids, filter_string=f"tags.`{names.ROLE_TAG}` = 'study'",
+                                          order_by=["attributes.start_time DESC"], max_results=20)
+        for parent in parents:
+            trials = [run for run in _all_pages(
+                self.client.search_runs, experiment_ids=[parent.info.experiment_id],
+                filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' "
+                              "and attributes.status = 'FINISHED'",
+                order_by=["attributes.start_time DESC"]) if self.has_model(run.info.run_id)]
+            if not trials:
+                continue
+            named = parent.data.tags.get(names.BEST_RUN_TAG)
+            best = [run for run in trials if run.info.run_id == named]
+            scored = [run for run in trials if finite_metric(run, VAL_LOSS) is not None]
+            return best[0] if best else min(scored, key=lambda run: run.data.metrics[VAL_LOSS]) if scored \
+                else trials[0]
+        return None
+
     def get(self, run_id: str) -> Run:
         """The run, or RequestError 404 when the store has no such run or it has no model."""
         try:
@@ -139,7 +164,8 @@ def describe_run(run: Run, experiment_names: dict[str, str]) -> dict:
 def choose_run(catalog: RunCatalog, run_id: str | None = None, experiment: str | None = None) -> Run:
     """The run the server starts with: `run_id`; else the experiment's finished run with a
     model and the lowest val/loss (its newest such run when none logged val/loss, as runs
-    from before the validation split); else the newest finished run with a model.
+    from before the validation split); else the newest study's best run on validation
+    (`RunCatalog.newest_study_best`); else the newest finished run with a model.
     Never chosen on test/loss. Raises LookupError with a one-line message."""
     if run_id:
         try:
@@ -158,6 +184,9 @@ def choose_run(catalog: RunCatalog, run_id: str | None = None, experiment: str |
                               "train one: python -m vae_lab.train")
         scored = [run for run in servable if finite_metric(run, VAL_LOSS) is not None]
         return min(scored, key=lambda run: run.data.metrics[VAL_LOSS]) if scored else servable[0]
+    best = catalog.newest_study_best()
+    if best is not None:
+        return best
     servable = catalog.servable()
     if not servable:
         raise LookupError(f"no finished run with a model in {catalog.tracking_uri}; "
@@ -282,7 +311,7 @@ def create_app(tracking_uri: str, default_run_id: str | None = None,
     def runs():
         names = catalog.experiment_names()
         listed = [describe_run(run, names) for run in catalog.servable(list(names))]
-        default = default_run_id or (listed[0]["run_id"] if listed else None)
+        default = default_run_id or (choose_run(catalog).info.run_id if listed else None)
         return jsonify(default=default, runs=listed)
 
     @app.get("/api/runs/<run_id>")
@@ -370,8 +399,8 @@ def stop_on_signals() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vae_lab.serve",
-        description="Serve a page to generate images from a logged model (default: the newest "
-                    "finished run with a model).",
+        description="Serve a page to generate images from a logged model (default: the best run, on "
+                    "validation, of the newest study; without studies the newest finished run with a model).",
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--run", metavar="RUN_ID", help="serve this run first")

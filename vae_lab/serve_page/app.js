@@ -84,7 +84,6 @@ async function chooseRun(runId) {
   labels.replaceChildren(...current.class_names.map((name, index) =>
     new Option(name === String(index) ? name : `${index} · ${name}`, index)));
   if (previous !== "" && Number(previous) < current.class_names.length) labels.value = previous;
-  $("generated").removeAttribute("src");
 
   const last = current.test_count - 1;
   for (const id of ["index-a", "index-b"]) {
@@ -94,7 +93,8 @@ async function chooseRun(runId) {
   const twoD = current.latent_dim === 2;
   $("map-section").hidden = !twoD;
   $("interpolate-section").hidden = twoD;
-  await Promise.all([samplePrior(), twoD ? loadPlane() : interpolate()]);
+  // every panel shows a picture on first paint: the generate panel draws its selected class
+  await Promise.all([generate(), samplePrior(), twoD ? loadPlane() : interpolate()]);
 }
 
 // ------------------------------------------------------------------ generate and sample
@@ -134,7 +134,7 @@ async function loadPlane() {
     entry.append(name);
     return entry;
   }));
-  drawPlane();
+  await decodeAt([0, 0]);  // the prior's centre, so the decoded panel is never empty
 }
 
 function toCanvas(canvas, z) {
@@ -187,7 +187,11 @@ async function decodeClick(event) {
   const box = canvas.getBoundingClientRect();
   const px = (event.clientX - box.left) * canvas.width / box.width;
   const py = (event.clientY - box.top) * canvas.height / box.height;
-  plane.clicked = toLatent(canvas, px, py);
+  await decodeAt(toLatent(canvas, px, py));
+}
+
+async function decodeAt(point) {
+  plane.clicked = point;
   drawPlane();
   const z = plane.clicked.map((value) => value.toFixed(3)).join(",");
   await showImage($("decoded"), runUrl("decode.png", { z }));
