@@ -95,3 +95,24 @@ def latent_maps(maps: list[tuple[str, pd.DataFrame]], path: Path, class_names=No
     return Figure(title, path, caption=f"Posterior means of the test images, one pair of maps per run; "
                                        f"t-SNE (seed {seed}) on at most {TSNE_MAX_POINTS} points "
                                        f"(largest run: {points} points).")
+
+
+EVOLUTION_ARTIFACT = "latents/evolution.gif"
+
+
+def evolution_figures(client, runs: pd.DataFrame, folder: Path) -> list[Figure]:
+    """One animated figure per run that logged latents/evolution.gif (pass one run per configuration)."""
+    figures = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, (_, run) in enumerate(runs.iterrows()):
+            local = download_artifact(client, run["run_id"], EVOLUTION_ARTIFACT, Path(scratch) / run["run_id"])
+            if local is None:
+                continue
+            path = folder / f"latent_evolution_{index}.gif"
+            path.write_bytes(local.read_bytes())
+            seed = run.get("params.train.seed")
+            figures.append(Figure(f"The latent space forming: {run['label']}", path, caption=(
+                f"Run {run['run_id'][:8]}" + (f" (seed {seed})" if isinstance(seed, str) else "") +
+                ": posterior means of the first test images during training, by class colour; beyond 2-D "
+                "through one PCA of the last frame, so the axes stay fixed.")))
+    return figures

@@ -1,7 +1,7 @@
 """The report as documents: a list of sections rendered to Markdown and to one HTML page.
 
-The HTML page carries its images inline (base64 PNG), so it is a single file a person can
-mail or open without a server; the Markdown links the PNG files beside it.
+The HTML page carries its images inline (base64 PNG, or GIF for animations), so it is a single
+file a person can mail or open without a server; the Markdown links the image files beside it.
 """
 
 from __future__ import annotations
@@ -97,9 +97,10 @@ def _html_figure(figure: Figure) -> str:
     if figure.path is None:
         return f'{heading}<p class="skipped">Not drawn: {html.escape(figure.skipped or "")}.</p>'
     encoded = base64.b64encode(figure.path.read_bytes()).decode("ascii")
+    kind = "gif" if figure.path.suffix.lower() == ".gif" else "png"
     caption = f"<figcaption>{html.escape(figure.caption)}</figcaption>" if figure.caption else ""
     return (f'{heading}<figure><img alt="{html.escape(figure.title)}" '
-            f'src="data:image/png;base64,{encoded}">{caption}</figure>')
+            f'src="data:image/{kind};base64,{encoded}">{caption}</figure>')
 
 
 def render_html(title: str, sections: list[Section]) -> str:

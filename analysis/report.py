@@ -203,6 +203,8 @@ def latents_section(study: Study, folder: Path) -> Section:
     blocks.append(latents.latent_maps(found, folder / "latents.png"))
     if missing:
         blocks += [Text("Runs without test latents (no latents/test_latents.parquet artifact):"), Bullets(missing)]
+    evolving = samples.one_run_per_configuration(study.finished).head(latents.MAX_MAPS)
+    blocks += latents.evolution_figures(study.client, evolving, folder)
     return Section("Latents", blocks)
 
 

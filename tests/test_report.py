@@ -134,16 +134,19 @@ def test_report_writes_every_file_and_valid_pngs(study_report):
                  "prior_samples.png"]:
         assert (study_report / name).is_file(), name
     pngs = sorted(study_report.glob("*.png"))
-    for png in pngs:
-        with Image.open(png) as image:
+    gifs = sorted(study_report.glob("latent_evolution_*.gif"))
+    assert len(gifs) == 5  # one animation per configuration (the failed and the pruned trials have none)
+    for image_file in pngs + gifs:
+        with Image.open(image_file) as image:
             image.verify()
-            assert image.format == "PNG"
+            assert image.format == image_file.suffix[1:].upper()
     page = (study_report / "index.html").read_text()
     sources = re.findall(r'<img [^>]*src="([^"]+)"', page)
-    assert len(sources) == len(pngs)  # every figure inline, nothing fetched from elsewhere
-    assert all(source.startswith("data:image/png;base64,") for source in sources)
+    assert len(sources) == len(pngs) + len(gifs)  # every figure inline, nothing fetched from elsewhere
+    assert sum(source.startswith("data:image/png;base64,") for source in sources) == len(pngs)
+    assert sum(source.startswith("data:image/gif;base64,") for source in sources) == len(gifs)
     markdown = (study_report / "report.md").read_text()
-    assert all(f"]({png.name})" in markdown for png in pngs)
+    assert all(f"]({image_file.name})" in markdown for image_file in pngs + gifs)
 
 
 def test_report_is_logged_to_the_parent_run(store, study_report):

@@ -238,7 +238,8 @@ def test_study_against_a_real_mlflow_server(tmp_path, mlflow_server, monkeypatch
     path = write_study(tmp_path / "server.yaml", "server", {"model.name": ["ae", "linear_vae"]})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     assert sweep.main([str(path), "--tracking-uri", mlflow_server, "--storage", storage], data_cache=DATA) == 0
-    assert f"open {mlflow_server}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"  runs:    {mlflow_server}/#/experiments/" in out and "mlflow ui --backend-store-uri" not in out
     runs = runs_of(mlflow_server)
     parent = runs[runs["vae_lab.role"] == "study"].iloc[0]
     kids = children(runs, parent["run_id"])

@@ -124,7 +124,8 @@ def test_system_metrics_are_logged_when_asked_and_on_in_studies(tiny_overrides, 
     quiet = [*tiny_overrides, "train.epochs=2", "eval.enabled=false", "tracking.log_images=false",
              "tracking.log_model=false"]
     client = MlflowClient(tracking_uri)
-    watched = train(load_config(None, [*quiet, "tracking.system_metrics_every=0.2"])).run_id
+    # a sample is only logged once a full interval has passed while the run trains: 30 epochs do
+    watched = train(load_config(None, [*quiet, "train.epochs=30", "tracking.system_metrics_every=0.05"])).run_id
     history = client.get_metric_history(watched, "system/cpu_utilization_percentage")
     assert len(history) >= 1 and all(0 <= point.value <= 100 for point in history)
     assert client.get_metric_history(watched, "system/system_memory_usage_megabytes")[0].value > 0

@@ -143,6 +143,8 @@ class TrackingConfig:
     # CPU, memory, disk, network (and GPU) as system/* metrics, sampled every this many seconds by
     # MLflow's system-metrics monitor; 0 = off (studies turn it on)
     system_metrics_every: float = 0.0
+    # a frame of latents/evolution.gif (test images' posterior means) every this many steps; 0 = none
+    latent_frames_every: int = 10
 
 
 @dataclass
@@ -320,6 +322,7 @@ def validate(config: Config) -> Config:
         "data.test_limit": config.data.test_limit,
         "train.checkpoint_every": config.train.checkpoint_every,
         "tracking.system_metrics_every": config.tracking.system_metrics_every,
+        "tracking.latent_frames_every": config.tracking.latent_frames_every,
     }
     for key, value in non_negative.items():
         if value < 0:

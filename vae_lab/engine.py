@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import names
+from . import latent_evolution, names
 from .config import Config, ConfigError
 from .data import ImageData
 from .losses import kl_to_standard_normal, kl_weight_at, reconstruction_nll
@@ -166,6 +166,7 @@ class Trial:
     finished_training: bool = False  # what is left is test/*, eval/*, artifacts
     checkpoints_written: int = 0
     outcome: Any = None  # RunResult or the exception that stopped it
+    latent_frames: list = field(default_factory=list)  # (step, posterior means) for latents/evolution.gif
 
     @property
     def patience(self) -> int:
@@ -333,6 +334,8 @@ class Engine:
             if not self.trials:
                 return
         steps_per_epoch = self.data.num_batches("train", batch_size)
+        self.frame_images, self.frame_labels = latent_evolution.frame_images(self.data)
+        self._capture_frames()  # where the latent codes start (or, resumed, where they were)
         for epoch in range(start_epoch + 1, epochs + 1):
             running = torch.zeros(len(self.trials), 3, device=self.device)
             for trial in self.trials:
@@ -349,6 +352,7 @@ class Engine:
                                               self.noise_dtype)
                 running += self.step_impl.train_step(images, images_dim, noise, noise_dim, self.kl_weights())
                 self.step += 1
+                self._capture_frames()
                 for trial in self.trials:
                     trial.running_count += images.shape[-4]
                 running = self._log_train(running, epoch, steps_per_epoch, bar)
@@ -362,6 +366,17 @@ class Engine:
             self._end_epoch(epoch, seconds, last=epoch == epochs)
             if not self.trials:
                 return
+
+    def _capture_frames(self) -> None:
+        """The frame images' posterior means for each trial whose frame step this is."""
+        rows = [row for row, trial in enumerate(self.trials)
+                if trial.config.tracking.log_images and latent_evolution.due(self.step,
+                                                                             trial.config.tracking.latent_frames_every)]
+        if not rows:
+            return
+        means = latent_evolution.capture(self.step_impl.forward, self.frame_images, self.latent_dim, self.variational)
+        for row in rows:
+            self.trials[row].latent_frames.append((self.step, means[row]))
 
     def _describe(self, what: str) -> str:
         return what if len(self.trials) == 1 else f"{len(self.trials)} trials, {what}"
@@ -545,13 +560,15 @@ class Engine:
         stopped_early = trial.epochs_trained < trial.config.train.epochs
         trial.tracker.set_tags({names.STOP_REASON_TAG: "early_stopping" if stopped_early else "epochs"})
         metrics = {**trial.last_train, **trial.last_epoch, **trial.val, **summary}
-        metrics = finalize_run(model, self.data, trial.config, self.device, trial.tracker, metrics)
+        frames = (trial.latent_frames, self.frame_labels) if trial.latent_frames else None
+        metrics = finalize_run(model, self.data, trial.config, self.device, trial.tracker, metrics, frames)
         return RunResult(metrics=metrics, run_id=trial.tracker.run_id, model=model)
 
 
 def finalize_run(model: Autoencoder, data: ImageData, config: Config, device: torch.device,
-                 tracker, metrics: dict[str, float]) -> dict[str, float]:
+                 tracker, metrics: dict[str, float], latent_frames=None) -> dict[str, float]:
     """After training: evaluation metrics, artifacts, the model, and the run ended FINISHED.
+    `latent_frames` ((step, means) list, labels) become latents/evolution.gif.
     Returns the metrics with the `eval/` ones added."""
     from .artifacts import write_run_artifacts
     from .evaluation import evaluate_model
@@ -565,6 +582,8 @@ def finalize_run(model: Autoencoder, data: ImageData, config: Config, device: to
     if config.tracking.enabled:
         with tempfile.TemporaryDirectory() as folder:
             write_run_artifacts(model, data, config, Path(folder), evaluation, images=config.tracking.log_images)
+            if latent_frames is not None:
+                latent_evolution.save_evolution(*latent_frames, Path(folder) / "latents" / "evolution.gif")
             tracker.log_artifacts(Path(folder))
         if config.tracking.log_model:
             tracker.finish_with_model(model)
