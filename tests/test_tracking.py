@@ -81,6 +81,8 @@ def test_experiments_open_on_their_runs_and_runs_carry_their_data_as_dataset_inp
     found = client.search_runs([experiment.experiment_id],
                                filter_string="dataset.name = 'mnist5k' and dataset.context = 'validation'")
     assert [run.info.run_id for run in found] == [run_id]
+    tags = client.get_run(run_id).data.tags  # the UI's Source column
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"]
 
     again = train(config, data=data).run_id  # the same seed: MLflow's own random names would repeat
     names = [client.get_run(run).info.run_name for run in (run_id, again)]

@@ -28,7 +28,7 @@ from .study import StudySpec, fingerprint_changes
 from .study_optuna import make_pruner, make_sampler
 from .study_summary import log_summary
 from .study_workers import machine_key, process_gone, worker_id
-from .tracking import get_or_create_experiment, prepare_store
+from .tracking import get_or_create_experiment, prepare_store, source_tags
 
 READY_WAIT_SECONDS = 120
 
@@ -144,6 +144,7 @@ def start_parent_run(client: MlflowClient, spec: StudySpec, tracking_uri: str, s
         "vae_lab.sampler": spec.sampler,
         "vae_lab.pruner": spec.pruner,
         "vae_lab.optuna_storage": store.redact_url(storage_url),
+        **source_tags(),
     }
     run = client.create_run(experiment_id, run_name=f"study {spec.name}", tags=tags)
     client.log_text(run.info.run_id, spec.to_yaml(), "study/study.yaml")

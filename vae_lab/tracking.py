@@ -192,18 +192,30 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's own source tags (the UI's Source column): the command that made the run, and the commit."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    command = f"python -m {spec.name}" if spec is not None and spec.name else Path(sys.argv[0] or "python").name
+    tags = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 def environment_tags(device: torch.device) -> dict[str, str]:
     tags = {
         "device": str(device),
         "torch_version": torch.__version__,
         "mlflow_version": mlflow.__version__,
+        **source_tags(),
     }
     if device.type == "cuda":
         tags["device_name"] = torch.cuda.get_device_name(device)
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = commit
-        tags["mlflow.source.git.commit"] = commit
     return tags
 
 
