@@ -139,3 +139,37 @@ def test_system_metrics_are_logged_when_asked_and_on_in_studies(tiny_overrides, 
     assert spec.trial_config({"train.seed": 0}).tracking.system_metrics_every == 5.0
     with pytest.raises(ConfigError, match="tracking.system_metrics_every must be zero or positive"):
         load_config(None, ["tracking.system_metrics_every=-1"])
+
+
+def test_a_model_from_an_older_architecture_is_refused_with_one_line(tiny_overrides, tracking_uri, tmp_path, capsys):
+    import pytest
+    import torch
+
+    from vae_lab.config import load_config
+    from vae_lab.evaluate import main as evaluate
+    from vae_lab.serve_images import RequestError, ServedRun
+    from vae_lab.tracking import STATE_DICT_ARTIFACT, IncompatibleModel, load_logged_model
+    from vae_lab.train import train
+
+    run_id = train(load_config(None, [*tiny_overrides, "model.name=conv_ae", "train.epochs=1", "eval.enabled=false",
+                                      "tracking.log_images=false"])).run_id
+    client = MlflowClient(tracking_uri)
+    saved = torch.load(client.download_artifacts(run_id, STATE_DICT_ARTIFACT, str(tmp_path)), weights_only=True)
+    first_up = next(key for key in saved["state_dict"] if key.startswith("decoder.") and key.endswith("weight"))
+    channels_in, channels_out = saved["state_dict"][first_up].shape[:2]
+    saved["state_dict"][first_up] = torch.zeros(channels_in, channels_out, 3, 3)  # the kernel-3 decoder
+    older = tmp_path / "older" / "model_state"
+    older.mkdir(parents=True)
+    torch.save(saved, older / "state_dict.pt")
+    client.log_artifact(run_id, str(older / "state_dict.pt"), "model_state")
+
+    with pytest.raises(IncompatibleModel, match="logged by an older vae_lab") as refused:
+        load_logged_model(run_id, tracking_uri)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(RequestError) as served:
+        ServedRun.load(run_id, tracking_uri)
+    assert served.value.status == 409
+    capsys.readouterr()  # MLflow's download bars so far
+    assert evaluate(["--run", run_id, "--tracking-uri", tracking_uri]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "older vae_lab" in error and len(error.splitlines()) == 1

@@ -67,7 +67,7 @@ def evaluate_run(client, run_id: str, overrides: list[str], data_cache) -> dict[
     from .artifacts import write_kl_per_dim
     from .engine import resolve_device
     from .evaluation import evaluate_model
-    from .tracking import STATE_DICT_ARTIFACT, has_logged_model, load_logged_model, load_run_config
+    from .tracking import STATE_DICT_ARTIFACT, IncompatibleModel, has_logged_model, load_logged_model, load_run_config
 
     if not has_logged_model(client, run_id):
         raise EvaluateError(f"run {run_id} has no model ({STATE_DICT_ARTIFACT}) to evaluate; "
@@ -75,7 +75,10 @@ def evaluate_run(client, run_id: str, overrides: list[str], data_cache) -> dict[
     config = validate(apply_overrides(load_run_config(client, run_id), overrides))
     device = resolve_device(config.device)
     data = data_cache.get(config)
-    model, _ = load_logged_model(run_id, client.tracking_uri, map_location=device, config=config)
+    try:
+        model, _ = load_logged_model(run_id, client.tracking_uri, map_location=device, config=config)
+    except IncompatibleModel as error:
+        raise EvaluateError(str(error)) from None
     evaluation = evaluate_model(model.to(device), data, config, device)
     settings = " ".join(f"{key}={value}" for key, value in config.flat().items() if key.startswith("eval."))
     timestamp = int(time.time() * 1000)

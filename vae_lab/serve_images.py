@@ -24,7 +24,7 @@ from torchvision.utils import make_grid, save_image
 from .config import Config, DataConfig
 from .data import ImageData, load_data
 from .models import Autoencoder
-from .tracking import load_logged_model
+from .tracking import IncompatibleModel, load_logged_model
 
 LATENTS_ARTIFACT = "latents/test_latents.parquet"
 SAMPLES_PER_ROW = 8
@@ -91,7 +91,10 @@ class ServedRun:
 
     @classmethod
     def load(cls, run_id: str, tracking_uri: str) -> ServedRun:
-        model, config = load_logged_model(run_id, tracking_uri, map_location="cpu")
+        try:
+            model, config = load_logged_model(run_id, tracking_uri, map_location="cpu")
+        except IncompatibleModel as error:
+            raise RequestError(str(error), status=409) from None
         return cls(run_id, model.eval(), config, cached_data(config.data))
 
     # ------------------------------------------------------------------ facts the page needs

@@ -538,5 +538,15 @@ def load_logged_model(run_id: str, tracking_uri: str | None = None,
         path = client.download_artifacts(run_id, STATE_DICT_ARTIFACT, folder)
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     model = build_model(config.model, tuple(checkpoint["image_shape"]))
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:  # e.g. a conv model from before the kernel-4 decoder
+        raise IncompatibleModel(
+            f"run {run_id}'s {config.model.name} was logged by an older vae_lab whose layers differ from "
+            f"today's ({str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error}); "
+            "train it again to use it here") from None
     return model.eval(), config
+
+
+class IncompatibleModel(ValueError):
+    """A logged state dict that today's model of its config cannot hold; the message is one line."""
