@@ -36,8 +36,8 @@ from vae_lab.tracking import StudyNotFound, find_study, resolve_tracking_uri  # 
 from . import plots, samples, stats  # noqa: E402
 from .page import Bullets, Section, Table, Text, render_html, render_markdown  # noqa: E402
 from .report import safe_name  # noqa: E402
-from .runs import (SEED_PARAM, ReportInputError, Study, display_param, load_study, open_store,  # noqa: E402
-                   recent_studies)
+from .runs import (SEED_PARAM, ReportInputError, Study, add_tracking_uri_option, display_param,  # noqa: E402
+                   load_study, open_store, recent_studies)
 from .tables import DIFFERENCE_COLUMNS, difference_cells  # noqa: E402
 
 MAX_CURVE_PANELS = 6
@@ -278,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Set two studies (an ablation's two arms) side by side on one page.")
     parser.add_argument("studies", nargs="*", metavar="STUDY", help="two parent run ids or study names: A B")
     parser.add_argument("--out", help="output folder (default: reports/compare_<A>_vs_<B>)")
-    parser.add_argument("--tracking-uri", default="",
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else mlruns/mlflow.db)")
+    add_tracking_uri_option(parser)
     args = parser.parse_args(argv)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     try:

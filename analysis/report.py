@@ -23,8 +23,8 @@ from vae_lab.tracking import resolve_tracking_uri
 
 from . import findings, importance, latents, plots, samples, stats
 from .page import Bullets, Code, Section, Table, Text, render_html, render_markdown
-from .runs import (ReportInputError, Study, load_study, newest_study_id, open_store, paired_params,
-                   read_text_artifact)
+from .runs import (ReportInputError, Study, add_tracking_uri_option, load_study, newest_study_id, open_store,
+                   paired_params, read_text_artifact)
 from .tables import (ALL_PAIRS_UP_TO, configuration_summary, difference_table, display_table, interval_table, mark_best,
                      metric_names, table_metrics)
 
@@ -271,8 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--experiment", help="report the newest study (parent run) of this MLflow experiment")
     target.add_argument("--run", help="a study's parent run id, or any single run id")
     parser.add_argument("--out", help="output folder (default: reports/<study name>)")
-    parser.add_argument("--tracking-uri", default="",
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else mlruns/mlflow.db)")
+    add_tracking_uri_option(parser)
     args = parser.parse_args(argv)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     try:

@@ -64,6 +64,12 @@ class Study:
 
 # ----------------------------------------------------------------------------- the store
 
+def add_tracking_uri_option(parser) -> None:
+    """`--tracking-uri`, as every analysis command takes it."""
+    parser.add_argument("--tracking-uri", default="",
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else mlruns/mlflow.db)")
+
+
 def open_store(tracking_uri: str) -> MlflowClient:
     """A client for an existing store; an SQLite file that is not there is an error, not created."""
     if tracking_uri.startswith("sqlite:///"):

@@ -369,9 +369,7 @@ class Engine:
 
     def _capture_frames(self) -> None:
         """The frame images' posterior means for each trial whose frame step this is."""
-        rows = [row for row, trial in enumerate(self.trials)
-                if trial.config.tracking.log_images and latent_evolution.due(self.step,
-                                                                             trial.config.tracking.latent_frames_every)]
+        rows = [row for row, trial in enumerate(self.trials) if latent_evolution.due(self.step, trial.config)]
         if not rows:
             return
         means = latent_evolution.capture(self.step_impl.forward, self.frame_images, self.latent_dim, self.variational)

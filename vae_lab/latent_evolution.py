@@ -36,8 +36,11 @@ def frame_images(data) -> tuple[torch.Tensor, np.ndarray]:
     return data.to_float(images[:count]), labels[:count].cpu().numpy()
 
 
-def due(step: int, every: int) -> bool:
-    return every > 0 and step % every == 0
+def due(step: int, config) -> bool:
+    """Is `step` a frame step of this run? Only runs whose images reach a store record frames."""
+    tracking = config.tracking
+    every = tracking.latent_frames_every
+    return tracking.enabled and tracking.log_images and every > 0 and step % every == 0
 
 
 @torch.no_grad()
