@@ -19,7 +19,7 @@ import pandas as pd
 
 from vae_lab import names
 
-from vae_lab.evaluation import COLLAPSE_KL_NATS
+from vae_lab.evaluation.metrics import COLLAPSE_KL_NATS
 
 from . import stats
 from .runs import display_param, parse_param

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from vae_lab.study_plots import KINDS, plot_file
-from vae_lab.study_summary import ARTIFACT_DIR, IMPORTANCES_FILE
+from vae_lab.study.plots import KINDS, plot_file
+from vae_lab.study.summary import ARTIFACT_DIR, IMPORTANCES_FILE
 
 from .page import Section, Table, Text
 from .plots import Figure

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from vae_lab.figures import project_2d, scatter_by_class  # noqa: E402
+from vae_lab.evaluation.figures import project_2d, scatter_by_class  # noqa: E402
 
 from .plots import DPI, Figure  # noqa: E402
 from .runs import download_artifact  # noqa: E402

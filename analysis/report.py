@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from vae_lab import names
-from vae_lab.tracking import resolve_tracking_uri
+from vae_lab.tracking.tracker import resolve_tracking_uri
 
 from . import findings, importance, latents, plots, samples, stats
 from .page import Bullets, Code, Section, Table, Text, render_html, render_markdown

@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from vae_lab.data import DataUnavailable, load_data  # noqa: E402
-from vae_lab.tracking import STATE_DICT_ARTIFACT, has_logged_model, load_logged_model  # noqa: E402
+from vae_lab.data.datasets import DataUnavailable, load_data  # noqa: E402
+from vae_lab.tracking.tracker import STATE_DICT_ARTIFACT, has_logged_model, load_logged_model  # noqa: E402
 
 from .plots import DPI, Figure  # noqa: E402
 

@@ -20,8 +20,8 @@ import sys
 from _common import machine_line, set_threads
 
 from vae_lab.config import MODELS, build_config  # noqa: E402
-from vae_lab.data import load_data  # noqa: E402
-from vae_lab.engine import resolve_device  # noqa: E402
+from vae_lab.data.datasets import load_data  # noqa: E402
+from vae_lab.training.device import resolve_device  # noqa: E402
 from vae_lab.train import train  # noqa: E402
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from _common import machine_line
 
 from vae_lab.config import ConfigError, load_config  # noqa: E402
-from vae_lab.data import DEBIAN_FASHION_MNIST, DataUnavailable  # noqa: E402
-from vae_lab.engine import resolve_device  # noqa: E402
+from vae_lab.data.datasets import DEBIAN_FASHION_MNIST, DataUnavailable  # noqa: E402
+from vae_lab.training.device import resolve_device  # noqa: E402
 from vae_lab.train import resumable_run, train  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "runs" / "fashion_mnist_nll.yaml"

@@ -27,11 +27,11 @@ from _common import machine_line, ratio, set_threads, temporary_store
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from vae_lab.batched import train_batch  # noqa: E402
+from vae_lab.training.run import train_batch  # noqa: E402
 from vae_lab.config import load_config  # noqa: E402
-from vae_lab.data import load_data  # noqa: E402
-from vae_lab.tracking import get_or_create_experiment, prepare_store  # noqa: E402
-from vae_lab.engine import resolve_device  # noqa: E402
+from vae_lab.data.datasets import load_data  # noqa: E402
+from vae_lab.tracking.tracker import get_or_create_experiment, prepare_store  # noqa: E402
+from vae_lab.training.device import resolve_device  # noqa: E402
 from vae_lab.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

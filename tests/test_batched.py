@@ -1,4 +1,4 @@
-"""Batched trials (vae_lab.batched, vae_lab.engine): same results as alone, one run per trial,
+"""Batched trials (vae_lab.training.batching, .run, .loop): same results as alone, one run per trial,
 failures and early stops stay alone, and a batch of one steps exactly like the plain step."""
 
 import optuna
@@ -7,11 +7,16 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import OVERFITS, TINY_RUN
-from vae_lab.batched import DEFAULT_CAP, PER_TRIAL_KEYS, batch_key, plan_batches, train_batch
+from vae_lab.training.batching import DEFAULT_CAP, PER_TRIAL_KEYS, batch_key, plan_batches
 from vae_lab.config import build_config
-from vae_lab.data import load_data
-from vae_lab.engine import TrainingDiverged, evaluate_split, plain_forward, resolve_device, train_group
-from vae_lab.tracking import load_logged_model
+from vae_lab.data.datasets import load_data
+from vae_lab.training.trial import TrainingDiverged
+from vae_lab.training.scoring import evaluate_split
+from vae_lab.training.steps import plain_forward
+from vae_lab.training.device import resolve_device
+from vae_lab.training.run import run_trials
+from vae_lab.training.trial import TrialSpec
+from vae_lab.tracking.tracker import load_logged_model
 from vae_lab.train import train
 
 SOLO_MATCH = 1e-3  # a trial in a batch against its solo run: final losses, relative
@@ -47,9 +52,8 @@ def test_batched_trials_match_alone_and_each_has_its_own_run(tracking_uri, tiny_
 
     client = MlflowClient(tracking_uri)
     parent = client.create_run(client.get_experiment_by_name("vae_lab").experiment_id, run_name="study")
-    results = train_batch(configs, data=tiny_data, parent_run_id=parent.info.run_id,
-                          run_names=[f"trial-{index}" for index in range(3)],
-                          tags=[{"vae_lab.trial_number": str(index)} for index in range(3)])
+    results = run_trials([TrialSpec(config, run_name=f"trial-{index}", tags={"vae_lab.trial_number": str(index)})
+                          for index, config in enumerate(configs)], data=tiny_data, parent_run_id=parent.info.run_id)
 
     for index, (single, batched) in enumerate(zip(alone, results)):
         assert not isinstance(batched, BaseException), batched
@@ -90,7 +94,7 @@ def test_trials_with_different_seeds_each_match_alone(tracking_uri, tiny_data):
     configs = make_configs(tracking_uri, [[f"train.seed={seed}"] for seed in (3, 4)],
                            common=["tracking.enabled=false", "eval.enabled=false", "model.name=ae"])
     alone = [train(config, data=tiny_data).metrics["test/loss"] for config in configs]
-    batched = [result.metrics["test/loss"] for result in train_batch(configs, data=tiny_data)]
+    batched = [result.metrics["test/loss"] for result in run_trials(map(TrialSpec, configs), data=tiny_data)]
     assert batched == pytest.approx(alone, rel=SOLO_MATCH)
     assert alone[0] != pytest.approx(alone[1], rel=1e-4)  # different seeds, different runs
 
@@ -98,7 +102,7 @@ def test_trials_with_different_seeds_each_match_alone(tracking_uri, tiny_data):
 def test_a_diverging_trial_fails_alone(tracking_uri, tiny_data):
     configs = make_configs(tracking_uri, [["train.lr=1e-3"], ["train.lr=1e12"], ["train.lr=2e-3"]],
                            common=["eval.enabled=false", "tracking.log_model=false"])
-    results = train_batch(configs, data=tiny_data)
+    results = run_trials(map(TrialSpec, configs), data=tiny_data)
 
     assert isinstance(results[1], TrainingDiverged)
     assert "diverged" in str(results[1])
@@ -127,8 +131,9 @@ def test_pruning_one_trial_kills_it_alone_and_ctrl_c_kills_all(tracking_uri, tin
     def prune(epoch, metrics):
         raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-    results = train_batch(configs, data=tiny_data,
-                          on_epoch_end=[None, prune, lambda epoch, metrics: seen.append(epoch)])
+    callbacks = [None, prune, lambda epoch, metrics: seen.append(epoch)]
+    results = run_trials([TrialSpec(config, on_epoch_end=callback) for config, callback in zip(configs, callbacks)],
+                         data=tiny_data)
     assert isinstance(results[1], optuna.TrialPruned)
     assert seen == [1, 2]
     client = MlflowClient(tracking_uri)
@@ -150,7 +155,8 @@ def test_pruning_one_trial_kills_it_alone_and_ctrl_c_kills_all(tracking_uri, tin
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt) as caught:
-        train_batch(configs, data=tiny_data, on_epoch_end=[prune, None, interrupt_in_epoch_2])
+        run_trials([TrialSpec(config, on_epoch_end=callback)
+                    for config, callback in zip(configs, [prune, None, interrupt_in_epoch_2])], data=tiny_data)
     statuses = sorted(run.info.status for run in client.search_runs([experiment_id]))
     assert statuses == ["FINISHED", "FINISHED", "KILLED", "KILLED", "KILLED", "KILLED"]
     # what ended before the interrupt is kept for the caller (a sweep records it, not "interrupted")
@@ -189,10 +195,10 @@ def test_plan_batches_caps_and_splits_evenly():
         plan_batches(configs, 0)
 
 
-def test_train_batch_refuses_configs_of_different_shapes(tiny_data):
+def test_trials_of_different_shapes_are_refused_together(tiny_data):
     configs = [build_config(None, TINY_RUN), build_config(None, [*TINY_RUN, "model.latent_dim=3"])]
     with pytest.raises(ValueError, match="model.latent_dim"):
-        train_batch(configs, data=tiny_data)
+        run_trials(map(TrialSpec, configs), data=tiny_data)
 
 
 def test_a_batch_of_one_steps_exactly_like_the_plain_step():
@@ -205,8 +211,8 @@ def test_a_batch_of_one_steps_exactly_like_the_plain_step():
     data = load_data(configs[0].data, cpu, configs[0].train.batch_size)
     for config in configs:
         assert data.num_batches("train", config.train.batch_size) == 21
-        (plain,) = train_group([config], data=data, device=cpu, stacked=False)
-        (stacked,) = train_group([config], data=data, device=cpu, stacked=True)
+        (plain,) = run_trials([TrialSpec(config)], data=data, stacked=False)
+        (stacked,) = run_trials([TrialSpec(config)], data=data, stacked=True)
         for name, value in plain.model.state_dict().items():
             # 1e-6 held for the kernel-3 decoder; vmap's kernel-4 transposed convolution sums in another
             # order, which after 20 Adam steps moves a weight by up to about 1e-5
@@ -222,7 +228,7 @@ def test_early_stopping_in_a_batch_finishes_that_trial_alone(tracking_uri):
                build_config(None, [*common, "train.early_stopping_patience=2"])]
     device = resolve_device(configs[0].device)
     data = load_data(configs[0].data, device, configs[0].train.batch_size)
-    steady, erratic = train_batch(configs, data=data)
+    steady, erratic = run_trials(map(TrialSpec, configs), data=data)
     assert not isinstance(erratic, BaseException), erratic
     client = MlflowClient(tracking_uri)
     run = client.get_run(erratic.run_id)

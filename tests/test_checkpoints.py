@@ -10,10 +10,11 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY_RUN
 from vae_lab import names
-from vae_lab.checkpoints import CHECKPOINT_DIR, Resume, load_checkpoint
+from vae_lab.training.checkpoints import CHECKPOINT_DIR, Resume, load_checkpoint
 from vae_lab.config import build_config
-from vae_lab.data import load_data
-from vae_lab.engine import train_group
+from vae_lab.data.datasets import load_data
+from vae_lab.training.run import run_trials
+from vae_lab.training.trial import TrialSpec
 
 FAST = ["tracking.log_model=false", "tracking.log_images=false", "eval.enabled=false"]
 EPOCHS = 4
@@ -57,10 +58,10 @@ def assert_same_run(client, resumed_id, reference_id):
 def test_a_stopped_run_continues_from_its_checkpoint_as_if_never_stopped(tracking_uri, per_trial):
     configs = configs_for(tracking_uri, *per_trial)
     data = load_data(configs[0].data, torch.device("cpu"), configs[0].train.batch_size)
-    reference = train_group(configs, data=data, device=torch.device("cpu"))
+    reference = run_trials([TrialSpec(config) for config in configs], data=data)
 
     with pytest.raises(KeyboardInterrupt):  # during epoch 3, before its checkpoint
-        train_group(configs, data=data, device=torch.device("cpu"), on_epoch_end=[stop_at(3)] * len(configs))
+        run_trials([TrialSpec(config, on_epoch_end=stop_at(3)) for config in configs], data=data)
     client = MlflowClient(tracking_uri)
     stopped = [run for run in client.search_runs([client.get_experiment_by_name("vae_lab").experiment_id])
                if run.info.status == "KILLED"]
@@ -71,9 +72,9 @@ def test_a_stopped_run_continues_from_its_checkpoint_as_if_never_stopped(trackin
     assert [checkpoint.epoch for checkpoint in checkpoints] == [2] * len(configs)
 
     ended = []
-    resumed = train_group(configs, data=data, device=torch.device("cpu"),
-                          resume=[Resume(run_id, checkpoint) for run_id, checkpoint in zip(run_ids, checkpoints)],
-                          on_trial_end=lambda index, outcome: ended.append(index))
+    resumed = run_trials([TrialSpec(config, resume=Resume(run_id, checkpoint))
+                          for config, run_id, checkpoint in zip(configs, run_ids, checkpoints)], data=data,
+                         on_trial_end=lambda index, outcome: ended.append(index))
     assert sorted(ended) == list(range(len(configs)))
     for result, expected, run_id in zip(resumed, reference, run_ids):
         assert result.run_id == run_id  # the same run, continued
@@ -92,7 +93,7 @@ def test_train_resume_continues_a_killed_plain_run(tmp_path, tracking_uri):
     config = build_config(overrides=overrides)
     data = load_data(config.data, torch.device("cpu"), config.train.batch_size)
     with pytest.raises(KeyboardInterrupt):
-        train_group([config], data=data, device=torch.device("cpu"), on_epoch_end=[stop_at(2)])
+        run_trials([TrialSpec(config, on_epoch_end=stop_at(2))], data=data)
     client = MlflowClient(tracking_uri)
     (killed,) = client.search_runs([client.get_experiment_by_name("vae_lab").experiment_id])
     command = [sys.executable, "-m", "vae_lab.train", "--resume", killed.info.run_id, f"tracking.uri={tracking_uri}"]

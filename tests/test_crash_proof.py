@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from test_sweep import PYTHON, children, optuna_trials, run, runs_of, subprocess_env, write_study
 from vae_lab import names
-from vae_lab.study_storage import POINT_ATTR, WORKER_ATTR
+from vae_lab.study.storage import POINT_ATTR, WORKER_ATTR
 
 SLOW_DIGITS = {"data.name": "digits", "train.batch_size": 16}
 

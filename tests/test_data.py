@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vae_lab.config import DataConfig
-from vae_lab.data import DataUnavailable, load_data
+from vae_lab.data.datasets import DataUnavailable, load_data
 
 
 def test_mnist5k_is_a_fixed_stratified_4000_1000_split():

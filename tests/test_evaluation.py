@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from vae_lab.config import ModelConfig, build_config
-from vae_lab.data import load_data
-from vae_lab.evaluation import active_units, evaluate_model, iwae_nll, pca_mse_per_pixel, probe_accuracies
-from vae_lab.losses import kl_to_standard_normal, reconstruction_nll
-from vae_lab.models import build_model
+from vae_lab.data.datasets import load_data
+from vae_lab.evaluation.metrics import active_units, evaluate_model, iwae_nll, pca_mse_per_pixel, probe_accuracies
+from vae_lab.models.losses import kl_to_standard_normal, reconstruction_nll
+from vae_lab.models.autoencoders import build_model
 
 
 @pytest.fixture(scope="module")

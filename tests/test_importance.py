@@ -20,10 +20,10 @@ from analysis.page import Table, Text, render_html, render_markdown
 from analysis.plots import Figure
 from analysis.runs import load_study
 from vae_lab import sweep
-from vae_lab.study import parse_study
-from vae_lab.study_importance import param_importances, varying_params
-from vae_lab.study_plots import save_plots
-from vae_lab.study_summary import log_summary
+from vae_lab.study.spec import parse_study
+from vae_lab.study.importance import param_importances, varying_params
+from vae_lab.study.plots import save_plots
+from vae_lab.study.summary import log_summary
 
 SWEPT = {"model.latent_dim", "train.lr"}
 SAMPLED_STUDY = {

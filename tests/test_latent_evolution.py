@@ -5,9 +5,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from analysis import report
-from vae_lab import latent_evolution
+from vae_lab.evaluation import latent_evolution
 from vae_lab.config import load_config
-from vae_lab.data import load_data
+from vae_lab.data.datasets import load_data
 from vae_lab.train import train
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vae_lab.losses import kl_to_standard_normal, kl_weight_at, loss_terms, reconstruction_nll
-from vae_lab.models import Posterior
+from vae_lab.models.losses import kl_to_standard_normal, kl_weight_at, loss_terms, reconstruction_nll
+from vae_lab.models.autoencoders import Posterior
 
 
 def test_bce_with_logits_equals_bce_on_sigmoid():
@@ -76,8 +76,8 @@ def test_loss_is_batch_mean_of_recon_plus_weighted_kl():
 def test_losses_stay_fp32_under_bf16_autocast():
     """The step runs the model under autocast; the loss and KL it optimizes are fp32."""
     from vae_lab.config import ModelConfig
-    from vae_lab.models import build_model
-    from vae_lab.steps import NoiseInput, autocast
+    from vae_lab.models.autoencoders import build_model
+    from vae_lab.training.steps import NoiseInput, autocast
 
     model = build_model(ModelConfig(name="linear_vae", latent_dim=4, hidden_dims=[32]), (1, 28, 28))
     images = torch.rand(8, 1, 28, 28)
@@ -91,15 +91,15 @@ def test_losses_stay_fp32_under_bf16_autocast():
 def test_amp_falls_back_to_fp32_with_one_warning_where_bf16_is_emulated(monkeypatch):
     import warnings
 
-    from vae_lab import engine
+    from vae_lab.training import device as device_policy
 
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)  # this machine's flags, as on an AVX2 CPU
-    monkeypatch.setattr(engine, "_warned_amp", set())
+    monkeypatch.setattr(device_policy, "cpu_has_native_bf16", lambda: False)  # this machine's flags, as on an AVX2 CPU
+    monkeypatch.setattr(device_policy, "_warned_amp", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert engine.effective_amp(True, torch.device("cpu")) is False
-        assert engine.effective_amp(True, torch.device("cpu")) is False
+        assert device_policy.effective_amp(True, torch.device("cpu")) is False
+        assert device_policy.effective_amp(True, torch.device("cpu")) is False
     assert len(caught) == 1 and "7.8x slower" in str(caught[0].message)
-    assert engine.effective_amp(False, torch.device("cpu")) is False
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
-    assert engine.effective_amp(True, torch.device("cpu")) is True
+    assert device_policy.effective_amp(False, torch.device("cpu")) is False
+    monkeypatch.setattr(device_policy, "cpu_has_native_bf16", lambda: True)
+    assert device_policy.effective_amp(True, torch.device("cpu")) is True

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vae_lab.config import ModelConfig
-from vae_lab.models import build_model
+from vae_lab.models.autoencoders import build_model
 
 
 @pytest.mark.parametrize("name", ["ae", "linear_vae", "conv_ae", "conv_vae"])
@@ -56,7 +56,7 @@ def test_seeded_sampling_is_reproducible():
 
 
 def test_gated_hidden_layers_compute_value_times_sigmoid_gate():
-    from vae_lab.models import GatedDense
+    from vae_lab.models.autoencoders import GatedDense
 
     model = build_model(ModelConfig(name="linear_vae", latent_dim=40, hidden_dims=[300, 300], activation="gated"),
                         (1, 28, 28))

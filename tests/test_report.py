@@ -26,8 +26,8 @@ from analysis import plots, report
 from analysis.runs import load_study, newest_study_id
 from conftest import TINY_RUN
 from vae_lab.config import load_config
-from vae_lab.data import load_data
-from vae_lab.tracking import get_or_create_experiment, prepare_store
+from vae_lab.data.datasets import load_data
+from vae_lab.tracking.tracker import get_or_create_experiment, prepare_store
 from vae_lab.train import train
 
 STUDY = "tiny_report_study"

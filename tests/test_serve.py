@@ -29,9 +29,9 @@ from PIL import Image
 
 from conftest import TINY_RUN
 from vae_lab.config import build_config
-from vae_lab.data import load_data
-from vae_lab.serve import RunCatalog, choose_run, create_app, main
-from vae_lab.tracking import STATE_DICT_ARTIFACT, get_or_create_experiment, prepare_store
+from vae_lab.data.datasets import load_data
+from vae_lab.serve.app import RunCatalog, choose_run, create_app, main
+from vae_lab.tracking.tracker import STATE_DICT_ARTIFACT, get_or_create_experiment, prepare_store
 from vae_lab.train import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ import yaml
 
 from vae_lab import sweep
 from vae_lab.config import ConfigError
-from vae_lab.study import load_study_spec, parse_study, point_key
+from vae_lab.study.spec import load_study_spec, parse_study, point_key
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

@@ -6,7 +6,7 @@ import threading
 
 from mlflow.tracking import MlflowClient
 
-from vae_lab.tracking import prepare_store
+from vae_lab.tracking.tracker import prepare_store
 
 
 def _schema(database):
@@ -58,7 +58,7 @@ def test_concurrent_creators_of_one_store_get_one_store(tmp_path):
 
 def test_experiments_open_on_their_runs_and_runs_carry_their_data_as_dataset_inputs(tiny_overrides, tracking_uri):
     from vae_lab.config import load_config
-    from vae_lab.data import load_data
+    from vae_lab.data.datasets import load_data
     from vae_lab.train import train
 
     config = load_config(None, [*tiny_overrides, "train.epochs=1", "data.binarize=dynamic", "eval.enabled=false",
@@ -90,7 +90,7 @@ def test_experiments_open_on_their_runs_and_runs_carry_their_data_as_dataset_inp
 
 
 def test_an_older_experiment_is_tagged_when_used_again(tmp_path):
-    from vae_lab.tracking import get_or_create_experiment
+    from vae_lab.tracking.tracker import get_or_create_experiment
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     prepare_store(uri)
@@ -102,7 +102,7 @@ def test_an_older_experiment_is_tagged_when_used_again(tmp_path):
 
 
 def test_ui_links_open_model_training_mode_and_never_print_credentials():
-    from vae_lab.tracking import browse_lines, ui_links
+    from vae_lab.tracking.tracker import browse_lines, ui_links
 
     assert ui_links("sqlite:////x/mlflow.db", "3", "abc") == [
         "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning",
@@ -120,7 +120,7 @@ def test_system_metrics_are_logged_when_asked_and_on_in_studies(tiny_overrides, 
     import pytest
 
     from vae_lab.config import ConfigError, load_config
-    from vae_lab.study import parse_study
+    from vae_lab.study.spec import parse_study
     from vae_lab.train import train
 
     quiet = [*tiny_overrides, "train.epochs=2", "eval.enabled=false", "tracking.log_images=false",
@@ -147,8 +147,8 @@ def test_a_model_from_an_older_architecture_is_refused_with_one_line(tiny_overri
 
     from vae_lab.config import load_config
     from vae_lab.evaluate import main as evaluate
-    from vae_lab.serve_images import RequestError, ServedRun
-    from vae_lab.tracking import STATE_DICT_ARTIFACT, IncompatibleModel, load_logged_model
+    from vae_lab.serve.images import RequestError, ServedRun
+    from vae_lab.tracking.tracker import STATE_DICT_ARTIFACT, IncompatibleModel, load_logged_model
     from vae_lab.train import train
 
     run_id = train(load_config(None, [*tiny_overrides, "model.name=conv_ae", "train.epochs=1", "eval.enabled=false",

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError, apply_overrides, parse_override, validate
+from vae_lab.config import Config, ConfigError, apply_overrides, parse_override, validate
 
 EVAL_SETTINGS_TAG = "vae_lab.eval_settings"
 
@@ -48,7 +48,7 @@ def study_runs(client, study: str) -> list:
     """The FINISHED trial runs of a study given by its parent run id or its name."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from .tracking import StudyNotFound, find_study
+    from vae_lab.tracking.tracker import StudyNotFound, find_study
 
     try:
         parent = find_study(client, study)
@@ -64,17 +64,23 @@ def evaluate_run(client, run_id: str, overrides: list[str], data_cache) -> dict[
     """eval/* of one finished run with its model, logged into that run; returns the metrics."""
     from mlflow.entities import Metric, RunTag
 
-    from .artifacts import write_kl_per_dim
-    from .engine import resolve_device
-    from .evaluation import evaluate_model
-    from .tracking import STATE_DICT_ARTIFACT, IncompatibleModel, has_logged_model, load_logged_model, load_run_config
+    from vae_lab.evaluation.artifacts import write_kl_per_dim
+    from vae_lab.training.device import resolve_device
+    from vae_lab.evaluation.metrics import evaluate_model
+    from vae_lab.tracking.tracker import (
+        STATE_DICT_ARTIFACT,
+        IncompatibleModel,
+        has_logged_model,
+        load_logged_model,
+        load_run_config,
+    )
 
     if not has_logged_model(client, run_id):
         raise EvaluateError(f"run {run_id} has no model ({STATE_DICT_ARTIFACT}) to evaluate; "
                             "it was trained with tracking.log_model=false or did not finish")
     config = validate(apply_overrides(load_run_config(client, run_id), overrides))
     device = resolve_device(config.device)
-    data = data_cache.get(config)
+    data = data_cache.get(config, device)
     try:
         model, _ = load_logged_model(run_id, client.tracking_uri, map_location=device, config=config)
     except IncompatibleModel as error:
@@ -111,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
     from tqdm.auto import tqdm
 
-    from .data import DataUnavailable
-    from .study_session import DataCache
-    from .tracking import has_logged_model, missing_store, resolve_tracking_uri
+    from vae_lab.data.datasets import DataUnavailable
+    from vae_lab.data.cache import DataCache
+    from vae_lab.tracking.tracker import has_logged_model, missing_store, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     try:
@@ -154,6 +160,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import exit_now
+    from vae_lab.cli import exit_now
 
     exit_now(main())

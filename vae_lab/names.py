@@ -72,3 +72,9 @@ RESUMED_FROM_TAG = "vae_lab.resumed_from_epoch"  # set when a run was continued 
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 UI_WORKFLOW = "workflowType=machine_learning"  # the query that keeps MLflow's UI in model-training mode
 DATASET_CONTEXTS = {"train": "train", "val": "validation", "test": "test"}  # split -> mlflow.data.context
+
+# artifacts of a run
+CONFIG_ARTIFACT = "config.yaml"  # the run's whole config (what --resume and vae_lab.evaluate rebuild it from)
+MODEL_ARTIFACT = "model"  # the MLflow pytorch model (pickle format: keeps encode/decode/sample)
+STATE_DICT_ARTIFACT = "model_state/state_dict.pt"  # the plain state dict, read with weights_only=True
+CHECKPOINT_DIR = "checkpoint"  # a running trial's training state (two slots); removed when it finishes

@@ -12,10 +12,8 @@ in their own MLflow runs. Commands with any `--workers` on one store join one st
 Optuna storage is the source of truth for which trials exist, and a grid's points are
 claimed there atomically, so several workers (processes or machines) never run one point twice.
 
-Where the parts live: the study's session and parent run `study_session`, Optuna's sampler and
-suggestions `study_optuna`, claims and retries `study_claims`, running and telling trials
-`study_trials`, worker identity, heartbeats and helper processes `study_workers`, what stopped
-workers left behind `study_repair`, store checks `stores`.
+The study itself lives in `vae_lab.study` (see its package doc); this module is the command:
+arguments, validation before anything is created, and what it prints.
 """
 
 from __future__ import annotations
@@ -26,50 +24,23 @@ import sys
 from pathlib import Path
 
 import optuna
-from tqdm.auto import tqdm
 
-from . import names
-from . import study_storage as store
-from .batched import plan_batches
-from .config import ConfigError
-from .data import DataUnavailable
-from .engine import resolve_device
-from .stores import check_optuna_storage, check_tracking_store, short_http_retries
-from .tracking import browse_lines
-from .study import Choices, load_study_spec
-from .study_progress import TrialsBar
-from .study_repair import repair_stale_trials
-from .study_session import DataCache, Session, StudyRefused, SweepSettings, finish_parent, open_session, unfinished
-from .study_trials import work
-from .study_workers import Helpers
-from .tracking import StoreUnavailable, default_store_dir, resolve_tracking_uri
+from vae_lab import names
+from vae_lab.config import ConfigError
+from vae_lab.data.cache import DataCache
+from vae_lab.data.datasets import DataUnavailable
+from vae_lab.study import storage as store
+from vae_lab.study.runner import raise_interrupted, run_study
+from vae_lab.study.session import Session, SweepSettings
+from vae_lab.study.spec import Choices, load_study_spec
+from vae_lab.tracking.checks import check_optuna_storage, check_tracking_store, short_http_retries
+from vae_lab.tracking.tracker import StoreUnavailable, browse_lines, default_store_dir, resolve_tracking_uri
+from vae_lab.training.batching import plan_batches
+from vae_lab.training.device import resolve_device
 
-__all__ = ["DataCache", "StudyRefused", "SweepSettings", "main", "run_sweep"]
+__all__ = ["main", "run_sweep"]
 
 DEFAULT_STUDY_FILE = Path(__file__).resolve().parents[1] / "experiments" / "default.yaml"
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C (train() ends the running MLflow run KILLED)."""
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(f"signal {signum}")
-
-
-def worker_process(settings: SweepSettings) -> None:
-    """Entry point of an extra `--workers` process (spawned; quiet)."""
-    import os
-
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    short_http_retries()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    session = open_session(settings, repair=False)
-    try:
-        work(session, progress=False)
-    except KeyboardInterrupt:
-        pass
 
 
 # ----------------------------------------------------------------------------- the command
@@ -174,53 +145,17 @@ def prepare(args: argparse.Namespace) -> SweepSettings:
 
 
 def run_sweep(settings: SweepSettings, workers: int = 1, data_cache: DataCache | None = None) -> int:
-    """Run (or resume, or join) the study in this process plus `workers - 1` spawned ones.
-
-    A helper that crashes is noticed: its trials are failed and queued again, and this process
-    takes them up. The command exits 1 when it leaves the study unfinished after a crash."""
-    data_cache = data_cache or DataCache()
-    spec = settings.spec
-    first = spec.trial_config(spec.grid_points()[0] if spec.is_grid else {})
-    data_cache.get(first)  # a missing dataset fails here, before any store is touched
-
-    session = open_session(settings, data_cache)
-    helpers = Helpers(worker_process, SweepSettings(**{**vars(settings), "progress": False, "new_study": False}),
-                      workers - 1)
-    bar = TrialsBar(session, enabled=settings.progress)
-    interrupted = False
-    try:
-        while True:
-            work(session, progress=settings.progress and workers == 1, bar=bar)
-            crashed = helpers.newly_crashed()
-            for helper in crashed:
-                tqdm.write(f"worker process {helper.pid} stopped with exit code {helper.exitcode}: "
-                           "its trials are failed and queued again")
-            if crashed:
-                for line in repair_stale_trials(session):
-                    tqdm.write(line)
-                continue
-            if not helpers.alive():
-                break
-            helpers.wait(timeout=1.0)
-            bar.refresh()
-    except KeyboardInterrupt as interrupt:
-        interrupted = True
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        helpers.stop(terminate=isinstance(interrupt, Interrupted))
-    finally:
-        bar.refresh()
-        bar.close()
-    summary = finish_parent(session, interrupted)
-    print_results(session, summary)
-    if interrupted:
+    """Run the study (`runner.run_study`), print how it ended; the command's exit code
+    (1 when crashed helpers leave it unfinished, 130 when interrupted)."""
+    outcome = run_study(settings, workers=workers, data_cache=data_cache)
+    print_results(outcome.session, outcome.summary)
+    if outcome.interrupted:
         print("interrupted: the running trials were marked KILLED in MLflow and queued again in Optuna; "
               "rerun the same command to continue them from their checkpoints", file=sys.stderr)
         return 130
-    left = unfinished(session)
-    if helpers.crashed and left:
-        print(f"error: {len(helpers.crashed)} worker process(es) crashed and {left} trial(s) are unfinished; "
-              "rerun the same command to finish the study", file=sys.stderr)
+    if outcome.crashed_helpers and outcome.unfinished:
+        print(f"error: {outcome.crashed_helpers} worker process(es) crashed and {outcome.unfinished} trial(s) are "
+              "unfinished; rerun the same command to finish the study", file=sys.stderr)
         return 1
     return 0
 
@@ -229,7 +164,7 @@ def main(argv: list[str] | None = None, data_cache: DataCache | None = None) -> 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     short_http_retries()
     args = build_parser().parse_intermixed_args(argv)
-    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous_handler = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         try:
             settings = prepare(args)
@@ -252,6 +187,6 @@ def main(argv: list[str] | None = None, data_cache: DataCache | None = None) -> 
 
 
 if __name__ == "__main__":
-    from .cli import exit_now
+    from vae_lab.cli import exit_now
 
     exit_now(main())

@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import Callable
 
-from .config import Config, ConfigError, load_config
+from vae_lab.config import Config, ConfigError, load_config
 
 
 def train(config: Config, *, parent_run_id: str | None = None, run_name: str | None = None,
@@ -30,15 +30,15 @@ def train(config: Config, *, parent_run_id: str | None = None, run_name: str | N
     run, it ends FINISHED, FAILED (an error, a diverged loss) or KILLED (Ctrl-C, pruned),
     never RUNNING; the error is re-raised after the status is written.
     """
-    from .data import load_data
-    from .engine import resolve_device, train_group
+    from vae_lab.data.datasets import load_data
+    from vae_lab.training.device import resolve_device
+    from vae_lab.training.run import run_trials
+    from vae_lab.training.trial import TrialSpec
 
-    device = resolve_device(config.device)
     if data is None:
-        data = load_data(config.data, device, config.train.batch_size)
-    (outcome,) = train_group([config], data=data, device=device, parent_run_id=parent_run_id,
-                             run_names=[run_name], tags=[tags], on_epoch_end=[on_epoch_end], resume=[resume],
-                             stacked=False)
+        data = load_data(config.data, resolve_device(config.device), config.train.batch_size)
+    spec = TrialSpec(config, run_name=run_name, tags=dict(tags or {}), resume=resume, on_epoch_end=on_epoch_end)
+    (outcome,) = run_trials([spec], data=data, parent_run_id=parent_run_id, stacked=False)
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
@@ -51,9 +51,9 @@ def resumable_run(run_id: str, config_file: str | None, overrides: list[str]):
     """The config and checkpoint of run `run_id`, or ConfigError saying why it cannot continue."""
     import mlflow
 
-    from .checkpoints import Resume, load_checkpoint
-    from .config import apply_overrides, parse_override
-    from .tracking import load_run_config, missing_store, resolve_tracking_uri
+    from vae_lab.training.checkpoints import Resume, load_checkpoint
+    from vae_lab.config import apply_overrides, parse_override
+    from vae_lab.tracking.tracker import load_run_config, missing_store, resolve_tracking_uri
 
     if config_file:
         raise ConfigError("--resume continues a run with the config it was started with; drop --config")
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue a killed run from its checkpoint (it trained with train.checkpoint_every)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
-    from .data import DataUnavailable, load_data
-    from .engine import resolve_device
+    from vae_lab.data.datasets import DataUnavailable, load_data
+    from vae_lab.training.device import resolve_device
 
     resume = None
     try:
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from .engine import TrainingDiverged
-    from .tracking import resolve_tracking_uri
+    from vae_lab.training.trial import TrainingDiverged
+    from vae_lab.tracking.tracker import resolve_tracking_uri
 
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.tracking.enabled:
         from mlflow.tracking import MlflowClient
 
-        from .tracking import browse_lines
+        from vae_lab.tracking.tracker import browse_lines
 
         experiment_id = MlflowClient(tracking_uri=uri).get_run(result.run_id).info.experiment_id
         print("\n".join(browse_lines(uri, experiment_id, result.run_id, "run")))
@@ -138,6 +138,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import exit_now
+    from vae_lab.cli import exit_now
 
     exit_now(main())

@@ -1,0 +1,115 @@
+"""The pictures a run logs: reconstructions, prior samples, per-class panels, latent maps.
+
+Each function takes a trained model and data, and writes one PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
+
+from vae_lab.models.autoencoders import Autoencoder  # noqa: E402
+
+
+def _pixels(logits: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(logits.float()).cpu()
+
+
+@torch.no_grad()
+def save_reconstructions(model: Autoencoder, images: torch.Tensor, path: Path, per_row: int = 8) -> None:
+    """Inputs in the upper rows, their reconstructions (from the posterior mean) below."""
+    outputs = _pixels(model.decode(model.encode(images).mean))
+    save_image(torch.cat([images.float().cpu(), outputs]), path, nrow=per_row, padding=2, pad_value=1.0)
+
+
+@torch.no_grad()
+def save_prior_samples(model: Autoencoder, path: Path, count: int = 64, seed: int = 0) -> None:
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    save_image(_pixels(model.sample(count, generator)), path, nrow=int(count ** 0.5), pad_value=1.0)
+
+
+@torch.no_grad()
+def save_class_panel(model: Autoencoder, images: torch.Tensor, labels: torch.Tensor, path: Path,
+                     samples_per_class: int = 8, seed: int = 0) -> None:
+    """One row per class: a test input, then samples drawn around its posterior.
+
+    Samples are mean + std * noise (the standard deviation, not the log-variance).
+    An AE's posterior is a point, so its row repeats the reconstruction.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    rows = []
+    for label in sorted(labels.unique().tolist()):
+        example = images[labels == label][:1]
+        posterior = model.encode(example)
+        noise = torch.randn((samples_per_class, model.latent_dim), generator=generator, device=device)
+        z = posterior.mean + noise * posterior.std
+        rows.append(torch.cat([example.float().cpu(), _pixels(model.decode(z))]))
+    save_image(torch.cat(rows), path, nrow=samples_per_class + 1, pad_value=1.0)
+
+
+@torch.no_grad()
+def save_latent_traversal(model: Autoencoder, images: torch.Tensor, labels: torch.Tensor, path: Path,
+                          steps: int = 15) -> None:
+    """2-D latent: the decoder over a grid on [-2, 2]^2. Otherwise: interpolations between
+    the latent means of consecutive classes (0->1, 1->2, ..., last->0)."""
+    device = next(model.parameters()).device
+    if model.latent_dim == 2:
+        axis = torch.linspace(-2.0, 2.0, steps, device=device)
+        grid_y, grid_x = torch.meshgrid(axis.flip(0), axis, indexing="ij")  # +y at the top
+        z = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
+        save_image(_pixels(model.decode(z)), path, nrow=steps, pad_value=1.0)
+        return
+    means = model.encode(images).mean
+    classes = sorted(labels.unique().tolist())
+    class_means = torch.stack([means[labels == label].mean(dim=0) for label in classes])
+    weights = torch.linspace(0.0, 1.0, steps, device=device).unsqueeze(1)
+    rows = []
+    for index in range(len(classes)):
+        start, end = class_means[index], class_means[(index + 1) % len(classes)]
+        rows.append((1 - weights) * start + weights * end)
+    save_image(_pixels(model.decode(torch.cat(rows))), path, nrow=steps, pad_value=1.0)
+
+
+def project_2d(latents: np.ndarray) -> tuple[np.ndarray, str]:
+    """The latents themselves when 2-D, else their first two principal components."""
+    if latents.shape[1] == 2:
+        return latents, "z"
+    if latents.shape[1] == 1:
+        return np.column_stack([latents[:, 0], np.zeros(len(latents))]), "z"
+    from vae_lab.evaluation.metrics import principal_components
+
+    mean, basis = principal_components(latents, 2)
+    return ((torch.tensor(latents, dtype=torch.float64) - mean) @ basis.T).numpy(), "PC"
+
+
+def scatter_by_class(ax, points: np.ndarray, labels: np.ndarray, class_names=None, size: float = 4) -> None:
+    classes = np.unique(labels)
+    colours = plt.get_cmap("tab10")
+    for index, label in enumerate(classes):
+        chosen = labels == label
+        name = class_names[label] if class_names is not None else str(label)
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=size, color=colours(index % 10),
+                   label=name, alpha=0.7, linewidths=0)
+
+
+def save_latent_scatter(latents: np.ndarray, labels: np.ndarray, path: Path, title: str = "",
+                        class_names=None) -> None:
+    points, axis_name = project_2d(latents)
+    figure, ax = plt.subplots(figsize=(5.5, 5))
+    scatter_by_class(ax, points, labels, class_names)
+    ax.set_xlabel(f"{axis_name}1")
+    ax.set_ylabel(f"{axis_name}2")
+    ax.set_title(title or ("test latents (posterior means)" if axis_name == "z"
+                           else "test latents, first two principal components"))
+    ax.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

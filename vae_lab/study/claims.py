@@ -1,0 +1,142 @@
+"""Which trials a worker runs: grid points queued and claimed, sampled trials asked, retries.
+
+Claims are made in the Optuna storage itself, so they hold across processes and machines:
+a grid point is a WAITING trial, and moving WAITING -> RUNNING is atomic in every Optuna
+storage (that is how `Study.ask` pops enqueued trials). A trial whose worker stopped is
+retried as a new WAITING trial with the same values (`requeue`), which continues the
+stopped trial's MLflow run when that run has a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from vae_lab.study import storage as store
+from vae_lab.training.batching import batch_key
+from vae_lab.study.spec import StudySpec, point_key
+from vae_lab.study.space import encode
+from vae_lab.study.session import Session
+from vae_lab.study.workers import Worker, mark_claimed
+
+
+def pop_waiting_trial(study: optuna.Study, storage, wanted=None) -> optuna.Trial | None:
+    """Claim one WAITING trial (atomic in the storage) for which `wanted(frozen_trial)` holds,
+    or None when there is none. The claim records this worker, so a resume can tell whether
+    the trial's worker is still alive."""
+    for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if wanted is not None and not wanted(waiting):
+            continue
+        waiting_id = store.trial_id(storage, study, waiting.number)
+        try:
+            if storage.set_trial_state_values(waiting_id, state=TrialState.RUNNING):
+                mark_claimed(storage, waiting_id)
+                return optuna.Trial(study, waiting_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def earlier_claim(study: optuna.Study, number: int, point: str) -> int | None:
+    """The number of an earlier trial that holds `point` (waiting, running or done), if any.
+
+    Called after our own claim is RUNNING: trial numbers grow with creation time, so of two
+    trials for one point the later one always sees the earlier and steps aside.
+    """
+    for trial in study.get_trials(deepcopy=False):
+        if trial.number < number and trial.user_attrs.get(store.POINT_ATTR) == point \
+                and trial.state in store.DONE_STATES + store.LIVE_STATES and not store.is_skipped(trial):
+            return trial.number
+    return None
+
+
+def enqueue_missing_points(study: optuna.Study, spec: StudySpec) -> int:
+    """Enqueue every grid point with no waiting, running or finished (complete/pruned) trial."""
+    covered = {trial.user_attrs.get(store.POINT_ATTR) for trial in store.real_trials(study)
+               if trial.state in store.DONE_STATES + store.LIVE_STATES}
+    added = 0
+    for assignment in spec.grid_points():
+        key = point_key(assignment)
+        if key not in covered:
+            study.enqueue_trial(params={name: encode(value) for name, value in assignment.items()},
+                                user_attrs={store.POINT_ATTR: key,
+                                            store.ASSIGNMENT_ATTR: json.dumps(assignment)})
+            added += 1
+    return added
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial, resume_run_id: str | None) -> None:
+    """Queue a retry of a trial that stopped (same values); it continues `resume_run_id`."""
+    attrs = {key: trial.user_attrs[key] for key in (store.POINT_ATTR, store.ASSIGNMENT_ATTR) if key in trial.user_attrs}
+    attrs[store.RETRY_OF_ATTR] = trial.number
+    if resume_run_id:
+        attrs[store.RESUME_ATTR] = resume_run_id
+    params = trial.params
+    if store.ASSIGNMENT_ATTR in attrs and store.POINT_ATTR in attrs:  # a grid point: its own values
+        params = {name: encode(value) for name, value in json.loads(attrs[store.ASSIGNMENT_ATTR]).items()}
+    study.enqueue_trial(params=params, user_attrs=attrs)
+
+
+def budget_used(session: Session, before: int | None = None) -> int:
+    """Trials counted against study.n_trials (complete, pruned, running, waiting)."""
+    return sum(1 for trial in store.real_trials(session.study)
+               if trial.state in store.DONE_STATES + store.LIVE_STATES
+               and (before is None or trial.number < before))
+
+
+def skip(session: Session, trial: optuna.Trial, why: str) -> None:
+    trial.set_user_attr(store.SKIPPED_ATTR, why)
+    session.study.tell(trial, state=TrialState.FAIL)
+
+
+def ask_trials(worker: Worker, count: int = 1) -> list[optuna.Trial]:
+    """Claim up to `count` trials to run now; [] when the study has nothing left for us.
+
+    With count > 1 (batched trials), a grid claims only points that can train in one batch
+    with the first one it claims, so other workers keep the rest.
+    """
+    claimed: list[optuna.Trial] = []
+    session, spec = worker.session, worker.spec
+    first_key = None
+    while len(claimed) < count:
+        if worker.deadline is not None and time.time() > worker.deadline:
+            break
+        if spec.is_grid:
+            wanted = None if first_key is None else (
+                lambda waiting: batch_key_of_point(worker, waiting.user_attrs.get(store.ASSIGNMENT_ATTR)) == first_key)
+            trial = pop_waiting_trial(session.study, session.storage, wanted)
+            if trial is None:
+                break
+            earlier = earlier_claim(session.study, trial.number, trial.user_attrs[store.POINT_ATTR])
+            if earlier is not None:
+                skip(session, trial, f"grid point already held by trial {earlier}")
+                continue
+            if first_key is None and count > 1:
+                first_key = batch_key_of_point(worker, trial.user_attrs.get(store.ASSIGNMENT_ATTR))
+        else:
+            trial = pop_waiting_trial(session.study, session.storage)  # retries of stopped trials first
+            if trial is None:
+                if budget_used(session) >= spec.n_trials or worker.failures >= spec.n_trials:
+                    break
+                trial = session.study.ask()
+                mark_claimed(session.storage, store.trial_id(session.storage, session.study, trial.number))
+                if budget_used(session, before=trial.number) >= spec.n_trials:
+                    skip(session, trial, "study.n_trials reached by other workers")
+                    break
+        worker.my_trials.add(trial.number)
+        claimed.append(trial)
+    return claimed
+
+
+def batch_key_of_point(worker: Worker, assignment_json: str | None):
+    """The batch key of a grid point's config (vae_lab.batched.batch_key), cached per point."""
+    if assignment_json not in worker.point_batch_keys:
+        try:
+            config = worker.spec.trial_config(json.loads(assignment_json or "{}"))
+            worker.point_batch_keys[assignment_json] = batch_key(config)
+        except Exception:  # an invalid point fails when it runs, alone
+            worker.point_batch_keys[assignment_json] = None
+    return worker.point_batch_keys[assignment_json]

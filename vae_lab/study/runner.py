@@ -1,0 +1,263 @@
+"""Opening, working and finishing a study in this process and its `--workers` helpers.
+
+    session = open_session(settings)      # create or join; repairs what stopped workers left
+    code = run_study(settings, workers=2) # open, work until nothing is left, finish the parent run
+    summary = finish_parent(session, interrupted=False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from vae_lab import names
+from vae_lab.config import ConfigError
+from vae_lab.data.cache import DataCache
+from vae_lab.study import storage as store
+from vae_lab.study.claims import enqueue_missing_points
+from vae_lab.study.progress import TrialsBar
+from vae_lab.study.repair import kill_orphan_runs, repair_stale_trials
+from vae_lab.study.session import Session, SweepSettings
+from vae_lab.study.space import make_pruner, make_sampler
+from vae_lab.study.spec import StudySpec, fingerprint_changes
+from vae_lab.study.summary import log_summary
+from vae_lab.study.trials import work
+from vae_lab.study.workers import Helpers, Worker, machine_key, process_gone, worker_id
+from vae_lab.tracking.tracker import get_or_create_experiment, prepare_store, source_tags
+from vae_lab.training.device import resolve_device
+
+READY_WAIT_SECONDS = 120
+
+
+class StudyRefused(ConfigError):
+    """The stored study cannot be resumed with this file (exit 2)."""
+
+
+def create_or_load_study(settings: SweepSettings, storage) -> tuple[optuna.Study, bool]:
+    """Load the stored study (refusing a changed search space) or create it; (study, created).
+    `--new-study` always starts over: the stored study is deleted and its parent run ended."""
+    spec = settings.spec
+    fingerprint = spec.fingerprint()
+    kwargs = dict(sampler=make_sampler(spec), pruner=make_pruner(spec))
+    if spec.name in optuna.get_all_study_names(storage=storage):
+        study = optuna.load_study(study_name=spec.name, storage=storage, **kwargs)
+        if settings.new_study:
+            end_replaced_parent(settings, study.user_attrs.get(store.PARENT_ATTR))
+            optuna.delete_study(study_name=spec.name, storage=storage)
+        else:
+            stored = study.user_attrs.get(store.FINGERPRINT_ATTR)
+            changes = fingerprint_changes(stored, fingerprint) if stored else []
+            if changes:
+                raise StudyRefused(
+                    f"study {spec.name!r} in {store.redact_url(settings.storage_url)} was started with a different "
+                    f"setup (changed: {', '.join(changes[:5])}); rerun with --new-study to start it over, "
+                    "or restore the file")
+            return study, False
+    try:
+        study = optuna.create_study(storage=storage, study_name=spec.name, directions=spec.directions, **kwargs)
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
+        return optuna.load_study(study_name=spec.name, storage=storage, **kwargs), False
+    study.set_user_attr(store.FINGERPRINT_ATTR, fingerprint)
+    study.set_user_attr(store.CREATOR_ATTR, worker_id())
+    study.set_user_attr(store.MACHINE_ATTR, machine_key())
+    return study, True
+
+
+def end_replaced_parent(settings: SweepSettings, parent_run_id: str | None) -> None:
+    if not parent_run_id:
+        return
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    with contextlib.suppress(Exception):  # the old parent may have been deleted
+        if client.get_run(parent_run_id).info.status == "RUNNING":
+            client.set_tag(parent_run_id, names.FAILURE_REASON_TAG, "replaced by a run with --new-study")
+            client.set_terminated(parent_run_id, status="KILLED")
+
+
+def wait_until_ready(study: optuna.Study, storage) -> bool:
+    """Wait for the creating worker to finish setting up; True if we must set it up ourselves."""
+    waited = 0.0
+    while True:
+        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(study.study_name))
+        if attrs.get(store.READY_ATTR):
+            return False
+        creator = attrs.get(store.CREATOR_ATTR, "")
+        if not creator or waited > READY_WAIT_SECONDS or process_gone(creator, attrs.get(store.MACHINE_ATTR)):
+            return True  # its creator died mid-setup: finish the (idempotent) setup here
+        time.sleep(0.5)
+        waited += 0.5
+
+
+def start_parent_run(client: MlflowClient, spec: StudySpec, tracking_uri: str, storage_url: str) -> str:
+    experiment_id = get_or_create_experiment(client, spec.base_config().tracking.experiment, tracking_uri)
+    tags = {
+        names.ROLE_TAG: "study",
+        names.STUDY_NAME_TAG: spec.name,
+        "vae_lab.swept_params": ",".join(spec.swept_keys()),
+        "vae_lab.objectives": ",".join(str(objective) for objective in spec.objectives),
+        "vae_lab.sampler": spec.sampler,
+        "vae_lab.pruner": spec.pruner,
+        "vae_lab.optuna_storage": store.redact_url(storage_url),
+        **source_tags(),
+    }
+    run = client.create_run(experiment_id, run_name=f"study {spec.name}", tags=tags)
+    client.log_text(run.info.run_id, spec.to_yaml(), "study/study.yaml")
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def sqlite_setup_lock(tracking_uri: str):
+    """Serialize the first use of SQLite stores: two processes creating the same fresh
+    database race in MLflow's (and Optuna's) table creation."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(tracking_uri[len("sqlite:///"):]).with_suffix(".lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_session(settings: SweepSettings, data_cache: DataCache | None = None, repair: bool = True) -> Session:
+    """Create or join the study: Optuna study, MLflow parent run, grid queue, stale-trial repair."""
+    spec = settings.spec
+    prepare_store(settings.tracking_uri)
+    with sqlite_setup_lock(settings.tracking_uri):
+        client = MlflowClient(tracking_uri=settings.tracking_uri)
+        client.search_experiments(max_results=1)  # creates the tables of a new store
+        storage = store.open_storage(settings.storage_url)
+    study, created = create_or_load_study(settings, storage)
+    must_set_up = created or wait_until_ready(study, storage)
+    study_attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(study.study_name))
+    parent_run_id = study_attrs.get(store.PARENT_ATTR)
+    if must_set_up and not parent_run_id:
+        parent_run_id = start_parent_run(client, spec, settings.tracking_uri, settings.storage_url)
+        study.set_user_attr(store.PARENT_ATTR, parent_run_id)
+    session = Session(settings, study, storage, client, parent_run_id, data_cache or DataCache())
+    if repair or must_set_up:
+        for line in repair_stale_trials(session):
+            tqdm.write(line)
+        kill_orphan_runs(session)
+        if spec.is_grid:
+            enqueue_missing_points(study, spec)
+    if must_set_up:
+        study.set_user_attr(store.READY_ATTR, True)
+    if client.get_run(parent_run_id).info.status != "RUNNING":  # resumed: the study runs again
+        client.update_run(parent_run_id, status="RUNNING")
+    return session
+
+
+def start_worker(session: Session) -> Worker:
+    """This process as a worker of the study (its `study.timeout` counts from now)."""
+    timeout = session.spec.timeout
+    return Worker(session, deadline=time.time() + timeout if timeout else None)
+
+
+def unfinished(session: Session) -> int:
+    """Trials still waiting or running (a helper's requeued trials among them)."""
+    return len(session.study.get_trials(deepcopy=False, states=store.LIVE_STATES))
+
+
+def finish_parent(session: Session, interrupted: bool) -> dict:
+    """Write the summary; end the parent run unless other workers still run trials."""
+    kill_orphan_runs(session)
+    summary = log_summary(session.client, session.parent_run_id, session.study, session.spec)
+    live = session.study.get_trials(deepcopy=False, states=store.LIVE_STATES)
+    if not live:
+        session.client.set_terminated(session.parent_run_id, status="KILLED" if interrupted else "FINISHED")
+    elif interrupted and not any(trial.state == TrialState.RUNNING for trial in live):
+        session.client.set_terminated(session.parent_run_id, status="KILLED")
+    return summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (the running MLflow runs end KILLED)."""
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def worker_process(settings: SweepSettings, joined=None) -> None:
+    """Entry point of an extra `--workers` process (spawned; quiet); sets the event `joined`
+    once it has opened the study."""
+    import os
+
+    from vae_lab.tracking.checks import short_http_retries
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    short_http_retries()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    worker = start_worker(open_session(settings, repair=False))
+    if joined is not None:
+        joined.set()
+    try:
+        work(worker, progress=False)
+    except KeyboardInterrupt:
+        pass
+
+
+@dataclass
+class StudyRun:
+    """How this process's part of a study ended."""
+    session: Session
+    summary: dict
+    interrupted: bool
+    crashed_helpers: int  # --workers helper processes that exited with an error
+    unfinished: int  # trials still waiting or running when this process stopped
+
+
+def run_study(settings: SweepSettings, workers: int = 1, data_cache: DataCache | None = None) -> StudyRun:
+    """Run (or resume, or join) the study in this process plus `workers - 1` spawned ones.
+
+    A helper that crashes is noticed: its trials are failed and queued again, and this process
+    takes them up."""
+    data_cache = data_cache or DataCache()
+    spec = settings.spec
+    first = spec.trial_config(spec.grid_points()[0] if spec.is_grid else {})
+    data_cache.get(first, resolve_device(first.device))  # a missing dataset fails here, before any store is touched
+
+    session = open_session(settings, data_cache)
+    helpers = Helpers(worker_process, SweepSettings(**{**vars(settings), "progress": False, "new_study": False}),
+                      workers - 1)
+    bar = TrialsBar(session, enabled=settings.progress)
+    interrupted = False
+    try:
+        helpers.wait_until_joined()
+        worker = start_worker(session)
+        while True:
+            work(worker, progress=settings.progress and workers == 1, bar=bar)
+            crashed = helpers.newly_crashed()
+            for helper in crashed:
+                tqdm.write(f"worker process {helper.pid} stopped with exit code {helper.exitcode}: "
+                           "its trials are failed and queued again")
+            if crashed:
+                for line in repair_stale_trials(session, worker.my_trials):
+                    tqdm.write(line)
+                continue
+            if not helpers.alive():
+                break
+            helpers.wait(timeout=1.0)
+            bar.refresh()
+    except KeyboardInterrupt as interrupt:
+        interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        helpers.stop(terminate=isinstance(interrupt, Interrupted))
+    finally:
+        bar.refresh()
+        bar.close()
+    summary = finish_parent(session, interrupted)
+    return StudyRun(session, summary, interrupted, len(helpers.crashed), unfinished(session))

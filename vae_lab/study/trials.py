@@ -1,0 +1,178 @@
+"""Running a study's trials: the worker loop, and the claimed trials trained through the one
+entry point (`vae_lab.training.run.run_trials`), in batches where their shapes allow.
+
+    work(worker, progress)     # ask, run, tell, until the study has nothing left for this worker
+
+Each trial keeps its own Optuna trial and MLflow child run, and is told (`outcomes.record_outcome`)
+as soon as its run ends. A retry continues its stopped run from the run's checkpoint
+(`prepare_trial`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import optuna
+from optuna.trial import TrialState
+
+from vae_lab import names
+from vae_lab.study import storage as store
+from vae_lab.study.claims import ask_trials
+from vae_lab.study.outcomes import can_continue, record_outcome
+from vae_lab.study.space import suggest_assignment
+from vae_lab.study.spec import StudySpec
+from vae_lab.study.workers import Heartbeat, Worker
+from vae_lab.tracking.tracker import StoreUnavailable
+from vae_lab.training.batching import DEFAULT_CAP as DEFAULT_BATCH_CAP
+from vae_lab.training.batching import PER_TRIAL_KEYS, plan_batches
+from vae_lab.training.checkpoints import Resume, load_checkpoint
+from vae_lab.training.device import resolve_device
+from vae_lab.training.run import run_trials
+from vae_lab.training.trial import TrialSpec
+
+
+def pruning_callback(trial: optuna.Trial, spec: StudySpec):
+    if spec.pruner == "none":
+        return None
+    metric = spec.objectives[0].metric
+
+    def report(epoch: int, metrics: dict[str, float]) -> None:
+        if metric in metrics:
+            trial.report(metrics[metric], step=epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}: {metric}={metrics[metric]:.4g}")
+    return report
+
+
+def prepare_trial(worker: Worker, trial: optuna.Trial, progress: bool) -> TrialSpec:
+    """The trial's run config, child-run name and tags, pruning callback, and the run it
+    continues (a retry's); records its assignment on the Optuna trial."""
+    session, spec = worker.session, worker.spec
+    assignment = suggest_assignment(trial, spec)
+    config = spec.trial_config(assignment, extra=[f"tracking.uri={session.settings.tracking_uri}"]
+                               + ([] if progress else ["train.progress=false"]))
+    swept = config.flat()
+    trial.set_user_attr(store.ASSIGNMENT_ATTR, json.dumps({key: swept[key] for key in spec.swept_keys()}))
+    tags = {names.ROLE_TAG: "trial", names.STUDY_NAME_TAG: spec.name,
+            names.TRIAL_NUMBER_TAG: str(trial.number)}
+    resume = None
+    run_id = trial.user_attrs.get(store.RESUME_ATTR)
+    if run_id and can_continue(session.client, run_id):
+        checkpoint = load_checkpoint(session.client, run_id)
+        if checkpoint is not None:
+            resume = Resume(run_id, checkpoint)
+            trial.set_user_attr(store.RUN_ID_ATTR, run_id)
+    return TrialSpec(config, run_name=f"{spec.name} trial {trial.number}", tags=tags, resume=resume,
+                     on_epoch_end=pruning_callback(trial, spec))
+
+
+def tell(worker: Worker, number: int, outcome) -> TrialState:
+    """Record the trial's outcome, and count it against this worker."""
+    state, requeued = record_outcome(worker.session, number, outcome)
+    worker.failures += state == TrialState.FAIL and not requeued
+    if requeued and not isinstance(outcome, KeyboardInterrupt):
+        worker.store_down = outcome
+    return state
+
+
+def run_claimed(worker: Worker, trials: list[optuna.Trial], progress: bool) -> None:
+    """Train the claimed trials, same-shaped ones together; tell each as soon as its run ends.
+    Trials that cannot share a batch (another shape, or retries continuing from another
+    epoch) run in batches of their own. Every claimed trial beats its heartbeat until told."""
+    session = worker.session
+    pending = {trial.number: trial for trial in trials}
+    with contextlib.ExitStack() as beats:
+        for trial in trials:
+            beats.enter_context(Heartbeat(session.storage, store.trial_id(session.storage, session.study,
+                                                                             trial.number)))
+        try:
+            prepared: dict[int, TrialSpec] = {}
+            for trial in trials:
+                try:
+                    prepared[trial.number] = prepare_trial(worker, trial, progress)
+                except Exception as error:
+                    pending.pop(trial.number)
+                    tell(worker, trial.number, error)
+            align_resumes(worker, list(prepared.values()))
+            by_epoch: dict[int, list[int]] = {}
+            for number, spec in prepared.items():
+                by_epoch.setdefault(spec.resumed_epoch, []).append(number)
+            groups = [[members[index] for index in batch] for members in by_epoch.values()
+                      for batch in plan_batches([prepared[number].config for number in members],
+                                                worker.spec.batch_trials)]
+            for members in groups:
+                run_group(worker, members, [prepared[number] for number in members], pending)
+        except KeyboardInterrupt as interrupt:
+            for number in list(pending):  # every claimed trial not yet told: failed and queued again
+                tell(worker, pending.pop(number).number, interrupt)
+            raise
+
+
+def run_group(worker: Worker, numbers: list[int], specs: list[TrialSpec], pending: dict) -> None:
+    """One pass of `run_trials` for trials `numbers`; each is told as it ends."""
+    session = worker.session
+
+    def ended(index: int, outcome) -> None:
+        if pending.pop(numbers[index], None) is not None:
+            tell(worker, numbers[index], outcome)
+
+    try:
+        data = session.data_cache.get(specs[0].config, resolve_device(specs[0].config.device))
+        outcomes = run_trials(specs, data=data, parent_run_id=session.parent_run_id, on_trial_end=ended)
+    except KeyboardInterrupt as interrupt:
+        # trials that finished (or were pruned) before the interrupt keep that outcome
+        for index, outcome in enumerate(getattr(interrupt, "outcomes", [])):
+            if outcome is not None:
+                ended(index, outcome)
+        raise
+    except Exception as error:  # refused before any run started (e.g. data smaller than a batch)
+        outcomes = [error] * len(specs)
+    for index, outcome in enumerate(outcomes):  # the shared pass failed before telling them
+        ended(index, outcome)
+
+
+def align_resumes(worker: Worker, specs: list[TrialSpec]) -> None:
+    """Retries of one batch killed while it saved its checkpoints are one epoch apart: the
+    ones ahead go back to their previous checkpoint (the engine sends no metrics of an epoch
+    before the whole batch has saved it), so the batch trains on together as it did."""
+    resumes = [spec.resume for spec in specs if spec.resume is not None]
+    if not resumes:
+        return
+    target = min(resume.epoch for resume in resumes)
+    for resume in resumes:
+        if resume.epoch == target + 1:
+            previous = load_checkpoint(worker.session.client, resume.run_id, at_most_epoch=target)
+            if previous is not None and previous.epoch == target:
+                resume.checkpoint = previous
+
+
+def batch_ask_count(spec: StudySpec) -> int:
+    """How many trials to claim at once: the batch cap (auto: 16 on CPU, 64 on CUDA).
+
+    `auto` leaves pruned studies unbatched: a pruner compares a trial with trials that
+    finished before it, and trials trained side by side never have any. A sampler (not a
+    grid) asks for several trials only when every swept key is one a batch can vary.
+    """
+    setting = spec.batch_trials
+    if setting == "off" or (setting == "auto" and spec.pruner != "none"):
+        return 1
+    if not spec.is_grid and not set(spec.swept_keys()) <= set(PER_TRIAL_KEYS):
+        return 1  # sampled trials of different shapes cannot share a batch: ask one at a time
+    if isinstance(setting, int):
+        return setting
+    device = resolve_device(spec.base_config().device)
+    return DEFAULT_BATCH_CAP.get(device.type, DEFAULT_BATCH_CAP["cpu"])
+
+
+def work(worker: Worker, progress: bool, bar=None) -> None:
+    """The worker loop: ask, run, tell, until the study has nothing left for this worker.
+    A trial ended by an unreachable store (queued again) stops this worker: StoreUnavailable."""
+    count = batch_ask_count(worker.spec)
+    while trials := ask_trials(worker, count=count):
+        run_claimed(worker, trials, progress)
+        if bar is not None:
+            bar.refresh()
+        if worker.store_down is not None:
+            raise StoreUnavailable(f"a trial lost its store ({worker.store_down}); it is queued to continue "
+                                   "from its checkpoint: rerun the same command once the store is back")

@@ -1,0 +1,195 @@
+"""Which worker runs a trial, whether it is still alive, and the helper processes of `--workers N`.
+
+A worker is named `host:pid:token` (`worker_id`): the random token keeps two containers that
+share a hostname and a pid apart. Beside it a trial records the worker's machine (`machine_key`:
+the kernel's boot id and the pid namespace), the only place where its pid can be checked. A
+trial is stale when its worker's process is gone (same machine), or when its heartbeat,
+refreshed every HEARTBEAT_SECONDS, is older than STALE_AFTER_SECONDS (any machine).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from optuna.trial import FrozenTrial
+
+from vae_lab.study.session import Session
+from vae_lab.study.storage import HEARTBEAT_ATTR, MACHINE_ATTR, WORKER_ATTR
+
+HEARTBEAT_SECONDS = 20
+STALE_AFTER_SECONDS = 120
+
+_identity: dict[int, str] = {}
+
+
+@dataclass
+class Worker:
+    """This process as a worker of the study: the session and its own counters."""
+    session: Session
+    my_trials: set[int] = field(default_factory=set)  # trials it claimed (never stale to itself)
+    point_batch_keys: dict = field(default_factory=dict)  # grid point -> batch key, cached
+    deadline: float | None = None  # study.timeout, from when this worker started
+    failures: int = 0  # trials that failed for good (not stopped from outside)
+    store_down: BaseException | None = None  # the store error that ended a trial: this worker stops
+
+    @property
+    def spec(self):
+        return self.session.spec  # pid -> worker id (a spawned helper is a new process with its own)
+
+
+def worker_id() -> str:
+    pid = os.getpid()
+    if pid not in _identity:
+        _identity[pid] = f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"
+    return _identity[pid]
+
+
+def machine_key() -> str:
+    """Where a pid names one process: this kernel boot and this pid namespace ('' if unknown)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{boot}/{namespace}"
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped) is gone too
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def identity_attrs() -> dict:
+    return {WORKER_ATTR: worker_id(), MACHINE_ATTR: machine_key(), HEARTBEAT_ATTR: time.time()}
+
+
+def mark_claimed(storage, claimed_id: int) -> None:
+    for key, value in identity_attrs().items():
+        storage.set_trial_user_attr(claimed_id, key, value)
+
+
+def process_gone(worker: str, machine: str | None) -> str | None:
+    """Why the process named `worker` is known to be gone, or None when it may be alive."""
+    host, pid, token = (worker.split(":") + ["", "", ""])[:3]
+    if not pid.isdigit():
+        return None
+    if machine:
+        if machine != machine_key():
+            return None  # another machine or container: only its heartbeat can tell
+    elif host != socket.gethostname():  # recorded by an older vae_lab as host:pid
+        return None
+    if int(pid) == os.getpid():
+        return None if worker == worker_id() or not token else f"worker {worker} restarted"
+    if not pid_alive(int(pid)):
+        return f"worker {worker} is gone"
+    return None
+
+
+def stale_reason(trial: FrozenTrial, my_trials: set[int], now: float | None = None) -> str | None:
+    """Why a RUNNING trial has no live worker any more, or None if it may still be running."""
+    if trial.number in my_trials:
+        return None
+    now = time.time() if now is None else now
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    if worker:
+        gone = process_gone(worker, trial.user_attrs.get(MACHINE_ATTR))
+        if gone:
+            return gone
+    started = trial.datetime_start.timestamp() if trial.datetime_start else now
+    last_sign = float(trial.user_attrs.get(HEARTBEAT_ATTR, started))
+    if now - last_sign > STALE_AFTER_SECONDS:
+        return f"no heartbeat from {worker or 'its worker'} for {now - last_sign:.0f} s"
+    return None
+
+
+class Heartbeat:
+    """Refreshes a running trial's heartbeat attribute from a background thread."""
+
+    def __init__(self, storage, trial_id_: int):
+        self.storage, self.trial_id = storage, trial_id_
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="vae_lab-heartbeat")
+
+    def __enter__(self) -> "Heartbeat":
+        mark_claimed(self.storage, self.trial_id)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self.storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
+            except Exception:  # the trial finished meanwhile, or the store blinked
+                pass
+
+
+class Helpers:
+    """The extra worker processes of `--workers N` (spawned), and which of them crashed.
+
+    Each gets `(settings, joined)` and sets the event `joined` once it has opened the study;
+    `wait_until_joined` lets the command start its own worker with them rather than before them
+    (a short study would otherwise be over before a helper had imported torch)."""
+
+    def __init__(self, target, settings, count: int):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.joined = [context.Event() for _ in range(count)]
+        self.processes = [context.Process(target=target, args=(settings, joined), daemon=False)
+                          for joined in self.joined]
+        self.crashed: list = []
+        for process in self.processes:
+            process.start()
+
+    def wait_until_joined(self) -> None:
+        """Until every helper has opened the study, or stopped."""
+        for process, joined in zip(self.processes, self.joined):
+            while not joined.wait(timeout=0.2) and process.is_alive():
+                pass
+
+    def alive(self) -> bool:
+        return any(process.is_alive() for process in self.processes)
+
+    def newly_crashed(self) -> list:
+        """Helpers that ended with a non-zero exit code since the last call."""
+        new = [process for process in self.processes if not process.is_alive() and process.exitcode not in (0, None)
+               and process not in self.crashed]
+        self.crashed.extend(new)
+        return new
+
+    def wait(self, timeout: float) -> None:
+        from multiprocessing.connection import wait
+
+        live = [process.sentinel for process in self.processes if process.is_alive()]
+        if live:
+            wait(live, timeout=timeout)
+
+    def stop(self, terminate: bool) -> None:
+        """After an interrupt: Ctrl-C reached them too; SIGTERM reached only us."""
+        for process in self.processes:
+            if terminate and process.is_alive():
+                process.terminate()
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=10)

@@ -1,0 +1,96 @@
+"""Can the stores a command needs be reached? Asked before anything is created anywhere.
+
+    check_tracking_store("http://127.0.0.1:5000")        # StoreUnreachable (a ConfigError: exit 2)
+    check_optuna_storage("postgresql://u@db/optuna")
+
+Each check gives up within CHECK_SECONDS with one line naming the URI (password hidden) and
+what failed; MLflow's own client would retry an unreachable server for minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from vae_lab.config import ConfigError
+from vae_lab.study.storage import JOURNAL_PREFIX, redact_url
+
+CHECK_SECONDS = 10
+
+# During a study a store call that fails is retried by vae_lab (metrics wait in the run's buffer,
+# `tracking.RunTracker.attempt`), so MLflow's own retries are kept short: about 15 s, not 4 min.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class StoreUnreachable(ConfigError):
+    """A tracking server or a database that does not answer."""
+
+
+def short_http_retries() -> None:
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    reason = getattr(error, "reason", None) or error
+    return str(reason).splitlines()[0][:200] or type(error).__name__
+
+
+def _writable_folder(path: Path) -> Path:
+    """The nearest existing folder above `path` (what creating it would need to write to)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _check_local_file(path: Path, what: str, uri: str) -> None:
+    target = path if path.exists() else _writable_folder(path)
+    if not os.access(target, os.W_OK):
+        raise StoreUnreachable(f"cannot write the {what} {redact_url(uri)}: {target} is not writable")
+
+
+def _check_database(url: str, what: str) -> None:
+    import sqlalchemy
+
+    connect_args = {"connect_timeout": CHECK_SECONDS} if url.startswith(("postgresql", "mysql")) else {}
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=connect_args)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ModuleNotFoundError as error:
+        raise StoreUnreachable(f"cannot open the {what} {redact_url(url)}: {error} "
+                               "(for postgresql://, pip install -e \".[postgres]\")") from None
+    except Exception as error:
+        raise StoreUnreachable(f"cannot reach the {what} {redact_url(url)}: "
+                               f"{str(getattr(error, 'orig', None) or error).splitlines()[0][:200]}") from None
+
+
+def check_tracking_store(uri: str) -> None:
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=CHECK_SECONDS):
+                return
+        except Exception as error:
+            raise StoreUnreachable(f"cannot reach the MLflow tracking server {redact_url(uri)}: {_reason(error)}; "
+                                   "start it (mlflow server ...) or pass another --tracking-uri") from None
+    if uri.startswith("sqlite:///"):
+        _check_local_file(Path(uri[len("sqlite:///"):]), "MLflow store", uri)
+    elif uri.startswith(("postgresql", "mysql", "mssql")):
+        _check_database(uri, "MLflow store")
+
+
+def check_optuna_storage(url: str) -> None:
+    if url.startswith(JOURNAL_PREFIX) or url.endswith(".journal"):
+        path = Path(url[len(JOURNAL_PREFIX):] if url.startswith(JOURNAL_PREFIX) else url)
+        _check_local_file(path, "Optuna journal", url)
+    elif url.startswith("sqlite:///"):
+        _check_local_file(Path(url[len("sqlite:///"):]), "Optuna storage", url)
+    else:
+        _check_database(url, "Optuna storage")

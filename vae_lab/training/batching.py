@@ -1,0 +1,119 @@
+"""Which trials can train in one pass: `batch_key` (the one predicate) and `plan_batches`.
+
+A study is usually many small models that differ only in a KL weight, a learning
+rate or a seed. Trained one after another each leaves most of the machine idle;
+`run.run_trials` trains K of them in one pass over the data:
+
+    groups = plan_batches(configs, "auto")   # lists of indices into configs, one per batch
+
+Configs train together when their `batch_key`s are equal: everything that shapes the
+tensors or the data pass is the same (data, model, likelihood, epochs, batch size, amp,
+device). They may differ in `PER_TRIAL_KEYS` (KL weight and warm-up, learning rate, seed,
+gradient clipping, early-stopping patience) and in what only concerns one run (`tracking.*`,
+`eval.*`, progress). The step that trains K stacked models with vmap is
+`steps.StackedStep`; a trial in a batch reproduces its solo run up to floating-point
+summation order (tests/test_batched.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Hashable, Sequence
+
+import torch
+
+from vae_lab.config import Config
+from vae_lab.training.device import resolve_device
+from vae_lab.models.autoencoders import build_model
+
+# Config keys that may differ between trials trained together.
+PER_TRIAL_KEYS = ("loss.kl_weight", "loss.kl_warmup_steps", "train.lr", "train.seed", "train.grad_clip",
+                  "train.early_stopping_patience")
+# Keys that only concern one trial's run (logging, end-of-run evaluation, its progress bar).
+PER_RUN_KEYS = ("train.progress", "train.checkpoint_every")
+PER_RUN_SECTIONS = ("tracking.", "eval.")
+
+DEFAULT_CAP = {"cpu": 16, "cuda": 64}
+CPU_MEMORY_BUDGET = 2 * 2**30  # bytes one batch of trials may use on the CPU
+CUDA_MEMORY_FRACTION = 0.5  # of the free GPU memory
+
+
+# ----------------------------------------------------------------------------- grouping
+
+def _hashable(value: Any) -> Hashable:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def batch_key(config: Config) -> Hashable:
+    """What must be equal for configs to train in one batch (everything but the per-trial keys)."""
+    return tuple(sorted(
+        (key, _hashable(value)) for key, value in config.flat().items()
+        if key not in PER_TRIAL_KEYS and key not in PER_RUN_KEYS
+        and not key.startswith(PER_RUN_SECTIONS)
+    ))
+
+
+def _image_shape(config: Config) -> tuple[int, int, int]:
+    size = config.data.resize or (8 if config.data.name == "digits" else 28)
+    return (config.data.channels, size, size)
+
+
+def estimate_trial_bytes(config: Config) -> int:
+    """A rough upper bound of one trial's memory in a batch: parameters with gradient and Adam
+    state (x6: param, grad, clipped grad, two moments, headroom), plus every module's output for
+    one batch (x3: forward, saved for backward, gradient), in float32."""
+    image_shape = _image_shape(config)
+    model = build_model(config.model, image_shape).to("meta")  # sizes only, no arithmetic
+    with torch.device("meta"):
+        outputs = []
+        hooks = [module.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel()))
+                 for module in model.modules() if not list(module.children())]
+        model(torch.zeros(config.train.batch_size, *image_shape))
+    for hook in hooks:
+        hook.remove()
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    return 4 * (6 * parameters + 3 * sum(outputs))
+
+
+def _memory_cap(config: Config, device: torch.device) -> int:
+    per_trial = max(1, estimate_trial_bytes(config))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = CUDA_MEMORY_FRACTION * free
+    else:
+        budget = CPU_MEMORY_BUDGET
+    return max(1, int(budget // per_trial))
+
+
+def plan_batches(configs: Sequence[Config], max_batch: int | str = "auto") -> list[list[int]]:
+    """Group configs that can train together; returns lists of indices into `configs`.
+
+    `max_batch`: "off" (or 1) trains each config alone; an integer N caps a batch at N
+    trials; "auto" caps it at 16 on the CPU, 64 on CUDA, and lower when the memory estimate
+    of `estimate_trial_bytes` says so. A group larger than the cap is split into batches of
+    near-equal size. Groups keep the order in which their first config appears.
+    """
+    if max_batch == "off":
+        max_batch = 1
+    if not (max_batch == "auto" or (isinstance(max_batch, int) and not isinstance(max_batch, bool)
+                                    and max_batch >= 1)):
+        raise ValueError(f"max_batch must be 'auto', 'off' or a positive integer, got {max_batch!r}")
+    groups: dict[Hashable, list[int]] = {}
+    for index, config in enumerate(configs):
+        groups.setdefault(batch_key(config), []).append(index)
+    batches = []
+    for members in groups.values():
+        if max_batch == "auto":
+            config = configs[members[0]]
+            device = resolve_device(config.device)
+            cap = min(DEFAULT_CAP.get(device.type, DEFAULT_CAP["cpu"]), _memory_cap(config, device))
+        else:
+            cap = max_batch
+        count = math.ceil(len(members) / cap)
+        size, extra = divmod(len(members), count)
+        start = 0
+        for part in range(count):
+            stop = start + size + (1 if part < extra else 0)
+            batches.append(members[start:stop])
+            start = stop
+    return batches

@@ -1,0 +1,38 @@
+"""After training: evaluation metrics, artifacts, the model, and the run ended FINISHED."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from vae_lab.config import Config
+from vae_lab.data.datasets import ImageData
+from vae_lab.evaluation import latent_evolution
+from vae_lab.evaluation.artifacts import write_run_artifacts
+from vae_lab.evaluation.metrics import evaluate_model
+from vae_lab.models.autoencoders import Autoencoder
+
+
+def finalize_run(model: Autoencoder, data: ImageData, config: Config, device: torch.device,
+                 tracker, metrics: dict[str, float], latent_frames=None) -> dict[str, float]:
+    """After training: evaluation metrics, artifacts, the model, and the run ended FINISHED.
+    `latent_frames` ((step, means) list, labels) become latents/evolution.gif.
+    Returns the metrics with the `eval/` ones added."""
+    metrics = dict(metrics)
+    evaluation = evaluate_model(model, data, config, device) if config.eval.enabled else None
+    if evaluation is not None:
+        metrics.update(evaluation.metrics)
+        tracker.log_metrics(evaluation.metrics, step=0)
+        tracker.set_tags(evaluation.tags)
+    if config.tracking.enabled:
+        with tempfile.TemporaryDirectory() as folder:
+            write_run_artifacts(model, data, config, Path(folder), evaluation, images=config.tracking.log_images)
+            if latent_frames is not None:
+                latent_evolution.save_evolution(*latent_frames, Path(folder) / "latents" / "evolution.gif")
+            tracker.log_artifacts(Path(folder))
+        if config.tracking.log_model:
+            tracker.finish_with_model(model)
+    tracker.end("FINISHED")
+    return metrics

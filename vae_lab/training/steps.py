@@ -1,0 +1,322 @@
+"""The one place where training one model and K models differ: the optimizer step.
+
+Both steps hold K >= 1 trials' weights and optimizer state, and answer the same calls:
+
+    sums = step.train_step(images, images_dim, noise, noise_dim, kl_weights)   # [K, 3] sums of loss·B, recon, kl
+    logits, mean, logvar = step.forward(images, noise, noise_dim)             # [K, B, ...], no grad
+    step.keep(rows)                      # drop trials that left
+    state = step.state(row); step.load_state(row, state)   # a trial's weights (early stopping)
+    moments = step.optimizer_state(row); step.load_optimizer_states([moments, ...])  # checkpoints
+    model = step.model(row)              # a trial as a plain model of its own
+
+- `PlainStep`: one model, plain autograd, `torch.optim.Adam` (fused), `clip_grad_norm_`.
+- `StackedStep`: K same-shaped models stacked along a new first dimension
+  (`torch.func.stack_module_state`), one `vmap`ped forward/backward per step, and Adam as
+  `torch.optim.Adam` itself with one param group per learning rate over those rows, so each
+  trial has its own learning rate and moments. Gradient clipping uses `clip_grad_norm_`'s
+  arithmetic per trial. Only floating-point summation order differs from K `PlainStep`s.
+
+The reparameterization noise is an input of both (drawn by the engine, per seed, outside
+vmap), so a trial sees the same draws whichever step trains it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+from torch import nn
+
+from vae_lab.config import Config, LossConfig
+from vae_lab.models.losses import loss_terms
+from vae_lab.models.autoencoders import Autoencoder, Posterior, build_model
+
+CLIP_EPS = 1e-6  # clip_grad_norm_'s
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _adam_state(state: dict, name: str, like: torch.Tensor) -> dict:
+    """One tensor's fused-Adam state from a checkpoint's per-name moments."""
+    return {"step": torch.tensor(state["step"], dtype=torch.float32, device=like.device),
+            **{key: state[key][name].to(like.device, like.dtype).clone() for key in ADAM_MOMENTS}}
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast for the model's forward (`train.amp`); the losses stay in fp32."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class NoiseInput(nn.Module):
+    """A model whose reparameterization noise is an input. Returns (logits, mean[, logvar]):
+    tensors only, as vmap's outputs must be."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, noise):
+        posterior = self.model.encode(images)
+        if posterior.logvar is None:
+            return self.model.decode(posterior.mean), posterior.mean
+        z = posterior.mean + noise * posterior.std
+        return self.model.decode(z), posterior.mean, posterior.logvar
+
+
+def plain_forward(model: Autoencoder, amp: bool, device: torch.device):
+    """`forward(images, noise, noise_dim)` of one plain model in eval mode, with a leading K = 1
+    dimension: what `PlainStep.forward` and `vae_lab.engine.evaluate_split` expect."""
+    network = NoiseInput(model).eval()
+
+    def forward(images, noise, noise_dim):
+        with autocast(device, amp):
+            return tuple(output.unsqueeze(0) for output in network(images, noise))
+    return forward
+
+
+def _posterior(stats) -> Posterior:
+    return Posterior(stats[0], stats[1] if len(stats) > 1 else None)
+
+
+def _loss_and_sums(outputs, images, loss: LossConfig, kl_weight):
+    logits, *stats = outputs
+    terms = loss_terms(logits, images, _posterior(stats), loss.likelihood, kl_weight, loss.gaussian_std)
+    sums = torch.stack([terms.loss.detach() * images.shape[0], terms.recon.detach().sum(),
+                        terms.kl.detach().sum()])
+    return terms.loss, sums
+
+
+class PlainStep:
+    """One model trained with autograd and `torch.optim.Adam`."""
+
+    def __init__(self, model: Autoencoder, config: Config, device: torch.device, amp: bool = False):
+        self.network = NoiseInput(model)
+        self.config = config
+        self.device = device
+        self.amp = amp
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=True)
+
+    @property
+    def _model(self) -> Autoencoder:
+        return self.network.model
+
+    def train_step(self, images, images_dim, noise, noise_dim, kl_weights: torch.Tensor) -> torch.Tensor:
+        self.network.train()
+        with autocast(self.device, self.amp):
+            outputs = self.network(images, noise)
+        loss, sums = _loss_and_sums(outputs, images, self.config.loss, kl_weights[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self._model.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        return sums.unsqueeze(0)
+
+    @torch.no_grad()
+    def forward(self, images, noise, noise_dim):
+        return plain_forward(self._model, self.amp, self.device)(images, noise, noise_dim)
+
+    def keep(self, rows: list[int]) -> None:
+        if rows != [0]:
+            raise ValueError("a PlainStep holds one trial")
+
+    def state(self, row: int) -> dict[str, torch.Tensor]:
+        return {name: value.detach().clone() for name, value in self._model.state_dict().items()}
+
+    def load_state(self, row: int, state: dict[str, torch.Tensor]) -> None:
+        self._model.load_state_dict(state)
+
+    def optimizer_state(self, row: int) -> dict | None:
+        """The trial's Adam state by parameter name (None before its first step)."""
+        named = list(self._model.named_parameters())
+        if not self.optimizer.state:
+            return None
+        states = [self.optimizer.state[param] for _, param in named]
+        return {"step": float(states[0]["step"]),
+                **{key: {name: state[key].detach().clone() for (name, _), state in zip(named, states)}
+                   for key in ADAM_MOMENTS}}
+
+    def load_optimizer_states(self, states: list[dict | None]) -> None:
+        (state,) = states
+        if state is None:
+            return
+        for name, param in self._model.named_parameters():
+            self.optimizer.state[param] = _adam_state(state, name, param)
+
+    def model(self, row: int) -> Autoencoder:
+        return self._model
+
+
+class StackedStep:
+    """K same-shaped models trained together: stacked parameters, one vmapped step.
+
+    Rows must be ordered by learning rate (the engine sorts them), so that a KL or seed
+    sweep is one Adam param group of whole tensors.
+    """
+
+    def __init__(self, models: list[Autoencoder], configs: list[Config], device: torch.device, amp: bool = False):
+        from torch.func import stack_module_state
+
+        params, buffers = stack_module_state(models)
+        # "model." because the template wraps the model in NoiseInput
+        self.params = {f"model.{name}": value.detach() for name, value in params.items()}
+        self.buffers = {f"model.{name}": value for name, value in buffers.items()}
+        self.template = NoiseInput(copy.deepcopy(models[0]).to("meta"))
+        self.config = configs[0]  # the shared part (vae_lab.batched.batch_key) is the same in each
+        self.configs = list(configs)
+        self.device = device
+        self.amp = amp
+        self.lrs = [config.train.lr for config in configs]
+        self.optimizer = self._adam(self.lrs, states=None)
+        clips = [config.train.grad_clip for config in configs]
+        self.clipping = any(clip > 0 for clip in clips)
+        self.clip = torch.tensor([clip if clip > 0 else math.inf for clip in clips],
+                                 dtype=torch.float32, device=device)
+        self._step_fn = None
+
+    def _adam(self, lrs: list[float], states: list[dict] | None) -> torch.optim.Optimizer:
+        """One param group per run of equal learning rates: the rows [start:stop] of every
+        stacked tensor."""
+        groups, start = [], 0
+        for lr in dict.fromkeys(lrs):
+            stop = start + lrs.count(lr)
+            groups.append({"params": [value[start:stop] for value in self.params.values()], "lr": lr})
+            start = stop
+        optimizer = torch.optim.Adam(groups, fused=True)
+        if states is not None:  # carried over from the previous optimizer, already row-selected
+            params = [param for group in optimizer.param_groups for param in group["params"]]
+            for param, state in zip(params, states):
+                optimizer.state[param] = state
+        return optimizer
+
+    def _forward(self, params, buffers, images, noise):
+        from torch.func import functional_call
+
+        with autocast(self.device, self.amp):
+            return functional_call(self.template, (params, buffers), (images, noise))
+
+    def _train_step_fn(self):
+        from torch.func import grad_and_value
+
+        loss = self.config.loss  # the likelihood is part of the batch key: the same in every row
+
+        def trial_loss(params, buffers, images, noise, kl_weight):
+            return _loss_and_sums(self._forward(params, buffers, images, noise), images, loss, kl_weight)
+
+        return grad_and_value(trial_loss, has_aux=True)
+
+    def train_step(self, images, images_dim, noise, noise_dim, kl_weights: torch.Tensor) -> torch.Tensor:
+        from torch.func import vmap
+
+        if self._step_fn is None:
+            self._step_fn = self._train_step_fn()
+        grads, (_, sums) = vmap(self._step_fn, in_dims=(0, 0, images_dim, noise_dim, 0))(
+            self.params, self.buffers, images, noise, kl_weights)
+        self._adam_step(grads)
+        return sums
+
+    def _adam_step(self, grads: dict[str, torch.Tensor]) -> None:
+        """Per trial: clip_grad_norm_ (its total norm over all of the trial's tensors), then Adam."""
+        stacked = [grads[name] for name in self.params]
+        if self.clipping:
+            norms = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(grad.flatten(1), dim=1) for grad in stacked]), dim=0)
+            scale = (self.clip / (norms + CLIP_EPS)).clamp(max=1.0)
+            stacked = [grad * scale.view(-1, *[1] * (grad.dim() - 1)) for grad in stacked]
+        start = 0
+        for group in self.optimizer.param_groups:
+            stop = start + group["params"][0].shape[0]
+            for param, grad in zip(group["params"], stacked):
+                param.grad = grad[start:stop]
+            start = stop
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def forward(self, images, noise, noise_dim):
+        from torch.func import vmap
+
+        images_dim = None if images.dim() == 4 else 0
+        return vmap(self._forward, in_dims=(0, 0, images_dim, noise_dim))(
+            self.params, self.buffers, images, noise)
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every row not in `rows` (trials that left), Adam moments included."""
+        index = torch.tensor(rows, device=self.clip.device)
+        moments = {}  # per stacked tensor: its full-height exp_avg / exp_avg_sq
+        for key in ("exp_avg", "exp_avg_sq"):
+            moments[key] = {name: torch.cat([self.optimizer.state[group["params"][position]][key]
+                                             for group in self.optimizer.param_groups])
+                            if self.optimizer.state else None
+                            for position, name in enumerate(self.params)}
+        step = next(iter(self.optimizer.state.values()))["step"] if self.optimizer.state else None
+        self.params = {name: value.index_select(0, index) for name, value in self.params.items()}
+        self.buffers = {name: value.index_select(0, index) for name, value in self.buffers.items()}
+        self.lrs = [self.lrs[row] for row in rows]
+        self.configs = [self.configs[row] for row in rows]
+        states = None
+        if step is not None:
+            states, start = [], 0
+            for lr in dict.fromkeys(self.lrs):
+                stop = start + self.lrs.count(lr)
+                for name in self.params:
+                    states.append({"step": step.clone(),
+                                   **{key: moments[key][name].index_select(0, index)[start:stop].clone()
+                                      for key in moments}})
+                start = stop
+        self.optimizer = self._adam(self.lrs, states)
+        self.clip = self.clip.index_select(0, index)
+
+    def state(self, row: int) -> dict[str, torch.Tensor]:
+        return {name.removeprefix("model."): value[row].detach().clone()
+                for name, value in (*self.params.items(), *self.buffers.items())}
+
+    def _group_of(self, row: int) -> tuple[dict, int]:
+        """The Adam param group holding `row`, and the row's position in it."""
+        start = 0
+        for group in self.optimizer.param_groups:
+            stop = start + group["params"][0].shape[0]
+            if row < stop:
+                return group, row - start
+            start = stop
+        raise IndexError(row)
+
+    def optimizer_state(self, row: int) -> dict | None:
+        """The trial's Adam state by parameter name, as `PlainStep.optimizer_state` gives it."""
+        if not self.optimizer.state:
+            return None
+        group, offset = self._group_of(row)
+        states = [self.optimizer.state[param] for param in group["params"]]
+        return {"step": float(states[0]["step"]),
+                **{key: {name.removeprefix("model."): state[key][offset].detach().clone()
+                         for name, state in zip(self.params, states)} for key in ADAM_MOMENTS}}
+
+    def load_optimizer_states(self, states: list[dict | None]) -> None:
+        """Every row's Adam state at once (rows in order), before the first step."""
+        if all(state is None for state in states):
+            return
+        if any(state is None for state in states) or len({state["step"] for state in states}) > 1:
+            raise ValueError("trials stacked together must resume from the same step")
+        merged, start = [], 0
+        for lr in dict.fromkeys(self.lrs):
+            stop = start + self.lrs.count(lr)
+            for name, value in self.params.items():
+                plain = name.removeprefix("model.")
+                rows = [_adam_state(state, plain, value[0]) for state in states[start:stop]]
+                merged.append({"step": rows[0]["step"],
+                               **{key: torch.stack([row[key] for row in rows]) for key in ADAM_MOMENTS}})
+            start = stop
+        self.optimizer = self._adam(self.lrs, merged)
+
+    @torch.no_grad()
+    def load_state(self, row: int, state: dict[str, torch.Tensor]) -> None:
+        for name, value in (*self.params.items(), *self.buffers.items()):
+            value[row].copy_(state[name.removeprefix("model.")])
+
+    def model(self, row: int) -> Autoencoder:
+        config = self.configs[row]
+        model = build_model(config.model, tuple(self.template.model.image_shape)).to(self.device)
+        model.load_state_dict(self.state(row))
+        return model
