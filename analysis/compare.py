@@ -31,7 +31,8 @@ import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from vae_lab import names  # noqa: E402
-from vae_lab.tracking.tracker import StudyNotFound, find_study, resolve_tracking_uri  # noqa: E402
+from vae_lab.tracking.studies import StudyNotFound, find_study  # noqa: E402
+from vae_lab.tracking.uris import resolve_tracking_uri  # noqa: E402
 
 from . import plots, samples, stats  # noqa: E402
 from .page import Bullets, Section, Table, Text, render_html, render_markdown  # noqa: E402

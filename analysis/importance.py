@@ -1,5 +1,5 @@
 """The report's "Hyperparameter importance" section, from what the sweep logged on the study's
-parent run when it ended: study/importances.json and Optuna's plots (vae_lab.study_summary).
+parent run when it ended: study/importances.json and Optuna's plots (vae_lab.study.summary).
 Nothing is computed here; a study from before vae_lab logged them gets a line saying how to.
 """
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from vae_lab import names
-from vae_lab.tracking.tracker import resolve_tracking_uri
+from vae_lab.tracking.uris import resolve_tracking_uri
 
 from . import findings, importance, latents, plots, samples, stats
 from .page import Bullets, Code, Section, Table, Text, render_html, render_markdown
@@ -84,7 +84,7 @@ def what_was_run(study: Study) -> Section:
                      f"sampler {tags.get('vae_lab.sampler', 'not recorded')}")
         nothing_swept = "none (every run has the same config)" if len(runs) else "none (no trials yet)"
         items.append("Swept parameters: " + (", ".join(study.swept) or nothing_swept)
-                     + ("" if tags.get("vae_lab.swept_params") else " (found as the params that differ; "
+                     + ("" if tags.get(names.SWEPT_PARAMS_TAG) else " (found as the params that differ; "
                         "the parent has no vae_lab.swept_params tag)"))
         if study.objectives:
             items.append("Objectives: " + ", ".join(f"{metric} ({direction})" for metric, direction in study.objectives)

@@ -21,6 +21,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from vae_lab.config import parse_yaml
 from vae_lab import names
+from vae_lab.tracking.studies import newest_study, study_parents
+from vae_lab.tracking.uris import missing_store
 from vae_lab.names import ROLE_TAG, STUDY_NAME_TAG
 
 # our own tqdm bars count the runs; MLflow's per-download bars would drown them
@@ -72,11 +74,9 @@ def add_tracking_uri_option(parser) -> None:
 
 def open_store(tracking_uri: str) -> MlflowClient:
     """A client for an existing store; an SQLite file that is not there is an error, not created."""
-    if tracking_uri.startswith("sqlite:///"):
-        database = Path(tracking_uri[len("sqlite:///"):])
-        if not database.is_file():
-            raise ReportInputError(f"no MLflow store at {database} (tracking URI {tracking_uri}); "
-                                   "pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    problem = missing_store(tracking_uri)
+    if problem:
+        raise ReportInputError(problem)
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -86,10 +86,7 @@ def _experiment_names(client: MlflowClient) -> list[str]:
 
 def recent_studies(client: MlflowClient, limit: int = 8) -> list[str]:
     experiments = {experiment.experiment_id: experiment.name for experiment in client.search_experiments()}
-    if not experiments:
-        return []
-    runs = client.search_runs(list(experiments), filter_string=f"tags.`{ROLE_TAG}` = 'study'",
-                              order_by=["attributes.start_time DESC"], max_results=limit)
+    runs = study_parents(client, list(experiments), max_results=limit)
     return [f"{run.info.run_id} ({run.data.tags.get('vae_lab.study_name', run.info.run_name)}, "
             f"experiment {experiments.get(run.info.experiment_id, '?')})" for run in runs]
 
@@ -101,10 +98,9 @@ def newest_study_id(client: MlflowClient, experiment_name: str) -> str:
         names = ", ".join(_experiment_names(client)) or "none"
         raise ReportInputError(f"no experiment named {experiment_name!r}; experiments in this store: {names}")
     ids = [experiment.experiment_id]
-    studies = client.search_runs(ids, filter_string=f"tags.`{ROLE_TAG}` = 'study'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
-    if studies:
-        return studies[0].info.run_id
+    study = newest_study(client, ids)
+    if study is not None:
+        return study.info.run_id
     children = client.search_runs(ids, filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` != ''", max_results=5000)
     parents = {run.data.tags[MLFLOW_PARENT_RUN_ID] for run in children}
     if parents:
@@ -167,7 +163,7 @@ def numeric_column(runs: pd.DataFrame, column: str) -> pd.Series | None:
 
 def swept_params(parent_tags: dict[str, str], runs: pd.DataFrame) -> list[str]:
     """From the parent's `vae_lab.swept_params` tag, else the params whose values differ across runs."""
-    listed = parent_tags.get("vae_lab.swept_params", "").strip()
+    listed = parent_tags.get(names.SWEPT_PARAMS_TAG, "").strip()
     if listed:
         return [key.strip() for key in listed.split(",") if key.strip()]
     varying = []
@@ -247,7 +243,7 @@ def load_study(tracking_uri: str, run_id: str) -> Study:
     name = tags.get(STUDY_NAME_TAG) or target.info.run_name or run_id
     return Study(
         tracking_uri=tracking_uri, experiment_name=experiment.name, name=name, target_run=target,
-        runs=runs, swept=swept, objectives=parse_objectives(tags.get("vae_lab.objectives", "")),
+        runs=runs, swept=swept, objectives=parse_objectives(tags.get(names.OBJECTIVES_TAG, "")),
         study_yaml=read_text_artifact(client, run_id, STUDY_YAML_ARTIFACT) if is_study else None,
         is_study=is_study,
     )

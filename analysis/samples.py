@@ -1,7 +1,7 @@
 """Logged models side by side: the same test images through every model, and prior samples.
 
-Each model comes back from MLflow with `vae_lab.tracking.load_logged_model` (state dict +
-config, loaded with weights_only=True) and its test images from `vae_lab.data.load_data`
+Each model comes back from MLflow with `vae_lab.tracking.logged.load_logged_model` (state dict +
+config, loaded with weights_only=True) and its test images from `vae_lab.data.datasets.load_data`
 with the run's own data config.
 """
 
@@ -21,7 +21,8 @@ from torchvision.utils import make_grid  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from vae_lab.data.datasets import DataUnavailable, load_data  # noqa: E402
-from vae_lab.tracking.tracker import STATE_DICT_ARTIFACT, has_logged_model, load_logged_model  # noqa: E402
+from vae_lab.names import STATE_DICT_ARTIFACT  # noqa: E402
+from vae_lab.tracking.logged import has_logged_model, load_logged_model  # noqa: E402
 
 from .plots import DPI, Figure  # noqa: E402
 

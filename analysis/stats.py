@@ -72,9 +72,9 @@ def _finite(values) -> np.ndarray:
     return array[np.isfinite(array)]
 
 
-def _bootstrap(samples: tuple[np.ndarray, ...], statistic, paired: bool = False):
+def _bootstrap(samples: tuple[np.ndarray, ...], statistic):
     return stats.bootstrap(samples, statistic, n_resamples=RESAMPLES, confidence_level=CONFIDENCE,
-                           method="percentile", paired=paired, vectorized=True,
+                           method="percentile", vectorized=True,
                            rng=np.random.default_rng(GENERATOR_SEED))
 
 

@@ -46,7 +46,7 @@ from torch import nn  # noqa: E402
 
 from vae_lab.config import DataConfig, load_config  # noqa: E402
 from vae_lab.data.datasets import DEBIAN_FASHION_MNIST, ImageData, load_data  # noqa: E402
-from vae_lab.tracking.tracker import get_or_create_experiment, prepare_store  # noqa: E402
+from vae_lab.tracking.stores import get_or_create_experiment, prepare_store  # noqa: E402
 from vae_lab.training.device import resolve_device  # noqa: E402
 from vae_lab.train import train  # noqa: E402
 
@@ -159,7 +159,7 @@ def vae_lab_run(epochs: int, device: torch.device, data: ImageData, uri: str, ov
     return {"seconds": seconds, "test_loss": result.metrics["test/loss"], "wall": time.perf_counter() - started}
 
 
-# One run taken apart: the steps of `python -m vae_lab.train` (vae_lab.engine.train_group), each timed.
+# One run taken apart: the steps of `python -m vae_lab.train` (vae_lab.training.run.run_trials), each timed.
 STAGES_SCRIPT = r"""
 import json, sys, time
 started = time.perf_counter()
@@ -169,12 +169,15 @@ def mark(name):
     now = time.perf_counter()
     marks[name] = now - started
     started = now
-import torch, mlflow, vae_lab.train, vae_lab.engine, vae_lab.tracking
+import torch, mlflow, vae_lab.train, vae_lab.training.run, vae_lab.tracking.tracker
 mark("import (torch, mlflow, vae_lab)")
 from vae_lab.config import load_config
-from vae_lab.data import load_data
-from vae_lab.engine import Engine, Trial, build_model, effective_amp, resolve_device, seed_everything
-from vae_lab.tracking import RunTracker
+from vae_lab.data.datasets import load_data
+from vae_lab.models.autoencoders import build_model
+from vae_lab.training.device import effective_amp, resolve_device, seed_everything
+from vae_lab.training.loop import Engine
+from vae_lab.training.trial import Trial, TrialSpec
+from vae_lab.tracking.tracker import RunTracker
 config = load_config(sys.argv[1], sys.argv[2:])
 device = resolve_device(config.device)
 data = load_data(config.data, device, config.train.batch_size)
@@ -182,14 +185,14 @@ mark("data")
 tracker = RunTracker.start(config, device)
 mark("store and run")
 seed_everything(config.train.seed)
-trial = Trial(0, config, tracker=tracker)
-engine = Engine([trial], [build_model(config.model, data.image_shape).to(device)], data, device, stacked=False,
-                amp=effective_amp(config.train.amp, device))
+trial = Trial(0, TrialSpec(config), model=build_model(config.model, data.image_shape).to(device), tracker=tracker)
+engine = Engine([trial], data, device, stacked=False, amp=effective_amp(config.train.amp, device))
 engine._finish = lambda done: None  # stop after the epochs; the stages below finish the run
 engine.run()
 mark("training (epochs, val/*, first-step imports)")
-from vae_lab.engine import evaluate_split, plain_forward
-from vae_lab.evaluation import evaluate_model
+from vae_lab.training.scoring import evaluate_split
+from vae_lab.training.steps import plain_forward
+from vae_lab.evaluation.metrics import evaluate_model
 model = engine.step_impl.model(0)
 evaluate_split(plain_forward(model, engine.amp, device), data, "test", [config], model.variational,
                model.latent_dim, device)
@@ -197,7 +200,7 @@ evaluation = evaluate_model(model, data, config, device)
 mark("evaluation (test/*, eval/*)")
 import tempfile
 from pathlib import Path
-from vae_lab.artifacts import write_run_artifacts
+from vae_lab.evaluation.artifacts import write_run_artifacts
 with tempfile.TemporaryDirectory() as folder:
     write_run_artifacts(model, data, config, Path(folder), evaluation)
     tracker.log_artifacts(Path(folder))

@@ -7,7 +7,7 @@ Seed 001's MLP VAE (32 px, 1024-128-64-32 encoder, latent 2, Gaussian likelihood
 batch 64; experiments/runs/seed001_linear_vae.yaml) at 8 KL weights, tracked in a temporary
 MLflow store as two studies (a parent run each, one child run per trial):
   one-by-one  `vae_lab.train.train` per config, one after another
-  batched     `vae_lab.batched.train_batch` on all 8 at once (one pass over the data)
+  batched     `vae_lab.training.run.run_trials` on all 8 at once (one pass over the data)
 Prints the total seconds of each, the median seconds of one trial alone, the ratio
 batched / single trial (goal: <= 3x on a 2-core CPU, <= 1.5x on a GPU), the split of the
 batched time into the shared training pass and the per-trial rest (run creation, per-epoch
@@ -27,10 +27,11 @@ from _common import machine_line, ratio, set_threads, temporary_store
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from vae_lab.training.run import train_batch  # noqa: E402
+from vae_lab.training.run import run_trials  # noqa: E402
+from vae_lab.training.trial import TrialSpec  # noqa: E402
 from vae_lab.config import load_config  # noqa: E402
 from vae_lab.data.datasets import load_data  # noqa: E402
-from vae_lab.tracking.tracker import get_or_create_experiment, prepare_store  # noqa: E402
+from vae_lab.tracking.stores import get_or_create_experiment, prepare_store  # noqa: E402
 from vae_lab.training.device import resolve_device  # noqa: E402
 from vae_lab.train import train  # noqa: E402
 
@@ -94,11 +95,11 @@ def main(argv=None) -> int:
         batched_parent = study_parent(client, experiment_id, "batched")
         pass_seconds: list[float] = []
         record = [lambda epoch, metrics: pass_seconds.append(metrics["train/epoch_seconds"])]
+        specs = [TrialSpec(config, run_name=f"kl={config.loss.kl_weight:g}", tags=trial_tags("batched", number),
+                           on_epoch_end=callback)
+                 for number, (config, callback) in enumerate(zip(configs, record + [None] * (len(configs) - 1)))]
         started = time.perf_counter()
-        batched_results = train_batch(configs, data=data, parent_run_id=batched_parent,
-                                      run_names=[f"kl={config.loss.kl_weight:g}" for config in configs],
-                                      tags=[trial_tags("batched", number) for number in range(len(configs))],
-                                      on_epoch_end=record + [None] * (len(configs) - 1))
+        batched_results = run_trials(specs, data=data, parent_run_id=batched_parent)
         batched_total = time.perf_counter() - started
         client.set_terminated(batched_parent)
         finished = [run.info.status for run in client.search_runs(

@@ -1,11 +1,43 @@
-"""Shared fixtures: every test gets its own MLflow store in a temporary folder."""
+"""Shared fixtures: every test gets its own MLflow store in a temporary folder.
+
+The tests write nothing outside temporary folders: HOME (where vae_lab, matplotlib and the
+browser keep their caches) is a temporary folder for the whole session and every process it
+starts, and the session fails if the checkout's own store or reports folder gained a file.
+"""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+SESSION_HOME = tempfile.mkdtemp(prefix="vae_lab-tests-home-")
+os.environ["HOME"] = SESSION_HOME
 
 import pytest  # noqa: E402
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+CHECKOUT_OUTPUTS = [CHECKOUT / "mlruns", CHECKOUT / "reports"]
+
+
+def _files_in_checkout_outputs() -> set[Path]:
+    return {path for folder in CHECKOUT_OUTPUTS if folder.is_dir() for path in folder.rglob("*")
+            if path.name != ".gitkeep"}
+
+
+_FILES_BEFORE = _files_in_checkout_outputs()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
+    written = sorted(_files_in_checkout_outputs() - _FILES_BEFORE)
+    if written:
+        shown = ", ".join(str(path.relative_to(CHECKOUT)) for path in written[:5])
+        session.config.get_terminal_writer().line(
+            f"the tests wrote {len(written)} file(s) into the checkout ({shown}); they must use temporary folders",
+            red=True)
+        session.exitstatus = 1
 
 TINY_RUN = [
     "data.name=mnist5k",

@@ -16,7 +16,7 @@ from vae_lab.training.steps import plain_forward
 from vae_lab.training.device import resolve_device
 from vae_lab.training.run import run_trials
 from vae_lab.training.trial import TrialSpec
-from vae_lab.tracking.tracker import load_logged_model
+from vae_lab.tracking.logged import load_logged_model
 from vae_lab.train import train
 
 SOLO_MATCH = 1e-3  # a trial in a batch against its solo run: final losses, relative

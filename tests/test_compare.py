@@ -15,7 +15,7 @@ from analysis import compare
 from conftest import TINY_RUN
 from vae_lab.config import load_config
 from vae_lab.data.datasets import load_data
-from vae_lab.tracking.tracker import get_or_create_experiment, prepare_store
+from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
 from vae_lab.train import train
 
 ARMS = {"arm_a": ("train.lr=1e-3", ["ae", "linear_vae"]), "arm_b": ("train.lr=3e-3", ["linear_vae"])}

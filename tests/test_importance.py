@@ -1,5 +1,5 @@
 """Hyperparameter importance and Optuna's plots: written by the sweep on the parent run when a
-study ends (vae_lab.study_summary), shown by the report (analysis.importance).
+study ends (vae_lab.study.summary), shown by the report (analysis.importance).
 
 One real sampled study (random sampler, two numeric params, six one-epoch trials on digits) in
 a module-wide store; the rest are Optuna studies built in memory, with no training.
@@ -24,6 +24,7 @@ from vae_lab.study.spec import parse_study
 from vae_lab.study.importance import param_importances, varying_params
 from vae_lab.study.plots import save_plots
 from vae_lab.study.summary import log_summary
+from vae_lab.tracking.stores import get_or_create_experiment
 
 SWEPT = {"model.latent_dim", "train.lr"}
 SAMPLED_STUDY = {
@@ -96,7 +97,7 @@ def test_report_section_has_the_importance_table_and_the_plots(sampled_study, tm
 
 def test_report_section_for_a_single_run_and_for_a_study_without_importances(store, tmp_path):
     client = MlflowClient(store)
-    experiment_id = client.create_experiment("old")
+    experiment_id = get_or_create_experiment(client, "old", store)  # its artifacts in the store's folder
     single = client.create_run(experiment_id).info.run_id
     old_study = client.create_run(experiment_id, tags={"vae_lab.role": "study"}).info.run_id
     [line] = importance_section(load_study(store, single), tmp_path).blocks
@@ -120,7 +121,7 @@ def test_one_complete_trial_skips_importance_with_the_reason_in_summary_json(sto
     study.add_trial(create_trial(params={"train.lr": 1e-2}, distributions={"train.lr": lr},
                                  state=TrialState.FAIL))
     client = MlflowClient(store)
-    parent_id = client.create_run(client.create_experiment("memory")).info.run_id
+    parent_id = client.create_run(get_or_create_experiment(client, "memory", store)).info.run_id
     summary = log_summary(client, parent_id, study, spec)
     assert summary["importance"] == {"skipped": "needs at least 2 complete trials, the study has 1"}
     listed = {info.path for info in client.list_artifacts(parent_id, "study")}

@@ -27,7 +27,7 @@ from analysis.runs import load_study, newest_study_id
 from conftest import TINY_RUN
 from vae_lab.config import load_config
 from vae_lab.data.datasets import load_data
-from vae_lab.tracking.tracker import get_or_create_experiment, prepare_store
+from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
 from vae_lab.train import train
 
 STUDY = "tiny_report_study"

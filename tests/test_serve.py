@@ -30,8 +30,11 @@ from PIL import Image
 from conftest import TINY_RUN
 from vae_lab.config import build_config
 from vae_lab.data.datasets import load_data
-from vae_lab.serve.app import RunCatalog, choose_run, create_app, main
-from vae_lab.tracking.tracker import STATE_DICT_ARTIFACT, get_or_create_experiment, prepare_store
+from vae_lab.serve.__main__ import main
+from vae_lab.serve.app import create_app
+from vae_lab.serve.catalog import RunCatalog, choose_run
+from vae_lab.names import STATE_DICT_ARTIFACT
+from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
 from vae_lab.train import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

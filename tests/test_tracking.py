@@ -6,7 +6,7 @@ import threading
 
 from mlflow.tracking import MlflowClient
 
-from vae_lab.tracking.tracker import prepare_store
+from vae_lab.tracking.stores import prepare_store
 
 
 def _schema(database):
@@ -90,7 +90,7 @@ def test_experiments_open_on_their_runs_and_runs_carry_their_data_as_dataset_inp
 
 
 def test_an_older_experiment_is_tagged_when_used_again(tmp_path):
-    from vae_lab.tracking.tracker import get_or_create_experiment
+    from vae_lab.tracking.stores import get_or_create_experiment
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     prepare_store(uri)
@@ -102,7 +102,7 @@ def test_an_older_experiment_is_tagged_when_used_again(tmp_path):
 
 
 def test_ui_links_open_model_training_mode_and_never_print_credentials():
-    from vae_lab.tracking.tracker import browse_lines, ui_links
+    from vae_lab.tracking.links import browse_lines, ui_links
 
     assert ui_links("sqlite:////x/mlflow.db", "3", "abc") == [
         "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning",
@@ -148,7 +148,8 @@ def test_a_model_from_an_older_architecture_is_refused_with_one_line(tiny_overri
     from vae_lab.config import load_config
     from vae_lab.evaluate import main as evaluate
     from vae_lab.serve.images import RequestError, ServedRun
-    from vae_lab.tracking.tracker import STATE_DICT_ARTIFACT, IncompatibleModel, load_logged_model
+    from vae_lab.names import STATE_DICT_ARTIFACT
+    from vae_lab.tracking.logged import IncompatibleModel, load_logged_model
     from vae_lab.train import train
 
     run_id = train(load_config(None, [*tiny_overrides, "model.name=conv_ae", "train.epochs=1", "eval.enabled=false",
@@ -173,3 +174,24 @@ def test_a_model_from_an_older_architecture_is_refused_with_one_line(tiny_overri
     assert evaluate(["--run", run_id, "--tracking-uri", tracking_uri]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "older vae_lab" in error and len(error.splitlines()) == 1
+
+
+def test_one_redaction_hides_every_password_form_in_mlflow_and_optuna_uris():
+    from vae_lab.tracking.links import browse_lines
+    from vae_lab.tracking.uris import redact
+
+    secret = "s3cr:t!"
+    for uri, shown in [
+        (f"postgresql://alice:{secret}@db:5432/mlflow", "postgresql://alice:***@db:5432/mlflow"),
+        (f"postgresql+psycopg://alice:{secret}@db/optuna?sslmode=require",
+         "postgresql+psycopg://alice:***@db/optuna?sslmode=require"),
+        (f"postgresql://alice@db/optuna?sslmode=require&password={secret}",
+         "postgresql://alice@db/optuna?sslmode=require&password=***"),
+        (f"mysql://bob:{secret}@db/x?PASSWORD={secret}&charset=utf8", "mysql://bob:***@db/x?PASSWORD=***&charset=utf8"),
+        (f"http://carol:{secret}@mlflow:5000", "http://carol:***@mlflow:5000"),
+    ]:
+        assert redact(uri) == shown
+        assert secret not in "\n".join(browse_lines(uri, "1", "abc", "run"))
+    for plain in ["sqlite:////tmp/m.db", "journal:////tmp/optuna.journal", "http://mlflow:5000",
+                  "postgresql://alice@db/optuna", "file:///tmp/a@b/mlruns"]:
+        assert redact(plain) == plain

@@ -15,7 +15,7 @@ from PIL import Image
 from vae_lab.config import build_config
 from vae_lab.training.trial import TrainingDiverged
 from vae_lab.training.device import resolve_device
-from vae_lab.tracking.tracker import load_logged_model
+from vae_lab.tracking.logged import load_logged_model
 from vae_lab.train import main, train
 
 EXPECTED_ARTIFACTS = [

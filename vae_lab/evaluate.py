@@ -6,7 +6,7 @@
 
 Each run's model (its state dict, read with `torch.load(weights_only=True)`) and its config
 (`config.yaml`) are loaded back, `eval.*` is replaced by the settings given, and eval/*
-(`vae_lab.evaluation`) is computed and logged into the same run, with its tags and
+(`vae_lab.evaluation.metrics`) is computed and logged into the same run, with its tags and
 `eval/kl_per_dim.csv`. The tag `vae_lab.eval_settings` records the settings the latest eval/*
 came from (the run's params keep the ones it trained with: MLflow params cannot change).
 Only `eval.*` (and `device`, to evaluate elsewhere than where it trained) may be overridden:
@@ -22,9 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vae_lab import names
 from vae_lab.config import Config, ConfigError, apply_overrides, parse_override, validate
-
-EVAL_SETTINGS_TAG = "vae_lab.eval_settings"
 
 
 class EvaluateError(ConfigError):
@@ -45,19 +44,14 @@ def _checked_overrides(overrides: list[str]) -> list[str]:
 
 
 def study_runs(client, study: str) -> list:
-    """The FINISHED trial runs of a study given by its parent run id or its name."""
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-    from vae_lab.tracking.tracker import StudyNotFound, find_study
+    """The FINISHED trial runs of a study given by its parent run id or its name, oldest first."""
+    from vae_lab.tracking.studies import StudyNotFound, find_study, study_trials
 
     try:
         parent = find_study(client, study)
     except StudyNotFound as error:
         raise EvaluateError(f"{error}; use --run for a single run") from None
-    return client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time ASC"], max_results=10000)
+    return study_trials(client, parent, newest_first=False)
 
 
 def evaluate_run(client, run_id: str, overrides: list[str], data_cache) -> dict[str, float]:
@@ -67,13 +61,8 @@ def evaluate_run(client, run_id: str, overrides: list[str], data_cache) -> dict[
     from vae_lab.evaluation.artifacts import write_kl_per_dim
     from vae_lab.training.device import resolve_device
     from vae_lab.evaluation.metrics import evaluate_model
-    from vae_lab.tracking.tracker import (
-        STATE_DICT_ARTIFACT,
-        IncompatibleModel,
-        has_logged_model,
-        load_logged_model,
-        load_run_config,
-    )
+    from vae_lab.names import STATE_DICT_ARTIFACT
+    from vae_lab.tracking.logged import IncompatibleModel, has_logged_model, load_logged_model, load_run_config
 
     if not has_logged_model(client, run_id):
         raise EvaluateError(f"run {run_id} has no model ({STATE_DICT_ARTIFACT}) to evaluate; "
@@ -88,7 +77,7 @@ def evaluate_run(client, run_id: str, overrides: list[str], data_cache) -> dict[
     evaluation = evaluate_model(model.to(device), data, config, device)
     settings = " ".join(f"{key}={value}" for key, value in config.flat().items() if key.startswith("eval."))
     timestamp = int(time.time() * 1000)
-    tags = {**evaluation.tags, EVAL_SETTINGS_TAG: settings}
+    tags = {**evaluation.tags, names.EVAL_SETTINGS_TAG: settings}
     client.log_batch(run_id, metrics=[Metric(key, float(value), timestamp, 0) for key, value in evaluation.metrics.items()],
                      tags=[RunTag(key, str(value)) for key, value in tags.items()])
     if evaluation.kl_per_dim is not None:
@@ -119,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from vae_lab.data.datasets import DataUnavailable
     from vae_lab.data.cache import DataCache
-    from vae_lab.tracking.tracker import has_logged_model, missing_store, resolve_tracking_uri
+    from vae_lab.tracking.logged import has_logged_model
+    from vae_lab.tracking.uris import missing_store, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     try:

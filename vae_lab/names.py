@@ -39,8 +39,38 @@ SELECTABLE_PREFIXES = (f"{VAL}/", f"{TRAIN}/")
 HELD_OUT_PREFIXES = (f"{TEST}/", f"{EVAL}/")  # scored on the test split
 
 
+# what a finished run logs (a study's objectives must be among them)
+ALWAYS_LOGGED = (TRAIN_LOSS, TRAIN_RECON, IMAGES_PER_SEC, EPOCH_SECONDS,
+                 STOPPED_EPOCH, TEST_LOSS, TEST_RECON, TEST_MSE)
+VAL_LOGGED = (VAL_LOSS, VAL_RECON, VAL_MSE, BEST_EPOCH)
+VAE_LOGGED = (TRAIN_KL, VAL_KL, VAL_ELBO, TEST_KL, TEST_ELBO)
+EVAL_LOGGED = (EVAL_MSE, EVAL_PCA_MSE, EVAL_PROBE, EVAL_KNN)
+EVAL_VAE_LOGGED = (EVAL_ACTIVE_UNITS, EVAL_ACTIVE_FRACTION)
+IWAE_METRIC = EVAL_NLL_IWAE
+KNOWN_METRICS = ALWAYS_LOGGED + VAL_LOGGED + VAE_LOGGED + EVAL_LOGGED + EVAL_VAE_LOGGED + (IWAE_METRIC,)
+
+
+def metrics_logged(config) -> set[str]:
+    """The metric names a finished run with this config (a `vae_lab.config.Config`) has."""
+    metrics = set(ALWAYS_LOGGED)
+    if config.data.val_size > 0:
+        metrics.update(VAL_LOGGED)
+    vae = config.is_vae
+    if vae:
+        metrics.update(name for name in VAE_LOGGED
+                       if (config.data.val_size > 0 or not name.startswith("val/"))
+                       and (config.likelihood_is_normalized or not name.endswith("/elbo")))
+    if config.eval.enabled:
+        metrics.update(EVAL_LOGGED)
+        if vae:
+            metrics.update(EVAL_VAE_LOGGED)
+            if config.likelihood_is_normalized:
+                metrics.add(IWAE_METRIC)
+    return metrics
+
+
 def split_metrics(split: str, variational: bool) -> tuple[str, ...]:
-    """The names `engine.evaluate_split` can log for `split` (val or test), in reading order:
+    """The names `vae_lab.training.scoring.evaluate_split` can log for `split` (val or test), in reading order:
     kl and elbo only for VAEs (elbo only where `Config.likelihood_is_normalized`)."""
     terms = SPLIT_TERMS if variational else ("loss", "recon", "mse_per_pixel")
     return tuple(f"{split}/{term}" for term in terms)
@@ -68,6 +98,17 @@ FAILURE_REASON_TAG = "failure_reason"
 STOP_REASON_TAG = "vae_lab.stop_reason"  # "early_stopping" or "epochs"
 PRECISION_TAG = "vae_lab.precision"  # what train.amp became on this device: "bf16 autocast" or "fp32"
 RESUMED_FROM_TAG = "vae_lab.resumed_from_epoch"  # set when a run was continued from a checkpoint
+EVAL_SETTINGS_TAG = "vae_lab.eval_settings"  # the eval.* settings that vae_lab.evaluate scored a run with
+POSTERIOR_COLLAPSE_TAG = "posterior_collapse"  # "true" when the posterior carries (almost) no information
+NLL_IWAE_TAG = "nll_iwae"  # how eval/nll_iwae was computed, or why it was not
+MODEL_TAG, DATASET_TAG = "model", "dataset"  # model.name and data.name, for the UI's columns
+DEVICE_TAG, DEVICE_NAME_TAG = "device", "device_name"
+GIT_COMMIT_TAG = "git_commit"
+# on a study's parent run
+SWEPT_PARAMS_TAG = "vae_lab.swept_params"  # comma-separated config keys
+OBJECTIVES_TAG = "vae_lab.objectives"  # comma-separated metric:direction
+SAMPLER_TAG, PRUNER_TAG = "vae_lab.sampler", "vae_lab.pruner"
+OPTUNA_STORAGE_TAG = "vae_lab.optuna_storage"  # redacted
 # MLflow's own: an experiment of this kind opens on its runs, not on MLflow's GenAI overview
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 UI_WORKFLOW = "workflowType=machine_learning"  # the query that keeps MLflow's UI in model-training mode

@@ -33,8 +33,10 @@ from vae_lab.study import storage as store
 from vae_lab.study.runner import raise_interrupted, run_study
 from vae_lab.study.session import Session, SweepSettings
 from vae_lab.study.spec import Choices, load_study_spec
-from vae_lab.tracking.checks import check_optuna_storage, check_tracking_store, short_http_retries
-from vae_lab.tracking.tracker import StoreUnavailable, browse_lines, default_store_dir, resolve_tracking_uri
+from vae_lab.tracking.checks import check_tracking_store, short_http_retries
+from vae_lab.tracking.errors import StoreUnavailable
+from vae_lab.tracking.links import browse_lines
+from vae_lab.tracking.uris import default_store_dir, redact, resolve_tracking_uri
 from vae_lab.training.batching import plan_batches
 from vae_lab.training.device import resolve_device
 
@@ -69,7 +71,7 @@ def print_results(session: Session, summary: dict) -> None:
     experiment_id = session.client.get_run(session.parent_run_id).info.experiment_id
     print("\n".join(browse_lines(settings.tracking_uri, experiment_id, session.parent_run_id, "parent")))
     print(f"  report:  python -m analysis.report --run {session.parent_run_id}")
-    print(f"  optuna:  study {session.spec.name!r} in {store.redact_url(settings.storage_url)}")
+    print(f"  optuna:  study {session.spec.name!r} in {redact(settings.storage_url)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +99,7 @@ def print_plan(settings: SweepSettings) -> None:
     spec = settings.spec
     print(f"study {spec.name!r}: sampler {spec.sampler}, pruner {spec.pruner}, objectives "
           + ", ".join(str(objective) for objective in spec.objectives))
-    print(f"  MLflow: {settings.tracking_uri}   Optuna: {store.redact_url(settings.storage_url)}")
+    print(f"  MLflow: {redact(settings.tracking_uri)}   Optuna: {redact(settings.storage_url)}")
     if not spec.is_grid:
         print(f"  {spec.n_trials} trials sampled from:")
         for key, param in spec.space.items():
@@ -112,8 +114,7 @@ def print_plan(settings: SweepSettings) -> None:
         return
     points = spec.grid_points()
     configs = [spec.trial_config(point) for point in points]
-    batched = spec.batch_trials != "off" and not (spec.batch_trials == "auto" and spec.pruner != "none")
-    batches = plan_batches(configs, spec.batch_trials) if batched else [[index] for index in range(len(points))]
+    batches = plan_batches(configs, spec.batch_trials) if spec.batches_trials else [[index] for index in range(len(points))]
     batch_of = {index: number for number, batch in enumerate(batches) for index in batch}
     print(f"  {len(points)} grid points, {len(batches)} training passes (study.batch_trials={spec.batch_trials}):")
     for index, point in enumerate(points):
@@ -138,7 +139,7 @@ def prepare(args: argparse.Namespace) -> SweepSettings:
     storage_url = args.storage or store.default_storage_url(tracking_uri, default_store_dir(), spec.name)
     if storage_url == tracking_uri:
         raise ConfigError("--storage must not be the MLflow database: Optuna and MLflow need separate stores")
-    check_optuna_storage(storage_url)
+    store.check_optuna_storage(storage_url)
     first = spec.grid_points()[0] if spec.is_grid else {}
     resolve_device(spec.trial_config({key: value for key, value in first.items()}).device)
     return SweepSettings(spec=spec, tracking_uri=tracking_uri, storage_url=storage_url, new_study=args.new_study)

@@ -6,7 +6,7 @@
     python -m vae_lab.train train.epochs=300 train.checkpoint_every=5   # then, if it is killed:
     python -m vae_lab.train --resume RUN_ID                              # continues that run
 
-A run is a batch of one in the engine (`vae_lab.engine`): val/* every epoch, test/* once at the
+A run is a batch of one in the one training loop (`vae_lab.training.run.run_trials`): val/* every epoch, test/* once at the
 end (from the best epoch's weights under early stopping), then eval/*, images, latents, model.
 """
 
@@ -24,7 +24,7 @@ def train(config: Config, *, parent_run_id: str | None = None, run_name: str | N
           tags: dict[str, str] | None = None, data=None,
           on_epoch_end: Callable[[int, dict[str, float]], None] | None = None, resume=None):
     """Train one model as one MLflow run and return its `RunResult` (final metrics, run id, model).
-    `resume` (a `vae_lab.checkpoints.Resume`) continues that run from its checkpoint instead.
+    `resume` (a `vae_lab.training.checkpoints.Resume`) continues that run from its checkpoint instead.
 
     The data is loaded (and so can fail) before any run is created. Whatever stops the
     run, it ends FINISHED, FAILED (an error, a diverged loss) or KILLED (Ctrl-C, pruned),
@@ -53,7 +53,8 @@ def resumable_run(run_id: str, config_file: str | None, overrides: list[str]):
 
     from vae_lab.training.checkpoints import Resume, load_checkpoint
     from vae_lab.config import apply_overrides, parse_override
-    from vae_lab.tracking.tracker import load_run_config, missing_store, resolve_tracking_uri
+    from vae_lab.tracking.logged import load_run_config
+    from vae_lab.tracking.uris import missing_store, resolve_tracking_uri
 
     if config_file:
         raise ConfigError("--resume continues a run with the config it was started with; drop --config")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     from vae_lab.training.trial import TrainingDiverged
-    from vae_lab.tracking.tracker import resolve_tracking_uri
+    from vae_lab.tracking.uris import resolve_tracking_uri
 
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.tracking.enabled:
         from mlflow.tracking import MlflowClient
 
-        from vae_lab.tracking.tracker import browse_lines
+        from vae_lab.tracking.links import browse_lines
 
         experiment_id = MlflowClient(tracking_uri=uri).get_run(result.run_id).info.experiment_id
         print("\n".join(browse_lines(uri, experiment_id, result.run_id, "run")))

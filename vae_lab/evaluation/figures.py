@@ -50,7 +50,7 @@ def save_class_panel(model: Autoencoder, images: torch.Tensor, labels: torch.Ten
         example = images[labels == label][:1]
         posterior = model.encode(example)
         noise = torch.randn((samples_per_class, model.latent_dim), generator=generator, device=device)
-        z = posterior.mean + noise * posterior.std
+        z = posterior.sample(noise)
         rows.append(torch.cat([example.float().cpu(), _pixels(model.decode(z))]))
     save_image(torch.cat(rows), path, nrow=samples_per_class + 1, pad_value=1.0)
 

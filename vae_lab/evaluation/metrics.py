@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vae_lab import names
 from vae_lab.config import Config
 from vae_lab.data.datasets import ImageData
 from vae_lab.models.losses import DEFAULT_GAUSSIAN_STD, kl_to_standard_normal, reconstruction_nll
@@ -61,7 +62,7 @@ def iwae_nll(model: Autoencoder, images: torch.Tensor, samples: int,
     for start in range(0, samples, chunk):
         count = min(chunk, samples - start)
         noise = torch.randn((count, *mean.shape), generator=generator, device=mean.device)
-        z = mean + noise * torch.exp(0.5 * logvar)  # [K, B, D]
+        z = posterior.sample(noise)  # [K, B, D]
         logits = model.decode(z.reshape(-1, mean.shape[1]))
         targets = images.unsqueeze(0).expand(count, *images.shape).reshape(-1, *images.shape[1:])
         log_likelihood = -reconstruction_nll(logits.float(), targets, likelihood, gaussian_std).view(count, -1)
@@ -153,8 +154,8 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, neigh
 
 def probe_accuracies(train_features: np.ndarray, train_labels: np.ndarray,
                      test_features: np.ndarray, test_labels: np.ndarray) -> dict[str, float]:
-    return {"eval/probe_accuracy": logistic_probe_accuracy(train_features, train_labels, test_features, test_labels),
-            "eval/knn_accuracy": knn_accuracy(train_features, train_labels, test_features, test_labels)}
+    return {names.EVAL_PROBE: logistic_probe_accuracy(train_features, train_labels, test_features, test_labels),
+            names.EVAL_KNN: knn_accuracy(train_features, train_labels, test_features, test_labels)}
 
 
 @torch.no_grad()
@@ -191,18 +192,18 @@ def evaluate_model(model: Autoencoder, data: ImageData, config: Config,
                     config.train.seed if data.binarize == "dynamic" else None)
     if baseline_key not in data.derived:
         data.derived[baseline_key] = pca_mse_per_pixel(train_pixels, test_pixels, model.latent_dim)
-    metrics = {"eval/mse_per_pixel": squared_error / test_pixels.size,
-               "eval/pca_mse_per_pixel": data.derived[baseline_key]}
+    metrics = {names.EVAL_MSE: squared_error / test_pixels.size,
+               names.EVAL_PCA_MSE: data.derived[baseline_key]}
     metrics.update(probe_accuracies(train_means, train_labels, test_means, test_labels))
     result = EvaluationResult(metrics)
 
     if model.variational:
         units = active_units(test_means)
-        metrics["eval/active_units"] = float(units)
-        metrics["eval/active_fraction"] = units / model.latent_dim
+        metrics[names.EVAL_ACTIVE_UNITS] = float(units)
+        metrics[names.EVAL_ACTIVE_FRACTION] = units / model.latent_dim
         result.kl_per_dim = (kl_sums / test_pixels.shape[0]).numpy()
         collapsed = float(result.kl_per_dim.sum()) < COLLAPSE_KL_NATS or units == 0
-        result.tags["posterior_collapse"] = str(collapsed).lower()
+        result.tags[names.POSTERIOR_COLLAPSE_TAG] = str(collapsed).lower()
         if config.likelihood_is_normalized:
             nll_total, count = 0.0, 0
             for images, _ in data.batches("test", 100, limit=config.eval.iwae_points, noise_generator=generator):
@@ -210,9 +211,9 @@ def evaluate_model(model: Autoencoder, data: ImageData, config: Config,
                                       likelihood=config.loss.likelihood,
                                       gaussian_std=config.loss.gaussian_std).sum().item()
                 count += images.shape[0]
-            metrics["eval/nll_iwae"] = nll_total / count
-            result.tags["nll_iwae"] = f"{config.eval.iwae_samples} samples on {count} test images"
+            metrics[names.EVAL_NLL_IWAE] = nll_total / count
+            result.tags[names.NLL_IWAE_TAG] = f"{config.eval.iwae_samples} samples on {count} test images"
         else:
-            result.tags["nll_iwae"] = ("not computed: a Bernoulli likelihood on grey pixels is not a normalized "
+            result.tags[names.NLL_IWAE_TAG] = ("not computed: a Bernoulli likelihood on grey pixels is not a normalized "
                                        "likelihood; use data.binarize=dynamic or static, or loss.likelihood=gaussian")
     return result

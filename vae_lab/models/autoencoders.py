@@ -33,6 +33,16 @@ class Posterior:
             return torch.zeros_like(self.mean)
         return torch.exp(0.5 * self.logvar)
 
+    def sample(self, noise: torch.Tensor | None) -> torch.Tensor:
+        """The reparameterization, the one place it is written: z = mean + noise · std, with
+        noise ~ N(0, I) drawn by the caller (so seeds and batched trials decide it). An AE's
+        posterior is a point: its mean (repeated along the noise's leading dimensions)."""
+        if noise is None:
+            if self.logvar is not None:
+                raise ValueError("a variational posterior is sampled with noise")
+            return self.mean
+        return self.mean + noise * self.std
+
 
 @dataclass
 class ModelOutput:
@@ -65,7 +75,7 @@ class Autoencoder(nn.Module):
             return posterior.mean
         noise = torch.randn(posterior.mean.shape, generator=generator,
                             device=posterior.mean.device, dtype=posterior.mean.dtype)
-        return posterior.mean + noise * posterior.std
+        return posterior.sample(noise)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -129,7 +139,7 @@ class MLPAutoencoder(Autoencoder):
 
 def _norm(channels: int) -> nn.GroupNorm:
     """GroupNorm, not BatchNorm: no running statistics, so a model behaves the same in train
-    and eval mode, and stacked copies of it train under vmap (vae_lab.steps). The convolution
+    and eval mode, and stacked copies of it train under vmap (vae_lab.training.steps). The convolution
     before it has no bias: the norm removes it, so its gradient is rounding noise that Adam
     would turn into a random walk."""
     return nn.GroupNorm(min(8, channels), channels)

@@ -1,10 +1,5 @@
-"""`python -m vae_lab.serve`: a local page to play with logged models: generate digits of a
-class, sample the prior, click around a 2-D latent plane, interpolate between test images.
-
-    python -m vae_lab.serve                       # the newest study's best run (else the newest run)
-    python -m vae_lab.serve --run RUN_ID
-    python -m vae_lab.serve --experiment NAME     # that experiment's run with the lowest val/loss
-    # serving on http://127.0.0.1:20202           (--host, --port, --tracking-uri)
+"""The page to play with logged models (`python -m vae_lab.serve` serves it): generate digits
+of a class, sample the prior, click around a 2-D latent plane, interpolate between test images.
 
 Every picture is a plain GET that returns a PNG, so curl gets what the page shows:
 
@@ -24,30 +19,16 @@ started with. Without `seed` every request draws afresh; the seed used comes bac
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import secrets
-import signal
-import sys
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 from flask import Flask, Response, jsonify, request, send_from_directory
-from mlflow.entities import Run, ViewType
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.entities import Run
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import make_server
 
-from vae_lab.config import VAE_MODELS
-from vae_lab.data.datasets import DataUnavailable
-from vae_lab import names
-from vae_lab.names import TEST_LOSS, VAL_LOSS
+from vae_lab.serve.catalog import LoadedRuns, RunCatalog, choose_run, describe_run
 from vae_lab.serve.images import RequestError, ServedRun
-from vae_lab.tracking.tracker import STATE_DICT_ARTIFACT, has_logged_model, missing_store, resolve_tracking_uri
 
 PAGE_DIR = Path(__file__).resolve().parent / "page"
 DEFAULT_PORT = 20202
@@ -55,168 +36,6 @@ MAX_COUNT = 64
 MAX_LATENT_DIM = 4096
 MAX_MAP_POINTS = 5000
 MAX_SEED = 2**63 - 1
-LOADED_RUNS_KEPT = 8
-
-
-# ----------------------------------------------------------------------------- runs in the store
-
-def _all_pages(search, **kwargs) -> list:
-    found, token = [], None
-    while True:
-        page = search(**kwargs, page_token=token)
-        found.extend(page)
-        token = page.token
-        if not token:
-            return found
-
-
-class RunCatalog:
-    """The store's runs that can be served: FINISHED, with `model_state/state_dict.pt`."""
-
-    def __init__(self, tracking_uri: str):
-        self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self._has_model: dict[str, bool] = {}  # a finished run's artifacts do not change
-
-    def experiment_names(self) -> dict[str, str]:
-        experiments = _all_pages(self.client.search_experiments, view_type=ViewType.ACTIVE_ONLY)
-        return {experiment.experiment_id: experiment.name for experiment in experiments}
-
-    def has_model(self, run_id: str) -> bool:
-        if run_id not in self._has_model:
-            self._has_model[run_id] = has_logged_model(self.client, run_id)
-        return self._has_model[run_id]
-
-    def servable(self, experiment_ids: list[str] | None = None) -> list[Run]:
-        """Finished runs with a model, newest first."""
-        if experiment_ids is None:
-            experiment_ids = list(self.experiment_names())
-        if not experiment_ids:
-            return []
-        runs = _all_pages(self.client.search_runs, experiment_ids=experiment_ids,
-                          filter_string="attributes.status = 'FINISHED'",
-                          order_by=["attributes.start_time DESC"])
-        return [run for run in runs if self.has_model(run.info.run_id)]
-
-    def newest_study_best(self) -> Run | None:
-        """The best servable run, on validation, of the newest study that has one: the run its
-        parent names as best (`vae_lab.best_run_id`, chosen on the study's val/* objective over
-        seeds), else its servable trial with the lowest val/loss, else its newest; None without studies."""
-        experiment_ids = list(self.experiment_names())
-        if not experiment_ids:
-            return None
-        parents = self.client.search_runs(experiment_ids, filter_string=f"tags.`{names.ROLE_TAG}` = 'study'",
-                                          order_by=["attributes.start_time DESC"], max_results=20)
-        for parent in parents:
-            trials = [run for run in _all_pages(
-                self.client.search_runs, experiment_ids=[parent.info.experiment_id],
-                filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' "
-                              "and attributes.status = 'FINISHED'",
-                order_by=["attributes.start_time DESC"]) if self.has_model(run.info.run_id)]
-            if not trials:
-                continue
-            named = parent.data.tags.get(names.BEST_RUN_TAG)
-            best = [run for run in trials if run.info.run_id == named]
-            scored = [run for run in trials if finite_metric(run, VAL_LOSS) is not None]
-            return best[0] if best else min(scored, key=lambda run: run.data.metrics[VAL_LOSS]) if scored \
-                else trials[0]
-        return None
-
-    def get(self, run_id: str) -> Run:
-        """The run, or RequestError 404 when the store has no such run or it has no model."""
-        try:
-            run = self.client.get_run(run_id)
-        except MlflowException:
-            raise RequestError(f"unknown run id {run_id!r}: no such run in {self.tracking_uri}",
-                               status=404) from None
-        if not self.has_model(run_id):
-            raise RequestError(f"run {run_id} has no model ({STATE_DICT_ARTIFACT}); "
-                               "choose a finished training run (GET /api/runs lists them)", status=404)
-        return run
-
-
-def finite_metric(run: Run, name: str) -> float | None:
-    value = run.data.metrics.get(name)
-    return value if value is not None and math.isfinite(value) else None
-
-
-def describe_run(run: Run, experiment_names: dict[str, str]) -> dict:
-    params, tags = run.data.params, run.data.tags
-    model = tags.get("model") or params.get("model.name", "?")
-    latent_dim = params.get("model.latent_dim")
-    kl_weight = params.get("loss.kl_weight")
-    return {
-        "run_id": run.info.run_id,
-        "run_name": run.info.run_name,
-        "experiment": experiment_names.get(run.info.experiment_id, run.info.experiment_id),
-        "study": tags.get(names.STUDY_NAME_TAG),
-        "trial": tags.get(names.TRIAL_NUMBER_TAG),
-        "model": model,
-        "dataset": tags.get("dataset") or params.get("data.name"),
-        "latent_dim": int(latent_dim) if latent_dim is not None else None,
-        "kl_weight": float(kl_weight) if kl_weight is not None and model in VAE_MODELS else None,
-        "val_loss": finite_metric(run, VAL_LOSS),  # what --experiment chooses on
-        "test_loss": finite_metric(run, TEST_LOSS),  # reported, never chosen on
-        "start_time": run.info.start_time,
-    }
-
-
-def choose_run(catalog: RunCatalog, run_id: str | None = None, experiment: str | None = None) -> Run:
-    """The run the server starts with: `run_id`; else the experiment's finished run with a
-    model and the lowest val/loss (its newest such run when none logged val/loss, as runs
-    from before the validation split); else the newest study's best run on validation
-    (`RunCatalog.newest_study_best`); else the newest finished run with a model.
-    Never chosen on test/loss. Raises LookupError with a one-line message."""
-    if run_id:
-        try:
-            return catalog.get(run_id)
-        except RequestError as error:
-            raise LookupError(str(error)) from None
-    if experiment:
-        found = catalog.client.get_experiment_by_name(experiment)
-        if found is None or found.lifecycle_stage == "deleted":
-            known = ", ".join(sorted(catalog.experiment_names().values())) or "none"
-            raise LookupError(f"no experiment named {experiment!r} in {catalog.tracking_uri}; "
-                              f"experiments: {known}")
-        servable = catalog.servable([found.experiment_id])
-        if not servable:
-            raise LookupError(f"experiment {experiment!r} has no finished run with a model; "
-                              "train one: python -m vae_lab.train")
-        scored = [run for run in servable if finite_metric(run, VAL_LOSS) is not None]
-        return min(scored, key=lambda run: run.data.metrics[VAL_LOSS]) if scored else servable[0]
-    best = catalog.newest_study_best()
-    if best is not None:
-        return best
-    servable = catalog.servable()
-    if not servable:
-        raise LookupError(f"no finished run with a model in {catalog.tracking_uri}; "
-                          "train one: python -m vae_lab.train")
-    return servable[0]
-
-
-class LoadedRuns:
-    """Models of recently used runs, kept loaded (least recently used dropped first)."""
-
-    def __init__(self, catalog: RunCatalog, keep: int = LOADED_RUNS_KEPT):
-        self.catalog = catalog
-        self.keep = keep
-        self._loaded: OrderedDict[str, ServedRun] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, run_id: str) -> ServedRun:
-        with self._lock:
-            if run_id in self._loaded:
-                self._loaded.move_to_end(run_id)
-                return self._loaded[run_id]
-            self.catalog.get(run_id)
-            try:
-                served = ServedRun.load(run_id, self.catalog.tracking_uri)
-            except DataUnavailable as error:
-                raise RequestError(f"run {run_id}: {error}", status=503) from None
-            self._loaded[run_id] = served
-            while len(self._loaded) > self.keep:
-                self._loaded.popitem(last=False)
-            return served
 
 
 # ----------------------------------------------------------------------------- query parameters
@@ -378,79 +197,3 @@ def choose_run_or_404(catalog: RunCatalog) -> Run:
         return choose_run(catalog)
     except LookupError as error:
         raise RequestError(str(error), status=404) from None
-
-
-# ----------------------------------------------------------------------------- command line
-
-def url_of(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def stop_on_signals() -> None:
-    """Ctrl-C and SIGTERM both end `serve_forever` through KeyboardInterrupt. SIGINT is set
-    explicitly: a process started in the background inherits it ignored."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, interrupt)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vae_lab.serve",
-        description="Serve a page to generate images from a logged model (default: the best run, on "
-                    "validation, of the newest study; without studies the newest finished run with a model).",
-    )
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--run", metavar="RUN_ID", help="serve this run first")
-    which.add_argument("--experiment", metavar="NAME",
-                       help="serve that experiment's finished run with the lowest val/loss first "
-                            "(its newest when no run logged val/loss)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--tracking-uri", default="",
-                        help="MLflow store (default $MLFLOW_TRACKING_URI, else mlruns/mlflow.db)")
-    args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        print(f"error: --port {args.port} is out of range; allowed 0..65535", file=sys.stderr)
-        return 2
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per request
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    problem = missing_store(tracking_uri)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    catalog = RunCatalog(tracking_uri)
-    try:
-        run = choose_run(catalog, args.run, args.experiment)
-        app = create_app(tracking_uri, run.info.run_id, catalog)
-        app.extensions["vae_lab.loaded_runs"].get(run.info.run_id)  # fail now, not on the first click
-    except (LookupError, RequestError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        server = make_server(args.host, args.port, app, threaded=True)
-    except OSError as error:
-        print(f"error: cannot listen on {args.host}:{args.port} ({error.strerror or error}); "
-              "choose another --port (0 picks a free one)", file=sys.stderr)
-        return 2
-
-    summary = describe_run(run, catalog.experiment_names())
-    val_loss = f", val/loss {summary['val_loss']:.2f}" if summary["val_loss"] is not None else ""
-    print(f"run {summary['run_id']} ({summary['model']}, latent {summary['latent_dim']}{val_loss}, "
-          f"experiment {summary['experiment']!r})")
-    print(f"serving on {url_of(args.host, server.server_port)}   (Ctrl-C stops)", flush=True)
-    stop_on_signals()
-    try:
-        server.serve_forever()  # werkzeug's returns quietly on KeyboardInterrupt
-    finally:
-        server.server_close()
-    print("stopped", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

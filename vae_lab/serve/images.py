@@ -24,7 +24,7 @@ from torchvision.utils import make_grid, save_image
 from vae_lab.config import Config, DataConfig
 from vae_lab.data.datasets import ImageData, load_data
 from vae_lab.models.autoencoders import Autoencoder
-from vae_lab.tracking.tracker import IncompatibleModel, load_logged_model
+from vae_lab.tracking.logged import IncompatibleModel, load_logged_model
 
 LATENTS_ARTIFACT = "latents/test_latents.parquet"
 SAMPLES_PER_ROW = 8
@@ -144,7 +144,7 @@ class ServedRun:
         example = self.test_pixels(index)
         posterior = self.model.encode(example)
         noise = torch.randn((count, self.model.latent_dim), generator=generator)
-        samples = self._decoded(posterior.mean + noise * posterior.std)
+        samples = self._decoded(posterior.sample(noise))
         return png_bytes(input_beside_samples(example, samples))
 
     @torch.no_grad()

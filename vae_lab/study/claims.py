@@ -23,23 +23,6 @@ from vae_lab.study.session import Session
 from vae_lab.study.workers import Worker, mark_claimed
 
 
-def pop_waiting_trial(study: optuna.Study, storage, wanted=None) -> optuna.Trial | None:
-    """Claim one WAITING trial (atomic in the storage) for which `wanted(frozen_trial)` holds,
-    or None when there is none. The claim records this worker, so a resume can tell whether
-    the trial's worker is still alive."""
-    for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if wanted is not None and not wanted(waiting):
-            continue
-        waiting_id = store.trial_id(storage, study, waiting.number)
-        try:
-            if storage.set_trial_state_values(waiting_id, state=TrialState.RUNNING):
-                mark_claimed(storage, waiting_id)
-                return optuna.Trial(study, waiting_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-    return None
-
-
 def earlier_claim(study: optuna.Study, number: int, point: str) -> int | None:
     """The number of an earlier trial that holds `point` (waiting, running or done), if any.
 
@@ -100,6 +83,9 @@ def ask_trials(worker: Worker, count: int = 1) -> list[optuna.Trial]:
     """
     claimed: list[optuna.Trial] = []
     session, spec = worker.session, worker.spec
+
+    def claim(trial_id: int) -> None:  # recorded, so a resume can tell whether our process is alive
+        mark_claimed(session.storage, trial_id)
     first_key = None
     while len(claimed) < count:
         if worker.deadline is not None and time.time() > worker.deadline:
@@ -107,7 +93,7 @@ def ask_trials(worker: Worker, count: int = 1) -> list[optuna.Trial]:
         if spec.is_grid:
             wanted = None if first_key is None else (
                 lambda waiting: batch_key_of_point(worker, waiting.user_attrs.get(store.ASSIGNMENT_ATTR)) == first_key)
-            trial = pop_waiting_trial(session.study, session.storage, wanted)
+            trial = store.pop_waiting_trial(session.study, session.storage, wanted, on_claim=claim)
             if trial is None:
                 break
             earlier = earlier_claim(session.study, trial.number, trial.user_attrs[store.POINT_ATTR])
@@ -117,7 +103,7 @@ def ask_trials(worker: Worker, count: int = 1) -> list[optuna.Trial]:
             if first_key is None and count > 1:
                 first_key = batch_key_of_point(worker, trial.user_attrs.get(store.ASSIGNMENT_ATTR))
         else:
-            trial = pop_waiting_trial(session.study, session.storage)  # retries of stopped trials first
+            trial = store.pop_waiting_trial(session.study, session.storage, on_claim=claim)  # retries of stopped trials first
             if trial is None:
                 if budget_used(session) >= spec.n_trials or worker.failures >= spec.n_trials:
                     break
@@ -132,7 +118,7 @@ def ask_trials(worker: Worker, count: int = 1) -> list[optuna.Trial]:
 
 
 def batch_key_of_point(worker: Worker, assignment_json: str | None):
-    """The batch key of a grid point's config (vae_lab.batched.batch_key), cached per point."""
+    """The batch key of a grid point's config (vae_lab.training.batching.batch_key), cached per point."""
     if assignment_json not in worker.point_batch_keys:
         try:
             config = worker.spec.trial_config(json.loads(assignment_json or "{}"))

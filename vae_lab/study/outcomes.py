@@ -21,7 +21,7 @@ from vae_lab.names import CHECKPOINT_DIR
 from vae_lab.study import storage as store
 from vae_lab.study.claims import requeue
 from vae_lab.study.session import Session
-from vae_lab.tracking.tracker import is_store_error
+from vae_lab.tracking.errors import is_store_error
 from vae_lab.training.trial import RunResult
 
 

@@ -4,7 +4,7 @@ Each is drawn only where it applies:
 
     optimization_history.png  one objective: every complete trial's value, and the best so far
     pareto_front.png          two or three objectives: every complete trial, the front marked
-    param_importances.png     the fANOVA importances (vae_lab.study_importance), when computed
+    param_importances.png     the fANOVA importances (vae_lab.study.importance), when computed
     slice.png                 the objective against each param that varies
     contour.png               the objective over the two params that vary, when both are numbers
 
@@ -50,7 +50,7 @@ def _numeric(study: optuna.Study, param: str) -> bool:
 def applicable_plots(study: optuna.Study, spec: StudySpec, params: list[str],
                      with_importances: bool) -> dict[str, partial]:
     """File name -> the Optuna call that draws it, for the plots this study can support.
-    `params` are the params that vary (study_importance.varying_params)."""
+    `params` are the params that vary (importance.varying_params)."""
     if not complete_trials(study):
         return {}
     metrics = [objective.metric for objective in spec.objectives]

@@ -3,7 +3,7 @@
     lines = repair_stale_trials(session)   # stale RUNNING trials: COMPLETE, or FAIL and queued again
     kill_orphan_runs(session)              # RUNNING child runs nobody trains: KILLED
 
-A stale trial (`study_workers.stale_reason`) whose MLflow run FINISHED is recorded COMPLETE
+A stale trial (`workers.stale_reason`) whose MLflow run FINISHED is recorded COMPLETE
 from the run's logged metrics: its worker was killed after the run ended but before Optuna
 heard of it, and nothing is trained again. Any other stale trial is failed (one worker wins
 that change in the storage) and queued again by that worker; the retry continues the run

@@ -12,7 +12,6 @@ import fcntl
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import optuna
 from mlflow.tracking import MlflowClient
@@ -32,7 +31,9 @@ from vae_lab.study.spec import StudySpec, fingerprint_changes
 from vae_lab.study.summary import log_summary
 from vae_lab.study.trials import work
 from vae_lab.study.workers import Helpers, Worker, machine_key, process_gone, worker_id
-from vae_lab.tracking.tracker import get_or_create_experiment, prepare_store, source_tags
+from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
+from vae_lab.tracking.uris import redact, sqlite_path
+from vae_lab.tracking.provenance import source_tags
 from vae_lab.training.device import resolve_device
 
 READY_WAIT_SECONDS = 120
@@ -58,7 +59,7 @@ def create_or_load_study(settings: SweepSettings, storage) -> tuple[optuna.Study
             changes = fingerprint_changes(stored, fingerprint) if stored else []
             if changes:
                 raise StudyRefused(
-                    f"study {spec.name!r} in {store.redact_url(settings.storage_url)} was started with a different "
+                    f"study {spec.name!r} in {redact(settings.storage_url)} was started with a different "
                     f"setup (changed: {', '.join(changes[:5])}); rerun with --new-study to start it over, "
                     "or restore the file")
             return study, False
@@ -101,11 +102,11 @@ def start_parent_run(client: MlflowClient, spec: StudySpec, tracking_uri: str, s
     tags = {
         names.ROLE_TAG: "study",
         names.STUDY_NAME_TAG: spec.name,
-        "vae_lab.swept_params": ",".join(spec.swept_keys()),
-        "vae_lab.objectives": ",".join(str(objective) for objective in spec.objectives),
-        "vae_lab.sampler": spec.sampler,
-        "vae_lab.pruner": spec.pruner,
-        "vae_lab.optuna_storage": store.redact_url(storage_url),
+        names.SWEPT_PARAMS_TAG: ",".join(spec.swept_keys()),
+        names.OBJECTIVES_TAG: ",".join(str(objective) for objective in spec.objectives),
+        names.SAMPLER_TAG: spec.sampler,
+        names.PRUNER_TAG: spec.pruner,
+        names.OPTUNA_STORAGE_TAG: redact(storage_url),
         **source_tags(),
     }
     run = client.create_run(experiment_id, run_name=f"study {spec.name}", tags=tags)
@@ -117,10 +118,11 @@ def start_parent_run(client: MlflowClient, spec: StudySpec, tracking_uri: str, s
 def sqlite_setup_lock(tracking_uri: str):
     """Serialize the first use of SQLite stores: two processes creating the same fresh
     database race in MLflow's (and Optuna's) table creation."""
-    if not tracking_uri.startswith("sqlite:///"):
+    database = sqlite_path(tracking_uri)
+    if database is None:
         yield
         return
-    lock_path = Path(tracking_uri[len("sqlite:///"):]).with_suffix(".lock")
+    lock_path = database.with_suffix(".lock")
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

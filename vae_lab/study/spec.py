@@ -27,7 +27,6 @@ import yaml
 
 from vae_lab import names
 from vae_lab.config import (
-    VAE_MODELS,
     Config,
     ConfigError,
     allowed_keys,
@@ -50,14 +49,6 @@ SEED_PARAM = "train.seed"
 # a killed trial continues from its last epoch; each trial records what it used of the machine
 STUDY_DEFAULTS = {"train.checkpoint_every": 1, "tracking.system_metrics_every": 5.0}
 
-ALWAYS_LOGGED = (names.TRAIN_LOSS, names.TRAIN_RECON, names.IMAGES_PER_SEC, names.EPOCH_SECONDS,
-                 names.STOPPED_EPOCH, names.TEST_LOSS, names.TEST_RECON, names.TEST_MSE)
-VAL_LOGGED = (names.VAL_LOSS, names.VAL_RECON, names.VAL_MSE, names.BEST_EPOCH)
-VAE_LOGGED = (names.TRAIN_KL, names.VAL_KL, names.VAL_ELBO, names.TEST_KL, names.TEST_ELBO)
-EVAL_LOGGED = (names.EVAL_MSE, names.EVAL_PCA_MSE, names.EVAL_PROBE, names.EVAL_KNN)
-EVAL_VAE_LOGGED = (names.EVAL_ACTIVE_UNITS, names.EVAL_ACTIVE_FRACTION)
-IWAE_METRIC = names.EVAL_NLL_IWAE
-KNOWN_METRICS = ALWAYS_LOGGED + VAL_LOGGED + VAE_LOGGED + EVAL_LOGGED + EVAL_VAE_LOGGED + (IWAE_METRIC,)
 DEFAULT_OBJECTIVE = names.VAL_LOSS
 
 
@@ -109,6 +100,13 @@ class StudySpec:
     @property
     def is_grid(self) -> bool:
         return self.sampler == "grid"
+
+    @property
+    def batches_trials(self) -> bool:
+        """Do its trials train in batches? Not with `off`; `auto` leaves pruned studies unbatched:
+        a pruner compares a trial with trials that finished before it, and trials trained side by
+        side never have any."""
+        return self.batch_trials != "off" and not (self.batch_trials == "auto" and self.pruner != "none")
 
     @property
     def directions(self) -> list[str]:
@@ -192,25 +190,6 @@ def _jsonable(spec: Choices | Range) -> Any:
 
 # ----------------------------------------------------------------------------- parsing
 
-def metrics_logged(config: Config) -> set[str]:
-    """The metric names a finished run with this config has (see vae_lab.train / evaluation)."""
-    metrics = set(ALWAYS_LOGGED)
-    if config.data.val_size > 0:
-        metrics.update(VAL_LOGGED)
-    vae = config.model.name in VAE_MODELS
-    if vae:
-        metrics.update(name for name in VAE_LOGGED
-                       if (config.data.val_size > 0 or not name.startswith("val/"))
-                       and (config.likelihood_is_normalized or not name.endswith("/elbo")))
-    if config.eval.enabled:
-        metrics.update(EVAL_LOGGED)
-        if vae:
-            metrics.update(EVAL_VAE_LOGGED)
-            if config.likelihood_is_normalized:
-                metrics.add(IWAE_METRIC)
-    return metrics
-
-
 def _set_dotted(mapping: dict, key: str, value: Any) -> None:
     """study.n_trials=40 -> mapping['study']['n_trials']; base.train.epochs=2 ->
     mapping['base']['train']['epochs']; search_space.* keeps the rest of the key dotted
@@ -287,7 +266,7 @@ def parse_study(document: dict, default_name: str = "study") -> StudySpec:
     if pruner != "none" and len(objectives) > 1:
         raise ConfigError(f"study.pruner={pruner} needs a single objective (Optuna cannot prune "
                           "multi-objective studies); use pruner: none")
-    _check_sampler_options(sampler, sampler_options, len(objectives))
+    _check_sampler_options(sampler, sampler_options)
     _check_pruner_options(pruner, pruner_options)
 
     spec = StudySpec(name=name, sampler=sampler, sampler_options=sampler_options, pruner=pruner,
@@ -339,11 +318,11 @@ def _objectives(value: Any) -> list[Objective]:
         metric, direction = item.get("metric"), item.get("direction", "minimize")
         if isinstance(metric, str) and metric.startswith(names.HELD_OUT_PREFIXES):
             instead = f"{names.VAL}/{metric.split('/', 1)[1]}"
-            suggestion = f"use {instead}" if instead in KNOWN_METRICS else "use a val/* metric such as val/loss"
+            suggestion = f"use {instead}" if instead in names.KNOWN_METRICS else "use a val/* metric such as val/loss"
             raise ConfigError(f"study.objectives: {metric} is scored on the test split, which reports and never "
                               f"selects (choosing on it biases the reported number); {suggestion}")
-        if metric not in KNOWN_METRICS:
-            raise ConfigError(f"study.objectives: unknown metric {metric!r}; choose from: {', '.join(KNOWN_METRICS)}")
+        if metric not in names.KNOWN_METRICS:
+            raise ConfigError(f"study.objectives: unknown metric {metric!r}; choose from: {', '.join(names.KNOWN_METRICS)}")
         if direction not in DIRECTIONS:
             raise ConfigError(f"study.objectives: direction of {metric} must be minimize or maximize, got {direction!r}")
         objectives.append(Objective(metric, direction))
@@ -459,7 +438,7 @@ def _check_trial_configs(spec: StudySpec) -> None:
         except ConfigError as error:
             where = ", ".join(f"{key}={value}" for key, value in assignment.items()) or "base"
             raise ConfigError(f"search_space ({where}): {error}") from None
-        missing = [str(o.metric) for o in spec.objectives if o.metric not in metrics_logged(config)]
+        missing = [str(o.metric) for o in spec.objectives if o.metric not in names.metrics_logged(config)]
         if missing:
             raise ConfigError(
                 f"objective {missing[0]} is not logged by model.name={config.model.name} "
@@ -467,7 +446,7 @@ def _check_trial_configs(spec: StudySpec) -> None:
                 "normalized likelihood (binarized pixels or loss.likelihood=gaussian), val/* a validation split")
 
 
-def _check_sampler_options(sampler: str, options: dict, n_objectives: int) -> None:
+def _check_sampler_options(sampler: str, options: dict) -> None:
     import optuna
 
     if sampler == "grid":

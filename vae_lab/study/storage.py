@@ -1,24 +1,26 @@
 """Where a study's Optuna bookkeeping lives: the storage URL, the user attributes vae_lab keeps
 on studies and trials, and the trial states the sweep relies on.
 
-Claiming trials is `vae_lab.study_claims`; which worker is alive, `vae_lab.study_workers`;
-what happens to a trial whose worker is gone, `vae_lab.study_repair`.
+Claiming trials is `claims`; which worker is alive, `workers`; what happens to a trial whose
+worker is gone, `repair`. Optuna's own internals are used here and nowhere else.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from vae_lab.tracking.checks import check_database, check_local_file
+from vae_lab.tracking.uris import SQLITE_PREFIX, sqlite_path
+
 # Optuna user attributes on trials and studies
 POINT_ATTR = "vae_lab.point"  # grid point key (study.point_key)
 ASSIGNMENT_ATTR = "vae_lab.assignment"  # JSON of the trial's swept values
-WORKER_ATTR = "vae_lab.worker"  # "host:pid:token" of the process running it (study_workers.worker_id)
+WORKER_ATTR = "vae_lab.worker"  # "host:pid:token" of the process running it (workers.worker_id)
 MACHINE_ATTR = "vae_lab.machine"  # boot id and pid namespace of that process: where its pid means something
 HEARTBEAT_ATTR = "vae_lab.heartbeat"  # unix time, refreshed while it runs
 RESUME_ATTR = "vae_lab.resume_run_id"  # a retried trial continues this MLflow run from its checkpoint
@@ -45,12 +47,11 @@ def default_storage_url(tracking_uri: str, store_dir: Path, study_name: str) -> 
     (Optuna recommends its journal file for several processes). A study kept by an older
     vae_lab in `optuna.db` beside it is resumed there.
     """
-    folder = store_dir
-    if tracking_uri.startswith("sqlite:///"):
-        folder = Path(tracking_uri[len("sqlite:///"):]).parent
+    database = sqlite_path(tracking_uri)
+    folder = database.parent if database is not None else store_dir
     legacy = folder / "optuna.db"
-    if tracking_uri != f"sqlite:///{legacy}" and legacy.is_file() and study_name in study_names(f"sqlite:///{legacy}"):
-        return f"sqlite:///{legacy}"
+    if database != legacy and legacy.is_file() and study_name in study_names(f"{SQLITE_PREFIX}{legacy}"):
+        return f"{SQLITE_PREFIX}{legacy}"
     return f"{JOURNAL_PREFIX}{folder / 'optuna.journal'}"
 
 
@@ -60,8 +61,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         path = Path(url[len(JOURNAL_PREFIX):] if url.startswith(JOURNAL_PREFIX) else url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if sqlite_path(url) is not None:
+        sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
     import sqlalchemy.exc
 
     for attempt in range(SCHEMA_RACE_ATTEMPTS):
@@ -79,12 +80,35 @@ def study_names(url: str) -> list[str]:
     return optuna.get_all_study_names(storage=open_storage(url))
 
 
-def redact_url(url: str) -> str:
-    """Drop a password from a storage URL before it is printed or tagged."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
-
-
 # ----------------------------------------------------------------------------- trials
+# Optuna's own internals are used here and nowhere else; tests/test_optuna_compat.py fails when
+# an Optuna release changes what they rely on.
+
+def trial_handle(study: optuna.Study, trial_id: int) -> optuna.Trial:
+    """The `optuna.Trial` of a trial this worker claimed itself (by id: Optuna documents this
+    constructor as internal, `Study.ask` being the public way)."""
+    return optuna.Trial(study, trial_id)
+
+
+def pop_waiting_trial(study: optuna.Study, storage, wanted=None, on_claim=None) -> optuna.Trial | None:
+    """Claim one WAITING trial (atomic in the storage) for which `wanted(frozen_trial)` holds,
+    or None when there is none; `on_claim(trial_id)` runs right after the claim.
+
+    What `Study.ask` does with enqueued trials (Optuna's private `Study._pop_waiting_trial_id`),
+    with a filter: a worker claims only points that fit the batch it is building."""
+    for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if wanted is not None and not wanted(waiting):
+            continue
+        waiting_id = trial_id(storage, study, waiting.number)
+        try:
+            if storage.set_trial_state_values(waiting_id, state=TrialState.RUNNING):
+                if on_claim is not None:
+                    on_claim(waiting_id)
+                return trial_handle(study, waiting_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
 
 def is_skipped(trial: FrozenTrial) -> bool:
     return bool(trial.user_attrs.get(SKIPPED_ATTR))
@@ -101,3 +125,14 @@ def trial_id(storage, study: optuna.Study, number: int) -> int:
 
 def assignment_of(trial: FrozenTrial) -> dict:
     return json.loads(trial.user_attrs.get(ASSIGNMENT_ATTR, "{}"))
+
+
+def check_optuna_storage(url: str) -> None:
+    """StoreUnreachable (exit 2) within seconds when the Optuna storage cannot be used."""
+    if url.startswith(JOURNAL_PREFIX) or url.endswith(".journal"):
+        path = Path(url[len(JOURNAL_PREFIX):] if url.startswith(JOURNAL_PREFIX) else url)
+        check_local_file(path, "Optuna journal", url)
+    elif sqlite_path(url) is not None:
+        check_local_file(sqlite_path(url), "Optuna storage", url)
+    else:
+        check_database(url, "Optuna storage")

@@ -7,8 +7,8 @@ Artifacts under `study/` on the parent run:
     summary.json        counts, best trial or Pareto front, best configuration over seeds;
                         "importance": {"file": ...} or {"skipped": why}; "plot_errors" if any
     importances.json    fANOVA importance of each swept param per objective
-                        (vae_lab.study_importance); absent where it cannot be computed
-    *.png               Optuna's plots, each where it applies (vae_lab.study_plots):
+                        (vae_lab.study.importance); absent where it cannot be computed
+    *.png               Optuna's plots, each where it applies (vae_lab.study.plots):
                         optimization_history.png or pareto_front.png, param_importances.png,
                         slice.png, contour.png (per objective with several: slice_val_kl.png)
 """

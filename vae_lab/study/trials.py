@@ -23,7 +23,7 @@ from vae_lab.study.outcomes import can_continue, record_outcome
 from vae_lab.study.space import suggest_assignment
 from vae_lab.study.spec import StudySpec
 from vae_lab.study.workers import Heartbeat, Worker
-from vae_lab.tracking.tracker import StoreUnavailable
+from vae_lab.tracking.errors import StoreUnavailable
 from vae_lab.training.batching import DEFAULT_CAP as DEFAULT_BATCH_CAP
 from vae_lab.training.batching import PER_TRIAL_KEYS, plan_batches
 from vae_lab.training.checkpoints import Resume, load_checkpoint
@@ -148,14 +148,12 @@ def align_resumes(worker: Worker, specs: list[TrialSpec]) -> None:
 
 
 def batch_ask_count(spec: StudySpec) -> int:
-    """How many trials to claim at once: the batch cap (auto: 16 on CPU, 64 on CUDA).
-
-    `auto` leaves pruned studies unbatched: a pruner compares a trial with trials that
-    finished before it, and trials trained side by side never have any. A sampler (not a
-    grid) asks for several trials only when every swept key is one a batch can vary.
+    """How many trials to claim at once: the batch cap (auto: 16 on CPU, 64 on CUDA), or 1 when
+    the study does not batch (`StudySpec.batches_trials`). A sampler (not a grid) asks for
+    several trials only when every swept key is one a batch can vary.
     """
     setting = spec.batch_trials
-    if setting == "off" or (setting == "auto" and spec.pruner != "none"):
+    if not spec.batches_trials:
         return 1
     if not spec.is_grid and not set(spec.swept_keys()) <= set(PER_TRIAL_KEYS):
         return 1  # sampled trials of different shapes cannot share a batch: ask one at a time

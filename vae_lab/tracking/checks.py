@@ -1,7 +1,7 @@
 """Can the stores a command needs be reached? Asked before anything is created anywhere.
 
     check_tracking_store("http://127.0.0.1:5000")        # StoreUnreachable (a ConfigError: exit 2)
-    check_optuna_storage("postgresql://u@db/optuna")
+    vae_lab.study.storage.check_optuna_storage("postgresql://u@db/optuna")   # the same checks, for Optuna
 
 Each check gives up within CHECK_SECONDS with one line naming the URI (password hidden) and
 what failed; MLflow's own client would retry an unreachable server for minutes.
@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from vae_lab.config import ConfigError
-from vae_lab.study.storage import JOURNAL_PREFIX, redact_url
+from vae_lab.tracking.uris import redact, sqlite_path
 
 CHECK_SECONDS = 10
 
@@ -49,13 +49,13 @@ def _writable_folder(path: Path) -> Path:
     return folder
 
 
-def _check_local_file(path: Path, what: str, uri: str) -> None:
+def check_local_file(path: Path, what: str, uri: str) -> None:
     target = path if path.exists() else _writable_folder(path)
     if not os.access(target, os.W_OK):
-        raise StoreUnreachable(f"cannot write the {what} {redact_url(uri)}: {target} is not writable")
+        raise StoreUnreachable(f"cannot write the {what} {redact(uri)}: {target} is not writable")
 
 
-def _check_database(url: str, what: str) -> None:
+def check_database(url: str, what: str) -> None:
     import sqlalchemy
 
     connect_args = {"connect_timeout": CHECK_SECONDS} if url.startswith(("postgresql", "mysql")) else {}
@@ -65,10 +65,10 @@ def _check_database(url: str, what: str) -> None:
             pass
         engine.dispose()
     except ModuleNotFoundError as error:
-        raise StoreUnreachable(f"cannot open the {what} {redact_url(url)}: {error} "
+        raise StoreUnreachable(f"cannot open the {what} {redact(url)}: {error} "
                                "(for postgresql://, pip install -e \".[postgres]\")") from None
     except Exception as error:
-        raise StoreUnreachable(f"cannot reach the {what} {redact_url(url)}: "
+        raise StoreUnreachable(f"cannot reach the {what} {redact(url)}: "
                                f"{str(getattr(error, 'orig', None) or error).splitlines()[0][:200]}") from None
 
 
@@ -78,19 +78,9 @@ def check_tracking_store(uri: str) -> None:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=CHECK_SECONDS):
                 return
         except Exception as error:
-            raise StoreUnreachable(f"cannot reach the MLflow tracking server {redact_url(uri)}: {_reason(error)}; "
+            raise StoreUnreachable(f"cannot reach the MLflow tracking server {redact(uri)}: {_reason(error)}; "
                                    "start it (mlflow server ...) or pass another --tracking-uri") from None
-    if uri.startswith("sqlite:///"):
-        _check_local_file(Path(uri[len("sqlite:///"):]), "MLflow store", uri)
+    if sqlite_path(uri) is not None:
+        check_local_file(sqlite_path(uri), "MLflow store", uri)
     elif uri.startswith(("postgresql", "mysql", "mssql")):
-        _check_database(uri, "MLflow store")
-
-
-def check_optuna_storage(url: str) -> None:
-    if url.startswith(JOURNAL_PREFIX) or url.endswith(".journal"):
-        path = Path(url[len(JOURNAL_PREFIX):] if url.startswith(JOURNAL_PREFIX) else url)
-        _check_local_file(path, "Optuna journal", url)
-    elif url.startswith("sqlite:///"):
-        _check_local_file(Path(url[len("sqlite:///"):]), "Optuna storage", url)
-    else:
-        _check_database(url, "Optuna storage")
+        check_database(uri, "MLflow store")

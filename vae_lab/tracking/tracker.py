@@ -1,4 +1,4 @@
-"""MLflow: where the store is, one run's lifecycle, batched metric logging, model logging.
+"""One MLflow run from start to end: params, buffered metrics, artifacts, the model, its status.
 
 Runs are driven through `MlflowClient` with explicit run ids (no thread-local active run),
 so a sweep can hold a parent run open while its children come and go, in any thread.
@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import subprocess
+import tempfile
 import time
 import uuid
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,219 +21,21 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from vae_lab import names
-from vae_lab.config import Config, config_from_flat, parse_yaml
+from vae_lab.config import Config
+from vae_lab.names import CHECKPOINT_DIR, CONFIG_ARTIFACT, MODEL_ARTIFACT
+from vae_lab.tracking import mlflow_compat
+from vae_lab.tracking.errors import StoreUnavailable, is_store_error
+from vae_lab.tracking.provenance import dataset_inputs, environment_tags
+from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
+from vae_lab.tracking.uris import redact, resolve_tracking_uri
 
 MAX_METRICS_PER_BATCH = 1000
 STORE_PATIENCE_SECONDS = 300  # how long a run keeps training while its store cannot be reached
 MAX_PARAMS_PER_BATCH = 100
-from vae_lab.names import CHECKPOINT_DIR, CONFIG_ARTIFACT, MODEL_ARTIFACT, STATE_DICT_ARTIFACT  # noqa: E402
-
-
-def project_root() -> Path:
-    """The checkout this package lives in (when installed editable), else the current folder."""
-    checkout = Path(__file__).resolve().parents[2]
-    if (checkout / "pyproject.toml").is_file():
-        return checkout
-    return Path.cwd().resolve()
-
-
-def default_store_dir() -> Path:
-    return project_root() / "mlruns"
-
-
-def default_tracking_uri() -> str:
-    """An absolute SQLite URI in mlruns/ (MLflow's own default is relative to the cwd)."""
-    return f"sqlite:///{default_store_dir() / 'mlflow.db'}"
-
-
-def resolve_tracking_uri(configured: str = "") -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-
-
-def _local_artifact_root(tracking_uri: str) -> str | None:
-    """For an SQLite store, artifacts go in an `artifacts/` folder beside the database."""
-    if tracking_uri.startswith("sqlite:///"):
-        database = Path(tracking_uri[len("sqlite:///"):])
-        return (database.parent / "artifacts").resolve().as_uri()
-    return None
-
-
-def prepare_store(tracking_uri: str) -> None:
-    """Make a new SQLite store's folder, and its database from an empty-store template."""
-    if tracking_uri.startswith("sqlite:///"):
-        database = Path(tracking_uri[len("sqlite:///"):])
-        database.parent.mkdir(parents=True, exist_ok=True)
-        if not database.exists():
-            _copy_empty_store(database)
-
-
-def _empty_store_template() -> Path:
-    """An SQLite database that MLflow created and migrated, with no experiment in it, made once
-    per MLflow version in ~/.cache/vae_lab. A new store copied from it skips MLflow's schema
-    migrations (about 1.5 s of every fresh store; MLflow still checks the schema and creates
-    the store's own Default experiment)."""
-    import sqlite3
-
-    folder = Path.home() / ".cache" / "vae_lab"
-    template = folder / f"empty-mlflow-{mlflow.__version__}.db"
-    if template.exists():
-        return template
-    folder.mkdir(parents=True, exist_ok=True)
-    draft = folder / f".{template.name}.{uuid.uuid4().hex}"
-    try:
-        MlflowClient(tracking_uri=f"sqlite:///{draft}").search_experiments(max_results=1)
-        with contextlib.closing(sqlite3.connect(draft)) as connection, connection:
-            connection.execute("DELETE FROM experiments WHERE experiment_id = 0")
-        os.replace(draft, template)  # atomic; two makers write equal files
-    finally:
-        draft.unlink(missing_ok=True)
-    return template
-
-
-def _copy_empty_store(database: Path) -> None:
-    import shutil
-
-    try:
-        template = _empty_store_template()
-    except Exception:  # no writable cache, an MLflow that refuses: let MLflow create the store
-        return
-    draft = database.with_name(f".{database.name}.{uuid.uuid4().hex}")
-    try:
-        shutil.copyfile(template, draft)
-        os.link(draft, database)  # never replaces a store another process made meanwhile
-    except FileExistsError:
-        pass
-    finally:
-        draft.unlink(missing_ok=True)
-
-
-def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """The experiment's id, created (or restored) when needed, tagged as model development so
-    that MLflow's UI opens it on its runs."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
-        if experiment.tags.get(names.EXPERIMENT_KIND_TAG) != names.EXPERIMENT_KIND:  # made by an older vae_lab
-            client.set_experiment_tag(experiment.experiment_id, names.EXPERIMENT_KIND_TAG, names.EXPERIMENT_KIND)
-        return experiment.experiment_id
-    artifact_root = _local_artifact_root(tracking_uri)
-    location = f"{artifact_root}/{name}" if artifact_root else None
-    try:
-        return client.create_experiment(name, artifact_location=location,
-                                        tags={names.EXPERIMENT_KIND_TAG: names.EXPERIMENT_KIND})
-    except mlflow.exceptions.MlflowException:
-        # another worker created it between our lookup and our create
-        return client.get_experiment_by_name(name).experiment_id
-
-
-UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless told otherwise
-
-
-def ui_links(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> list[str]:
-    """Links that open MLflow's UI in model-training mode on the experiment's runs (and on one run):
-    on the tracking server itself, or on what `mlflow ui` serves for a local store. No credentials."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    base = UI_ADDRESS
-    if tracking_uri.startswith(("http://", "https://")):
-        parts = urlsplit(tracking_uri)
-        base = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""),
-                           parts.path.rstrip("/"), "", ""))
-    links = [f"{base}/#/experiments/{experiment_id}?{names.UI_WORKFLOW}"]
-    if run_id:
-        links.append(f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{names.UI_WORKFLOW}")
-    return links
-
-
-def browse_lines(tracking_uri: str, experiment_id: str, run_id: str, run_words: str) -> list[str]:
-    """What a command prints so a person can look at its runs in MLflow's UI."""
-    experiment_link, run_link = ui_links(tracking_uri, experiment_id, run_id)
-    serve = [] if tracking_uri.startswith(("http://", "https://")) else \
-        [("browse", f"mlflow ui --backend-store-uri {tracking_uri}   (then open the links below)")]
-    return [f"  {label + ':':9}{text}" for label, text in [*serve, ("runs", experiment_link), (run_words, run_link)]]
-
-
-def dataset_inputs(data) -> list:
-    """MLflow dataset inputs of each split of `data` (vae_lab.data.ImageData): name, digest, source
-    and shape, with the split as its context. Computed once per data object."""
-    if "mlflow_datasets" not in data.derived:
-        import json
-
-        import mlflow.data
-        from mlflow.data.dataset_source_registry import get_dataset_source_from_json
-        from mlflow.entities import DatasetInput, InputTag
-        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-        # from its JSON: MLflow registers its local source twice, and resolving a path warns about it
-        source = get_dataset_source_from_json(json.dumps({"uri": data.source or data.name}), "local")
-        inputs = []
-        for split, context in names.DATASET_CONTEXTS.items():
-            if split == "val" and not data.has_val:
-                continue
-            images, labels = data.split(split)
-            dataset = mlflow.data.from_numpy(images.cpu().numpy(), targets=labels.cpu().numpy(),
-                                             source=source, name=data.name)
-            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
-        data.derived["mlflow_datasets"] = inputs
-    return data.derived["mlflow_datasets"]
-
-
-def git_commit() -> str | None:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True,
-                                text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
-
-
-def source_tags() -> dict[str, str]:
-    """MLflow's own source tags (the UI's Source column): the command that made the run, and the commit."""
-    import sys
-
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    command = f"python -m {spec.name}" if spec is not None and spec.name else Path(sys.argv[0] or "python").name
-    tags = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL"}
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = commit
-        tags["mlflow.source.git.commit"] = commit
-    return tags
-
-
-def environment_tags(device: torch.device) -> dict[str, str]:
-    tags = {
-        "device": str(device),
-        "torch_version": torch.__version__,
-        "mlflow_version": mlflow.__version__,
-        **source_tags(),
-    }
-    if device.type == "cuda":
-        tags["device_name"] = torch.cuda.get_device_name(device)
-    return tags
 
 
 def _param_value(value: Any) -> str:
     return str(value)[:6000]
-
-
-class StoreUnavailable(RuntimeError):
-    """The tracking store stayed unreachable: the run stops, resumable from its checkpoint."""
-
-
-def is_store_error(error: BaseException) -> bool:
-    """Did `error` come from a store that could not be reached (rather than from a refusal)?"""
-    import requests
-    import sqlalchemy.exc
-
-    if isinstance(error, (StoreUnavailable, requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                          ConnectionError, TimeoutError, sqlalchemy.exc.OperationalError)):
-        return True
-    message = str(error)
-    return isinstance(error, mlflow.exceptions.MlflowException) and (
-        "Max retries exceeded" in message or "Connection refused" in message or "timed out" in message)
 
 
 class RunTracker:
@@ -261,7 +61,7 @@ class RunTracker:
         client = MlflowClient(tracking_uri=tracking_uri)
         experiment_id = get_or_create_experiment(client, config.tracking.experiment, tracking_uri)
         all_tags = environment_tags(device)
-        all_tags.update({"model": config.model.name, "dataset": config.data.name})
+        all_tags.update({names.MODEL_TAG: config.model.name, names.DATASET_TAG: config.data.name})
         all_tags.update(tags or {})
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
@@ -304,12 +104,9 @@ class RunTracker:
         and system/gpu_* where pynvml finds an NVIDIA GPU) on this run, every `every_seconds`; 0 = none."""
         if not every_seconds:
             return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not two INFO lines per trial
-        self._system_monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every_seconds,
-                                                    resume_logging=resume, tracking_uri=self.tracking_uri)
-        self._system_monitor.start()
+        self._system_monitor = mlflow_compat.start_system_metrics(self.run_id, every_seconds, resume,
+                                                                  self.tracking_uri)
 
     def log_datasets(self, data) -> None:
         """The run's train, validation and test data as MLflow dataset inputs (the UI's Dataset column)."""
@@ -356,7 +153,7 @@ class RunTracker:
                 logging.getLogger(__name__).warning("run %s: could not save %s, will retry: %s",
                                                     self.run_id, what, str(error).splitlines()[0][:200])
             if now - self._failing_since > STORE_PATIENCE_SECONDS:
-                raise StoreUnavailable(f"the tracking store {self.tracking_uri} has been unreachable for "
+                raise StoreUnavailable(f"the tracking store {redact(self.tracking_uri)} has been unreachable for "
                                        f"{now - self._failing_since:.0f} s; rerun to continue from the last "
                                        "checkpoint") from error
             return False
@@ -390,7 +187,7 @@ class RunTracker:
         mlflow.set_tracking_uri(self.tracking_uri)
         # MLflow warns about pickle on every call; the state dict above is the safe copy
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        _skip_requirement_scan()
+        mlflow_compat.skip_requirement_scan()
         with mlflow.start_run(run_id=self.run_id):
             mlflow.pytorch.log_model(
                 model, name=MODEL_ARTIFACT, serialization_format="pickle",
@@ -431,18 +228,6 @@ class RunTracker:
             delete_checkpoints(self.client, self.run_id)
 
 
-def _skip_requirement_scan() -> None:
-    """Before logging a model MLflow maps every installed distribution to its modules (about
-    0.9 s per process, most of a model's logging time) only to warn when the requirements we
-    pass (this process's own torch and mlflow versions) do not match this process, which they
-    cannot. An empty map makes it look versions up by package name instead. MLflow keeps the
-    map in a private module global; if that changes, this does nothing and the scan runs."""
-    from mlflow.utils import requirements_utils
-
-    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", {}) is None:
-        requirements_utils._MODULES_TO_PACKAGES = {}
-
-
 class NullTracker:
     """Tracking off: the same calls, no store."""
 
@@ -460,98 +245,9 @@ class NullTracker:
     def end(self, status="FINISHED", reason=None, resumable=False): pass
 
 
-def missing_store(tracking_uri: str) -> str | None:
-    """Why an SQLite store cannot be read, or None (opening a missing one would create it)."""
-    if tracking_uri.startswith("sqlite:///"):
-        database = Path(tracking_uri[len("sqlite:///"):])
-        if not database.is_file():
-            return f"no MLflow store at {database}; train a model first (python -m vae_lab.train) " \
-                   "or pass --tracking-uri"
-    return None
-
-
-class StudyNotFound(LookupError):
-    """A study named on a command line is not there, or not one study; the message is one line."""
-
-
-def find_study(client: MlflowClient, study: str):
-    """The parent run of a study given by its parent run id or its name (`vae_lab.study_name`).
-    A name that several parent runs carry (a `--new-study` restart) is ambiguous: their ids are listed."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        parent = client.get_run(study)
-    except MlflowException:
-        if "'" in study:  # it cannot be quoted in MLflow's filter language, and no study name has one
-            raise StudyNotFound(f"no study named {study!r} and no run with that id in {client.tracking_uri}") from None
-        parents = client.search_runs(
-            [experiment.experiment_id for experiment in client.search_experiments()],
-            filter_string=f"tags.`{names.ROLE_TAG}` = 'study' and tags.`{names.STUDY_NAME_TAG}` = '{study}'",
-            order_by=["attributes.start_time DESC"], max_results=10)
-        if not parents:
-            raise StudyNotFound(f"no study named {study!r} and no run with that id in {client.tracking_uri}") from None
-        if len(parents) > 1:
-            raise StudyNotFound(f"{len(parents)} studies are named {study!r} (parent runs "
-                                f"{', '.join(run.info.run_id for run in parents)}); pass the parent run id") from None
-        parent = parents[0]
-    if parent.data.tags.get(names.ROLE_TAG) != "study":
-        raise StudyNotFound(f"run {parent.info.run_id} is not a study's parent run")
-    return parent
-
-
-def has_logged_model(client: MlflowClient, run_id: str) -> bool:
-    """Did the run log its state dict (what `load_logged_model` reads)?"""
-    try:
-        listed = client.list_artifacts(run_id, STATE_DICT_ARTIFACT.rsplit("/", 1)[0])
-    except (mlflow.exceptions.MlflowException, OSError):  # artifact store unreachable or gone
-        return False
-    return STATE_DICT_ARTIFACT in {item.path for item in listed}
-
-
-def load_run_config(client: MlflowClient, run_id: str) -> Config:
-    """The config a run trained with (its config.yaml). Keys added since are filled with the
-    value that reproduces what the run did (a run from before validation splits had none)."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = client.download_artifacts(run_id, CONFIG_ARTIFACT, folder)
-        from vae_lab.config import flatten
-
-        flat = flatten(parse_yaml(Path(path).read_text()))
-        flat.setdefault("data.val_size", 0)
-        return config_from_flat(flat)
-
-
-def load_logged_model(run_id: str, tracking_uri: str | None = None,
-                      map_location: str | torch.device = "cpu", config: Config | None = None):
-    """Rebuild a run's model from its config (read from the run unless given) and its state
-    dict (`torch.load(weights_only=True)`)."""
-    from vae_lab.models.autoencoders import build_model
-
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri or ""))
-    config = config or load_run_config(client, run_id)
-    with tempfile.TemporaryDirectory() as folder:
-        path = client.download_artifacts(run_id, STATE_DICT_ARTIFACT, folder)
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    model = build_model(config.model, tuple(checkpoint["image_shape"]))
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:  # e.g. a conv model from before the kernel-4 decoder
-        raise IncompatibleModel(
-            f"run {run_id}'s {config.model.name} was logged by an older vae_lab whose layers differ from "
-            f"today's ({str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error}); "
-            "train it again to use it here") from None
-    return model.eval(), config
-
-
-class IncompatibleModel(ValueError):
-    """A logged state dict that today's model of its config cannot hold; the message is one line."""
-
-
 def delete_checkpoints(client, run_id: str) -> None:
     """Remove the run's checkpoints (best effort: a store that cannot delete keeps them)."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
     try:
-        artifact_uri = client.get_run(run_id).info.artifact_uri
-        get_artifact_repository(artifact_uri, tracking_uri=client.tracking_uri).delete_artifacts(CHECKPOINT_DIR)
+        mlflow_compat.delete_artifacts(client, run_id, CHECKPOINT_DIR)
     except Exception:
         pass

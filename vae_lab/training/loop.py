@@ -229,7 +229,7 @@ class Engine:
             trial.finished_training = stop or last
             saved.append((row, trial))
         # every checkpoint of the batch first, then the metrics: a process killed in between has
-        # sent no trial's metrics past its previous checkpoint (see study_trials.align_resumes)
+        # sent no trial's metrics past its previous checkpoint (see vae_lab.study.trials.align_resumes)
         may_send = {}
         for row, trial in saved:
             try:

@@ -62,13 +62,12 @@ class NoiseInput(nn.Module):
         posterior = self.model.encode(images)
         if posterior.logvar is None:
             return self.model.decode(posterior.mean), posterior.mean
-        z = posterior.mean + noise * posterior.std
-        return self.model.decode(z), posterior.mean, posterior.logvar
+        return self.model.decode(posterior.sample(noise)), posterior.mean, posterior.logvar
 
 
 def plain_forward(model: Autoencoder, amp: bool, device: torch.device):
     """`forward(images, noise, noise_dim)` of one plain model in eval mode, with a leading K = 1
-    dimension: what `PlainStep.forward` and `vae_lab.engine.evaluate_split` expect."""
+    dimension: what `PlainStep.forward` and `vae_lab.training.scoring.evaluate_split` expect."""
     network = NoiseInput(model).eval()
 
     def forward(images, noise, noise_dim):
@@ -165,7 +164,7 @@ class StackedStep:
         self.params = {f"model.{name}": value.detach() for name, value in params.items()}
         self.buffers = {f"model.{name}": value for name, value in buffers.items()}
         self.template = NoiseInput(copy.deepcopy(models[0]).to("meta"))
-        self.config = configs[0]  # the shared part (vae_lab.batched.batch_key) is the same in each
+        self.config = configs[0]  # the shared part (vae_lab.training.batching.batch_key) is the same in each
         self.configs = list(configs)
         self.device = device
         self.amp = amp

@@ -17,7 +17,7 @@ import torch
 from vae_lab import names
 from vae_lab.config import Config
 from vae_lab.models.autoencoders import Autoencoder
-from vae_lab.tracking.tracker import StoreUnavailable
+from vae_lab.tracking.errors import StoreUnavailable
 from vae_lab.training.checkpoints import Checkpoint, Resume
 
 EpochCallback = Callable[[int, dict[str, float]], None]

@@ -1,0 +1,49 @@
+"""The Optuna internals vae_lab relies on (vae_lab/study/storage.py), against the real Optuna, on
+each storage kind it uses: a release that changes one fails here, by name."""
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from vae_lab.study import storage as store
+
+
+@pytest.fixture(params=["journal", "sqlite"])
+def storage_url(request, tmp_path) -> str:
+    return f"journal:///{tmp_path / 'optuna.journal'}" if request.param == "journal" \
+        else f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+def test_a_waiting_trial_is_claimed_once_and_its_handle_reports_into_it(storage_url):
+    storage = store.open_storage(storage_url)
+    study = optuna.create_study(storage=storage, study_name="compat")
+    for x in (1.0, 2.0, 3.0):
+        study.enqueue_trial(params={"x": x}, user_attrs={"tag": f"x{x:g}"})
+    claimed_ids = []
+
+    trial = store.pop_waiting_trial(study, storage, wanted=lambda waiting: waiting.user_attrs["tag"] == "x2",
+                                    on_claim=claimed_ids.append)
+    assert isinstance(trial, optuna.Trial) and trial.number == 1
+    assert claimed_ids == [store.trial_id(storage, study, 1)]
+    # the handle is the trial itself: its enqueued value, its reports and its end land in the storage
+    assert trial.suggest_float("x", 0.0, 5.0) == 2.0
+    trial.report(0.5, step=1)
+    study.tell(trial, 0.25)
+    frozen = study.get_trials()[1]
+    assert frozen.state == TrialState.COMPLETE and frozen.value == 0.25 and frozen.intermediate_values == {1: 0.5}
+
+    # a second claim never takes a trial that is no longer WAITING
+    assert store.pop_waiting_trial(study, storage, wanted=lambda waiting: waiting.user_attrs["tag"] == "x2") is None
+    others = [store.pop_waiting_trial(study, storage) for _ in range(3)]
+    assert [other.number for other in others[:2]] == [0, 2] and others[2] is None
+    assert {t.state for t in study.get_trials()} == {TrialState.COMPLETE, TrialState.RUNNING}
+
+
+def test_moving_a_trial_to_running_succeeds_for_one_caller_only(storage_url):
+    """What makes a claim atomic across processes: the storage's WAITING -> RUNNING update."""
+    storage = store.open_storage(storage_url)
+    study = optuna.create_study(storage=storage, study_name="atomic")
+    study.enqueue_trial(params={"x": 1.0})
+    trial_id = store.trial_id(storage, study, 0)
+    assert storage.set_trial_state_values(trial_id, state=TrialState.RUNNING) is True
+    assert storage.set_trial_state_values(trial_id, state=TrialState.RUNNING) is False

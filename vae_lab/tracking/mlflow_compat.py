@@ -1,0 +1,53 @@
+"""Every use of an MLflow name that is not public API, in one place. Each has a test in
+tests/test_mlflow_compat.py that fails loudly when an MLflow release changes it; at run time
+each degrades to MLflow's own behaviour (slower, or a warning) rather than failing a run.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def local_dataset_source(uri: str):
+    """A local dataset source for `uri`. Built from its JSON: MLflow registers its local source
+    twice, and resolving a path through the public `resolve_dataset_source` warns about it."""
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+
+    return get_dataset_source_from_json(json.dumps({"uri": uri}), "local")
+
+
+def dataset_entity(dataset):
+    """The entity `MlflowClient.log_inputs` takes for an `mlflow.data` dataset (the public path,
+    `mlflow.log_input`, needs an active run, which vae_lab never holds)."""
+    return dataset._to_mlflow_entity()
+
+
+def start_system_metrics(run_id: str, every_seconds: float, resume: bool, tracking_uri: str):
+    """MLflow's system-metrics monitor on a run given by id (the public switch,
+    `start_run(log_system_metrics=True)`, needs an active run); returns it started."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_seconds, resume_logging=resume,
+                                   tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
+def delete_artifacts(client, run_id: str, path: str) -> None:
+    """Delete a folder of a run's artifacts (MlflowClient has no call for it)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    get_artifact_repository(artifact_uri, tracking_uri=client.tracking_uri).delete_artifacts(path)
+
+
+def skip_requirement_scan() -> None:
+    """Before logging a model MLflow maps every installed distribution to its modules (about
+    0.9 s per process, most of a model's logging time) only to warn when the requirements we
+    pass (this process's own torch and mlflow versions) do not match this process, which they
+    cannot. An empty map makes it look versions up by package name instead. MLflow keeps the
+    map in a private module global; if that changes, this does nothing and the scan runs."""
+    from mlflow.utils import requirements_utils
+
+    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", {}) is None:
+        requirements_utils._MODULES_TO_PACKAGES = {}
