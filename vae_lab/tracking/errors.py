@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import mlflow
-import requests
-import sqlalchemy.exc
-
 
 class StoreUnavailable(RuntimeError):
     """The tracking store stayed unreachable: the run stops, resumable from its checkpoint."""
@@ -13,6 +9,10 @@ class StoreUnavailable(RuntimeError):
 
 def is_store_error(error: BaseException) -> bool:
     """Did `error` come from a store that could not be reached (rather than from a refusal)?"""
+    import mlflow  # imported when asked: a process that only trains or fails early does without them
+    import requests
+    import sqlalchemy.exc
+
     if isinstance(error, (StoreUnavailable, requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                           ConnectionError, TimeoutError, sqlalchemy.exc.OperationalError)):
         return True

@@ -10,8 +10,6 @@ import torch
 from vae_lab.config import Config
 from vae_lab.data.datasets import ImageData
 from vae_lab.evaluation import latent_evolution
-from vae_lab.evaluation.artifacts import write_run_artifacts
-from vae_lab.evaluation.metrics import evaluate_model
 from vae_lab.models.autoencoders import Autoencoder
 
 
@@ -20,6 +18,11 @@ def finalize_run(model: Autoencoder, data: ImageData, config: Config, device: to
     """After training: evaluation metrics, artifacts, the model, and the run ended FINISHED.
     `latent_frames` ((step, means) list, labels) become latents/evolution.gif.
     Returns the metrics with the `eval/` ones added."""
+    # imported here: they bring matplotlib, torchvision and scikit-learn (about 2 s), which a
+    # process that never finishes a run (a bad argument, --dry-run, a study's start) does not need
+    from vae_lab.evaluation.artifacts import write_run_artifacts
+    from vae_lab.evaluation.metrics import evaluate_model
+
     metrics = dict(metrics)
     evaluation = evaluate_model(model, data, config, device) if config.eval.enabled else None
     if evaluation is not None:

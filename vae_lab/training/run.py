@@ -20,7 +20,6 @@ from vae_lab import names
 from vae_lab.config import ConfigError
 from vae_lab.data.datasets import ImageData
 from vae_lab.models.autoencoders import build_model
-from vae_lab.tracking.tracker import NullTracker, RunTracker
 from vae_lab.training.batching import PER_TRIAL_KEYS, batch_key
 from vae_lab.training.device import effective_amp, resolve_device, seed_everything
 from vae_lab.training.loop import Engine
@@ -96,6 +95,8 @@ def run_trials(specs: Sequence[TrialSpec], *, data: ImageData, parent_run_id: st
 def start_tracking(trial: Trial, data: ImageData, device, parent_run_id: str | None, amp: bool,
                    batched: int) -> None:
     """The trial's run: none with tracking off, its own run continued, or a new one."""
+    from vae_lab.tracking.tracker import NullTracker, RunTracker  # MLflow (about 1 s): only once a run starts
+
     spec = trial.spec
     run_tags = {names.PRECISION_TAG: "bf16 autocast" if amp else "fp32", **spec.tags}
     if batched > 1:
