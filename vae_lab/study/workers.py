@@ -24,6 +24,7 @@ from vae_lab.study.storage import HEARTBEAT_ATTR, MACHINE_ATTR, WORKER_ATTR
 
 HEARTBEAT_SECONDS = 20
 STALE_AFTER_SECONDS = 120
+JOIN_WAIT_SECONDS = 300  # how long the command's own worker waits for its --workers helpers to join
 
 _identity: dict[int, str] = {}
 
@@ -161,10 +162,12 @@ class Helpers:
         for process in self.processes:
             process.start()
 
-    def wait_until_joined(self) -> None:
-        """Until every helper has opened the study, or stopped."""
+    def wait_until_joined(self, at_most: float = JOIN_WAIT_SECONDS) -> None:
+        """Until every helper has opened the study, or stopped (or `at_most` seconds: a helper
+        stuck on its way in does not hold the study up; it joins late)."""
+        deadline = time.monotonic() + at_most
         for process, joined in zip(self.processes, self.joined):
-            while not joined.wait(timeout=0.2) and process.is_alive():
+            while not joined.wait(timeout=0.2) and process.is_alive() and time.monotonic() < deadline:
                 pass
 
     def alive(self) -> bool:
