@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from vae_lab import names
-from vae_lab.tracking.uris import resolve_tracking_uri
+from vae_lab.tracking.uris import redact, resolve_tracking_uri
 
 from . import findings, importance, latents, plots, samples, stats
 from .page import Bullets, Code, Section, Table, Text, render_html, render_markdown
@@ -77,7 +77,7 @@ def _reason(run: pd.Series) -> str:
 def what_was_run(study: Study) -> Section:
     runs, target = study.runs, study.target_run
     counts = runs["status"].value_counts()
-    items = [f"Experiment: {study.experiment_name}; tracking URI: {study.tracking_uri}"]
+    items = [f"Experiment: {study.experiment_name}; tracking URI: {redact(study.tracking_uri)}"]
     if study.is_study:
         tags = target.data.tags
         items.append(f"Study {study.name!r}: parent run {target.info.run_id} ({target.info.status}), "

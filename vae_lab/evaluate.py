@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from vae_lab.data.datasets import DataUnavailable
     from vae_lab.data.cache import DataCache
     from vae_lab.tracking.logged import has_logged_model
-    from vae_lab.tracking.uris import missing_store, resolve_tracking_uri
+    from vae_lab.tracking.uris import missing_store, redact, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     try:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 status = client.get_run(args.run).info.status
             except MlflowException:
-                raise EvaluateError(f"unknown run id {args.run!r}: no such run in {tracking_uri}") from None
+                raise EvaluateError(f"unknown run id {args.run!r}: no such run in {redact(tracking_uri)}") from None
             if status != "FINISHED":
                 raise EvaluateError(f"run {args.run} is {status}; only a FINISHED run's model is evaluated")
             run_ids = [args.run]
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {run_id}:")
         for key, value in sorted(metrics.items()):
             print(f"  {key:28s} {value:.4f}")
-    print(f"logged into {len(results)} run(s) in {tracking_uri}")
+    print(f"logged into {len(results)} run(s) in {redact(tracking_uri)}")
     return 0
 
 

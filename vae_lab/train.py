@@ -54,7 +54,7 @@ def resumable_run(run_id: str, config_file: str | None, overrides: list[str]):
     from vae_lab.training.checkpoints import Resume, load_checkpoint
     from vae_lab.config import apply_overrides, parse_override
     from vae_lab.tracking.logged import load_run_config
-    from vae_lab.tracking.uris import missing_store, resolve_tracking_uri
+    from vae_lab.tracking.uris import missing_store, redact, resolve_tracking_uri
 
     if config_file:
         raise ConfigError("--resume continues a run with the config it was started with; drop --config")
@@ -71,7 +71,7 @@ def resumable_run(run_id: str, config_file: str | None, overrides: list[str]):
     try:
         run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise ConfigError(f"no run {run_id!r} in {uri}") from None
+        raise ConfigError(f"no run {run_id!r} in {redact(uri)}") from None
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {run_id} already FINISHED; nothing to resume")
     checkpoint = load_checkpoint(client, run_id)

@@ -1,4 +1,5 @@
-"""The files a finished run leaves in MLflow besides its metrics: images, latents, config.
+"""The files a finished run leaves in MLflow besides its metrics: images and latents (its
+config.yaml is logged when the run starts, `vae_lab.tracking.tracker`).
 
     images/reconstructions.png   inputs above, reconstructions below
     images/prior_samples.png     64 decoded draws from the prior
@@ -7,7 +8,6 @@
     latents/test_latents.parquet posterior means of the test set, columns z0..z{d-1} and label
     latents/latent_scatter.png   those latents coloured by class (PCA first beyond 2-D)
     eval/kl_per_dim.csv          mean KL per latent dimension (VAEs)
-    config.yaml                  the resolved config
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ def write_run_artifacts(model: Autoencoder, data: ImageData, config: Config, fol
                         evaluation: EvaluationResult | None = None, images: bool = True) -> None:
     """Write every artifact above into `folder` (mirroring the artifact layout)."""
     model.eval()
-    (folder / "config.yaml").write_text(config.to_yaml())
     if evaluation is not None and evaluation.kl_per_dim is not None:
         write_kl_per_dim(evaluation, folder)
     if not images:

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from vae_lab import names
+from vae_lab.tracking.uris import redact
 from vae_lab.config import (
     Config,
     ConfigError,
@@ -162,7 +163,8 @@ class StudySpec:
         }
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.document, sort_keys=False)
+        """The study file as run (after overrides), as it is recorded: any password in a URI masked."""
+        return redact(yaml.safe_dump(self.document, sort_keys=False))
 
 
 def point_key(assignment: dict[str, Any]) -> str:

@@ -11,3 +11,9 @@
     studies        the one lookup of a study, its trials and its best run
     mlflow_compat  every private MLflow name vae_lab uses
 """
+
+import os
+
+# MLflow prints "View run ... at: <tracking URI>" when a run ends, credentials and all; vae_lab's
+# commands print their own links, without them (set it to false to have MLflow's back)
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -9,8 +9,10 @@ what failed; MLflow's own client would retry an unreachable server for minutes.
 
 from __future__ import annotations
 
+import base64
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -72,10 +74,23 @@ def check_database(url: str, what: str) -> None:
                                f"{str(getattr(error, 'orig', None) or error).splitlines()[0][:200]}") from None
 
 
+def health_request(uri: str) -> urllib.request.Request:
+    """GET <server>/health; credentials in the URI (http://user:password@host) go in an
+    Authorization header, as MLflow's client sends them, not in the host name."""
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    request = urllib.request.Request(url)
+    if parts.username is not None:
+        token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
+    return request
+
+
 def check_tracking_store(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=CHECK_SECONDS):
+            with urllib.request.urlopen(health_request(uri), timeout=CHECK_SECONDS):
                 return
         except Exception as error:
             raise StoreUnreachable(f"cannot reach the MLflow tracking server {redact(uri)}: {_reason(error)}; "

@@ -7,6 +7,7 @@ so a sweep can hold a parent run open while its children come and go, in any thr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import tempfile
 import time
@@ -32,6 +33,12 @@ from vae_lab.tracking.uris import redact, resolve_tracking_uri
 MAX_METRICS_PER_BATCH = 1000
 STORE_PATIENCE_SECONDS = 300  # how long a run keeps training while its store cannot be reached
 MAX_PARAMS_PER_BATCH = 100
+
+
+def config_for_the_record(config: Config) -> Config:
+    """The config as a run records it (params, config.yaml): its tracking URI without a password.
+    Whoever rebuilds a run from its record names the store again (`--resume`, a study's retry)."""
+    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, uri=redact(config.tracking.uri)))
 
 
 def _param_value(value: Any) -> str:
@@ -70,9 +77,10 @@ class RunTracker:
         name = run_name or config.tracking.run_name or f"{config.model.name}-{uuid.uuid4().hex[:6]}"
         run = client.create_run(experiment_id, run_name=name, tags=all_tags)
         tracker = cls(client, tracking_uri, run.info.run_id, experiment_id)
-        tracker.log_params(config.flat())
-        if config.train.checkpoint_every:  # what `--resume` and a study's next worker rebuild it from
-            client.log_text(tracker.run_id, config.to_yaml(), CONFIG_ARTIFACT)
+        recorded = config_for_the_record(config)
+        tracker.log_params(recorded.flat())
+        # what `--resume`, a study's next worker and vae_lab.evaluate rebuild the run from
+        client.log_text(tracker.run_id, recorded.to_yaml(), CONFIG_ARTIFACT)
         tracker.monitor_system(config.tracking.system_metrics_every)
         return tracker
 
