@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -189,3 +190,39 @@ def test_a_store_that_is_down_at_the_start_is_one_line_and_exit_2_with_nothing_c
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and what in result.stderr and "secret" not in result.stderr
     assert not store.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["down.yaml"]
+
+
+def test_a_journal_cut_mid_record_is_repaired_and_a_rerun_finishes_every_point_once(tmp_path, tracking_uri):
+    path = write_study(tmp_path / "cut.yaml", "cut", {"model.latent_dim": [2, 3]})
+    first = subprocess.run([PYTHON, "-m", "vae_lab.sweep", str(path)], env=subprocess_env(tracking_uri),
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    journal = Path(tracking_uri.removeprefix("sqlite:///")).parent / "optuna.journal"
+    with journal.open("r+b") as cut:  # what a power cut (or a full disk) during a write leaves
+        cut.truncate(journal.stat().st_size - 60)
+    assert not journal.read_bytes().endswith(b"\n")
+
+    rerun = subprocess.run([PYTHON, "-m", "vae_lab.sweep", str(path)], env=subprocess_env(tracking_uri),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "its last record was cut mid-write" in rerun.stderr + rerun.stdout
+    assert run(path, tracking_uri) == 0  # the repaired journal reads back, with the rerun's records after it
+    complete = [t for t in optuna_trials(tracking_uri, "cut") if t.state.name == "COMPLETE"]
+    assert sorted({t.params["model.latent_dim"] for t in complete}) == [2, 3]
+    runs = runs_of(tracking_uri)
+    kids = runs[runs["mlflow.parentRunId"].notna()]
+    assert sorted(kids[kids["status"] == "FINISHED"]["param:model.latent_dim"]) == ["2", "3"]  # each trained once
+
+
+def test_an_emptied_journal_is_refused_rather_than_the_study_run_again(tmp_path, tracking_uri, capsys):
+    path = write_study(tmp_path / "lost.yaml", "lost", {"model.latent_dim": [2]})
+    assert run(path, tracking_uri) == 0
+    journal = Path(tracking_uri.removeprefix("sqlite:///")).parent / "optuna.journal"
+    journal.write_bytes(b"")
+    capsys.readouterr()
+    assert run(path, tracking_uri) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "has a parent run in MLflow" in error[0] and "--new-study" in error[0]
+    assert len(runs_of(tracking_uri)) == 2  # the parent and its one trial: nothing trained again
+    assert run(path, tracking_uri, "--new-study") == 0  # the way out: a new study beside the old runs
+    assert len(runs_of(tracking_uri)[lambda runs: runs["vae_lab.role"] == "study"]) == 2

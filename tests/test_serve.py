@@ -289,6 +289,7 @@ BAD_REQUESTS = [
     ("/api/runs/{plane}/prior.png?seed=-4", 400, "out of range"),
     ("/api/runs/{plane}/decode.png?z=1", 400, "z has 1 values; this run's latent size is 2"),
     ("/api/runs/{plane}/decode.png?z=1,nan", 400, "finite"),
+    ("/api/runs/{plane}/decode.png?z=1e39,0", 400, "float32"),  # finite in float64, not in the model
     ("/api/runs/{plane}/decode.png?z=1,x", 400, "is not a number"),
     ("/api/runs/{plane}/decode.png", 400, "missing parameter z"),
     ("/api/runs/{wide}/interpolate.png?a=0&b=256&t=0.5", 400, "b=256 is out of range; allowed 0..255"),
@@ -300,6 +301,7 @@ BAD_REQUESTS = [
     ("/api/runs/{bare}/prior.png", 404, "has no model"),
     ("/api/runs/{bare}", 404, "has no model"),
     ("/no/such/page", 404, "not found"),
+    ("/api/runs//prior.png", 404, "not found"),
 ]
 
 
@@ -310,6 +312,19 @@ def test_bad_requests_get_a_4xx_json_line_and_the_app_keeps_serving(http, store,
     body = response.get_json()
     assert list(body) == ["error"] and message in body["error"] and "\n" not in body["error"]
     assert http.get(f"/api/runs/{store.plane}/prior.png?count=2&seed=0").status_code == 200
+
+
+def test_an_error_inside_the_app_is_a_json_500_without_its_details(store):
+    app = create_app(store.uri, default_run_id=store.plane)
+
+    def broken():
+        raise RuntimeError(f"secret detail from {store.uri}")
+
+    app.add_url_rule("/broken", view_func=broken)
+    app.logger.disabled = True
+    response = app.test_client().get("/broken")
+    assert response.status_code == 500
+    assert list(response.get_json()) == ["error"] and "secret detail" not in response.get_data(as_text=True)
 
 
 def test_a_post_is_refused_with_json(http):

@@ -36,6 +36,7 @@ MAX_COUNT = 64
 MAX_LATENT_DIM = 4096
 MAX_MAP_POINTS = 5000
 MAX_SEED = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # a larger number is infinite in float32
 
 
 # ----------------------------------------------------------------------------- query parameters
@@ -49,8 +50,9 @@ def _number(name: str, text: str | None, kind, default):
         value = kind(text)
     except ValueError:
         raise RequestError(f"{name}={text!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if not math.isfinite(value):
-        raise RequestError(f"{name}={text!r} must be a finite number")
+    if not math.isfinite(value) or (kind is float and abs(value) > FLOAT32_MAX):
+        raise RequestError(f"{name}={text!r} must be a finite number (the model computes in float32: "
+                           f"|x| <= {FLOAT32_MAX:.3g})")
     return value
 
 
@@ -101,6 +103,7 @@ def create_app(tracking_uri: str, default_run_id: str | None = None,
     loaded = LoadedRuns(catalog)
     app = Flask(__name__, static_folder=str(PAGE_DIR), static_url_path="/static")
     app.json.sort_keys = False
+    app.url_map.merge_slashes = False  # `/api/runs//prior.png` is a 404 like any unknown path, not a redirect
     app.extensions["vae_lab.loaded_runs"] = loaded
 
     def served(run_id: str | None) -> ServedRun:
@@ -118,9 +121,9 @@ def create_app(tracking_uri: str, default_run_id: str | None = None,
 
     @app.errorhandler(Exception)
     def crashed(error: Exception):
+        # the details go to the server's log, not to whoever sent the request
         app.logger.exception("request failed: %s", request.full_path)
-        message = str(error).splitlines()[0] if str(error) else ""
-        return jsonify(error=f"internal error: {type(error).__name__}: {message}"), 500
+        return jsonify(error=f"internal error answering {request.method} {request.path}; see the server's log"), 500
 
     @app.get("/")
     def page():

@@ -43,9 +43,11 @@ class StudyRefused(ConfigError):
     """The stored study cannot be resumed with this file (exit 2)."""
 
 
-def create_or_load_study(settings: SweepSettings, storage) -> tuple[optuna.Study, bool]:
+def create_or_load_study(settings: SweepSettings, storage, client: MlflowClient) -> tuple[optuna.Study, bool]:
     """Load the stored study (refusing a changed search space) or create it; (study, created).
-    `--new-study` always starts over: the stored study is deleted and its parent run ended."""
+    `--new-study` always starts over: the stored study is deleted and its parent run ended.
+    A study that MLflow holds and the Optuna storage does not (an emptied journal, another
+    --storage) is refused rather than run a second time beside the first."""
     spec = settings.spec
     fingerprint = spec.fingerprint()
     kwargs = dict(sampler=make_sampler(spec), pruner=make_pruner(spec))
@@ -63,6 +65,8 @@ def create_or_load_study(settings: SweepSettings, storage) -> tuple[optuna.Study
                     f"setup (changed: {', '.join(changes[:5])}); rerun with --new-study to start it over, "
                     "or restore the file")
             return study, False
+    elif not settings.new_study:
+        refuse_a_lost_study(settings, client)
     try:
         study = optuna.create_study(storage=storage, study_name=spec.name, directions=spec.directions, **kwargs)
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
@@ -71,6 +75,21 @@ def create_or_load_study(settings: SweepSettings, storage) -> tuple[optuna.Study
     study.set_user_attr(store.CREATOR_ATTR, worker_id())
     study.set_user_attr(store.MACHINE_ATTR, machine_key())
     return study, True
+
+
+def refuse_a_lost_study(settings: SweepSettings, client: MlflowClient) -> None:
+    spec = settings.spec
+    experiment = client.get_experiment_by_name(spec.base_config().tracking.experiment)
+    if experiment is None:
+        return
+    parents = client.search_runs(
+        [experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.`{names.ROLE_TAG}` = 'study' and tags.`{names.STUDY_NAME_TAG}` = '{spec.name}'")
+    if parents:
+        raise StudyRefused(
+            f"study {spec.name!r} has a parent run in MLflow ({parents[0].info.run_id}) but "
+            f"{redact(settings.storage_url)} holds no study of that name (emptied, or another --storage); "
+            "pass the --storage that holds it, or rerun with --new-study to start it over beside the old runs")
 
 
 def end_replaced_parent(settings: SweepSettings, parent_run_id: str | None) -> None:
@@ -138,8 +157,11 @@ def open_session(settings: SweepSettings, data_cache: DataCache | None = None, r
     with sqlite_setup_lock(settings.tracking_uri):
         client = MlflowClient(tracking_uri=settings.tracking_uri)
         client.search_experiments(max_results=1)  # creates the tables of a new store
+        repaired = store.repair_journal(settings.storage_url)
+        if repaired:
+            tqdm.write(repaired)
         storage = store.open_storage(settings.storage_url)
-    study, created = create_or_load_study(settings, storage)
+    study, created = create_or_load_study(settings, storage, client)
     must_set_up = created or wait_until_ready(study, storage)
     study_attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(study.study_name))
     parent_run_id = study_attrs.get(store.PARENT_ATTR)

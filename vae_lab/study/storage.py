@@ -8,6 +8,7 @@ worker is gone, `repair`. Optuna's own internals are used here and nowhere else.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -55,10 +56,53 @@ def default_storage_url(tracking_uri: str, store_dir: Path, study_name: str) -> 
     return f"{JOURNAL_PREFIX}{folder / 'optuna.journal'}"
 
 
+def journal_path(url: str) -> Path | None:
+    """The file of a journal storage URL (`journal:///path`, or a path ending .journal), else None."""
+    if url.startswith(JOURNAL_PREFIX):
+        return Path(url[len(JOURNAL_PREFIX):])
+    if url.endswith(".journal"):
+        return Path(url)
+    return None
+
+
+def repair_journal(url: str) -> str | None:
+    """Drop the last record of a journal that was cut mid-write (a full disk, a power cut): Optuna
+    would append the next record onto the cut line and never read the file again. Done under
+    Optuna's own journal lock, so no worker is writing meanwhile. Returns a line saying what was
+    dropped, or None when there was nothing to repair."""
+    path = journal_path(url)
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return None
+    lock = optuna.storages.journal.JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        with path.open("rb+") as journal:
+            size = journal.seek(0, os.SEEK_END)
+            journal.seek(size - 1)
+            if journal.read(1) == b"\n":
+                return None
+            whole, end = 0, size  # the end of the last whole record, found from the back
+            while end > 0:
+                start = max(0, end - 65536)
+                journal.seek(start)
+                newline = journal.read(end - start).rfind(b"\n")
+                if newline >= 0:
+                    whole = start + newline + 1
+                    break
+                end = start
+            journal.truncate(whole)
+            journal.flush()
+            os.fsync(journal.fileno())
+    finally:
+        lock.release()
+    return (f"{path}: its last record was cut mid-write (a full disk or a power cut); dropped its "
+            f"{size - whole} bytes, and what it recorded is done again")
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """`journal:///path` (or a path ending .journal) -> a journal file; anything else -> an RDB URL."""
-    if url.startswith(JOURNAL_PREFIX) or url.endswith(".journal"):
-        path = Path(url[len(JOURNAL_PREFIX):] if url.startswith(JOURNAL_PREFIX) else url)
+    path = journal_path(url)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     if sqlite_path(url) is not None:
@@ -129,9 +173,8 @@ def assignment_of(trial: FrozenTrial) -> dict:
 
 def check_optuna_storage(url: str) -> None:
     """StoreUnreachable (exit 2) within seconds when the Optuna storage cannot be used."""
-    if url.startswith(JOURNAL_PREFIX) or url.endswith(".journal"):
-        path = Path(url[len(JOURNAL_PREFIX):] if url.startswith(JOURNAL_PREFIX) else url)
-        check_local_file(path, "Optuna journal", url)
+    if journal_path(url) is not None:
+        check_local_file(journal_path(url), "Optuna journal", url)
     elif sqlite_path(url) is not None:
         check_local_file(sqlite_path(url), "Optuna storage", url)
     else:
