@@ -95,6 +95,11 @@ BAD_FILES = {
     "negative patience": ({"base": {"train": {"early_stopping_patience": -2}}}, "train.early_stopping_patience"),
     "bad value in a point": ({"search_space": {"points": [{"model.name": "vae"}]}}, "model.name"),
     "unknown section": ({"studies": {}}, "studies"),
+    "infinite bound": ({"study": {"name": "bad", "sampler": "tpe", "n_trials": 2},
+                        "search_space": {"loss.kl_weight": {"low": 0.1, "high": float("inf")}}}, "finite"),
+    "infinite step": ({"study": {"name": "bad", "sampler": "tpe", "n_trials": 2},
+                       "search_space": {"loss.kl_weight": {"low": 0.1, "high": 2.0, "step": float("inf")}}},
+                      "step must be a positive number"),
 }
 
 
@@ -120,3 +125,26 @@ def test_bad_override_is_refused(tmp_path, capsys):
     assert sweep.main([str(path), "study.n_trials=-1", "--tracking-uri", f"sqlite:///{tmp_path}/s/m.db"]) == 2
     assert "study.n_trials" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_the_default_journal_belongs_to_one_mlflow_store(tmp_path):
+    """Beside an SQLite store; for a server or database store, a file named after the store
+    (without its password): two stores never share a journal, one store keeps one."""
+    import optuna
+
+    from vae_lab.study.storage import default_storage_url, open_storage
+
+    assert default_storage_url(f"sqlite:///{tmp_path}/a/mlflow.db", tmp_path / "elsewhere", "s") == \
+        f"journal:///{tmp_path}/a/optuna.journal"
+    one = default_storage_url("postgresql://alice:first@db/mlflow", tmp_path, "s")
+    again = default_storage_url("postgresql://alice:second@db/mlflow", tmp_path, "s")
+    other = default_storage_url("postgresql://alice:first@db2/mlflow", tmp_path, "s")
+    server = default_storage_url("http://127.0.0.1:5000", tmp_path, "s")
+    assert one == again and len({one, other, server}) == 3 and "first" not in one
+    assert all(url.startswith(f"journal:///{tmp_path}/optuna-") and url.endswith(".journal")
+               for url in (one, other, server))
+    # a study an older vae_lab kept in the shared optuna.journal is resumed there
+    shared = f"journal:///{tmp_path / 'optuna.journal'}"
+    optuna.create_study(study_name="old", storage=open_storage(shared))
+    assert default_storage_url("http://127.0.0.1:5000", tmp_path, "old") == shared
+    assert default_storage_url("http://127.0.0.1:5000", tmp_path, "new") == server

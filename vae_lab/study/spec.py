@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -398,6 +399,8 @@ def _param_spec(key: str, value: Any, sampler: str) -> Choices | Range:
     low, high = value["low"], value["high"]
     if not all(isinstance(bound, (int, float)) and not isinstance(bound, bool) for bound in (low, high)):
         raise ConfigError(f"search_space.{key}: low and high must be numbers, got {low!r} and {high!r}")
+    if not all(math.isfinite(bound) for bound in (low, high)):
+        raise ConfigError(f"search_space.{key}: low and high must be finite numbers, got {low!r} and {high!r}")
     step, log = value.get("step"), value.get("log", False)
     kind = value.get("type") or ("int" if all(isinstance(x, int) for x in (low, high))
                                  and (step is None or isinstance(step, int)) else "float")
@@ -409,7 +412,7 @@ def _param_spec(key: str, value: Any, sampler: str) -> Choices | Range:
         raise ConfigError(f"search_space.{key}: low ({low}) must be below high ({high})")
     if log and low <= 0:
         raise ConfigError(f"search_space.{key}: a log range needs low > 0, got {low}")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < math.inf):
         raise ConfigError(f"search_space.{key}.step must be a positive number, got {step!r}")
     if log and step is not None:
         raise ConfigError(f"search_space.{key}: log and step cannot be combined")

@@ -7,6 +7,7 @@ worker is gone, `repair`. Optuna's own internals are used here and nowhere else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -16,7 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from vae_lab.tracking.checks import check_database, check_local_file
-from vae_lab.tracking.uris import SQLITE_PREFIX, sqlite_path
+from vae_lab.tracking.uris import SQLITE_PREFIX, redact, sqlite_path
 
 # Optuna user attributes on trials and studies
 POINT_ATTR = "vae_lab.point"  # grid point key (study.point_key)
@@ -42,18 +43,27 @@ SCHEMA_RACE_ATTEMPTS = 5
 
 
 def default_storage_url(tracking_uri: str, store_dir: Path, study_name: str) -> str:
-    """An Optuna journal file beside the MLflow database (or in `store_dir` for a server URI).
+    """An Optuna journal file beside the MLflow database, or, for a store that is not a file (a
+    server, a database), one in `store_dir` named after that store: two stores never share one.
 
     The same file whatever `--workers` says, so every command on this machine joins one study
     (Optuna recommends its journal file for several processes). A study kept by an older
-    vae_lab in `optuna.db` beside it is resumed there.
+    vae_lab in `optuna.db` beside it (or, for a server, in the shared `optuna.journal` of
+    `store_dir`) is resumed there.
     """
     database = sqlite_path(tracking_uri)
     folder = database.parent if database is not None else store_dir
     legacy = folder / "optuna.db"
     if database != legacy and legacy.is_file() and study_name in study_names(f"{SQLITE_PREFIX}{legacy}"):
         return f"{SQLITE_PREFIX}{legacy}"
-    return f"{JOURNAL_PREFIX}{folder / 'optuna.journal'}"
+    if database is not None:
+        return f"{JOURNAL_PREFIX}{folder / 'optuna.journal'}"
+    shared = folder / "optuna.journal"
+    if shared.is_file() and study_name in study_names(f"{JOURNAL_PREFIX}{shared}"):
+        return f"{JOURNAL_PREFIX}{shared}"
+    # named after the store without its credentials: the same store is one file whatever password
+    store_key = hashlib.sha1(redact(tracking_uri).encode()).hexdigest()[:12]
+    return f"{JOURNAL_PREFIX}{folder / f'optuna-{store_key}.journal'}"
 
 
 def journal_path(url: str) -> Path | None:
