@@ -66,7 +66,7 @@ def create_or_load_study(settings: SweepSettings, storage, client: MlflowClient)
                     "or restore the file")
             return study, False
     elif not settings.new_study:
-        refuse_a_lost_study(settings, client)
+        refuse_a_lost_study(settings, storage, client)
     try:
         study = optuna.create_study(storage=storage, study_name=spec.name, directions=spec.directions, **kwargs)
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
@@ -77,7 +77,7 @@ def create_or_load_study(settings: SweepSettings, storage, client: MlflowClient)
     return study, True
 
 
-def refuse_a_lost_study(settings: SweepSettings, client: MlflowClient) -> None:
+def refuse_a_lost_study(settings: SweepSettings, storage, client: MlflowClient) -> None:
     spec = settings.spec
     experiment = client.get_experiment_by_name(spec.base_config().tracking.experiment)
     if experiment is None:
@@ -85,7 +85,9 @@ def refuse_a_lost_study(settings: SweepSettings, client: MlflowClient) -> None:
     parents = client.search_runs(
         [experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
         filter_string=f"tags.`{names.ROLE_TAG}` = 'study' and tags.`{names.STUDY_NAME_TAG}` = '{spec.name}'")
-    if parents:
+    # a worker starting beside us may have created the study and then its parent just now: the
+    # study is lost only if the storage still lacks it once the parent exists
+    if parents and spec.name not in optuna.get_all_study_names(storage=storage):
         raise StudyRefused(
             f"study {spec.name!r} has a parent run in MLflow ({parents[0].info.run_id}) but "
             f"{redact(settings.storage_url)} holds no study of that name (emptied, or another --storage); "
