@@ -6,7 +6,6 @@ tag). Everything here reads from the tracking store; nothing comes from a traini
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ from vae_lab.tracking.uris import missing_store
 from vae_lab.names import ROLE_TAG, STUDY_NAME_TAG
 
 # our own tqdm bars count the runs; MLflow's per-download bars would drown them
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 STUDY_YAML_ARTIFACT = "study/study.yaml"
 SEED_PARAM = "train.seed"

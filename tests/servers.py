@@ -40,55 +40,75 @@ def _tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
-@contextlib.contextmanager
-def postgres_server(folder: Path, timeout: float = 60):
-    """Yield the base URL `postgresql://postgres@127.0.0.1:PORT` of a fresh cluster holding the
-    (empty) databases `mlflow` and `optuna`; trust authentication, TCP on 127.0.0.1 only.
+class PostgresCluster:
+    """A fresh PostgreSQL cluster holding the (empty) databases `mlflow` and `optuna`; trust
+    authentication, TCP on 127.0.0.1 only. `stop_immediately()` is `pg_ctl stop -m immediate`
+    (SIGQUIT: no clean shutdown, clients cut off); `start()` brings it back on the same port.
 
     PostgreSQL refuses to run as root: under root the cluster belongs to the `postgres` OS
     user. Its data folder is a short temporary folder in /tmp (a unix socket path must fit in
     107 bytes, and pytest's folders are private to root); its log goes to `folder/postgres.log`.
     """
-    import psycopg
 
-    bin_dir, folder = postgres_bin(), Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    log_path = folder / "postgres.log"
-    as_user: dict = {}
-    data = Path(tempfile.mkdtemp(prefix="vae_lab-pg-"))
-    if os.geteuid() == 0:
-        as_user = {"user": "postgres", "group": "postgres", "extra_groups": []}
-        shutil.chown(data, "postgres", "postgres")
-    cluster = data / "data"
-    env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
-    server = None
-    try:
-        with log_path.open("ab") as log:
-            subprocess.run([str(bin_dir / "initdb"), "-D", str(cluster), "-U", "postgres", "--auth=trust",
-                            "-E", "UTF8", "--no-locale", "--no-sync"],
-                           check=True, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data, **as_user)
-            port = free_port()
-            server = subprocess.Popen(
-                [str(bin_dir / "postgres"), "-D", str(cluster), "-k", str(data), "-h", "127.0.0.1",
-                 "-p", str(port), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data, start_new_session=True, **as_user)
-        url = f"postgresql://postgres@127.0.0.1:{port}"
-        deadline = time.time() + timeout
+    def __init__(self, folder: Path, timeout: float = 60):
+        self.bin_dir, self.folder, self.timeout = postgres_bin(), Path(folder), timeout
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.folder / "postgres.log"
+        self.as_user: dict = {}
+        self.data = Path(tempfile.mkdtemp(prefix="vae_lab-pg-"))
+        if os.geteuid() == 0:
+            self.as_user = {"user": "postgres", "group": "postgres", "extra_groups": []}
+            shutil.chown(self.data, "postgres", "postgres")
+        self.cluster = self.data / "data"
+        self.env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+        self.server = None
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}"  # the base: add /mlflow or /optuna
+        with self.log_path.open("ab") as log:
+            subprocess.run([str(self.bin_dir / "initdb"), "-D", str(self.cluster), "-U", "postgres", "--auth=trust",
+                            "-E", "UTF8", "--no-locale", "--no-sync"], check=True, stdout=log,
+                           stderr=subprocess.STDOUT, env=self.env, cwd=self.data, **self.as_user)
+        self.start()
+        with self._connect("postgres") as connection:
+            for name in DATABASES:
+                connection.execute(f"CREATE DATABASE {name}")
+
+    def _connect(self, database: str):
+        import psycopg
+
+        return psycopg.connect(f"{self.url}/{database}", connect_timeout=2, autocommit=True)
+
+    def start(self) -> None:
+        import psycopg
+
+        with self.log_path.open("ab") as log:
+            self.server = subprocess.Popen(
+                [str(self.bin_dir / "postgres"), "-D", str(self.cluster), "-k", str(self.data), "-h", "127.0.0.1",
+                 "-p", str(self.port), "-c", "fsync=off", "-c", "synchronous_commit=off",
+                 "-c", "full_page_writes=off"],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.data, start_new_session=True,
+                **self.as_user)
+        deadline = time.time() + self.timeout
         while True:
             try:
-                with psycopg.connect(f"{url}/postgres", connect_timeout=2, autocommit=True) as connection:
-                    for name in DATABASES:
-                        connection.execute(f"CREATE DATABASE {name}")
-                break
+                with self._connect("postgres"):
+                    return
             except psycopg.OperationalError as error:
-                if server.poll() is not None:
-                    raise RuntimeError(f"postgres exited with code {server.returncode}:\n{_tail(log_path)}") from error
+                if self.server.poll() is not None:
+                    raise RuntimeError(f"postgres exited with code {self.server.returncode}:\n"
+                                       f"{_tail(self.log_path)}") from error
                 if time.time() > deadline:
-                    raise RuntimeError(f"postgres did not accept connections in {timeout:.0f} s: {error}\n"
-                                       f"{_tail(log_path)}") from error
+                    raise RuntimeError(f"postgres did not accept connections in {self.timeout:.0f} s: {error}\n"
+                                       f"{_tail(self.log_path)}") from error
                 time.sleep(0.2)
-        yield url
-    finally:
+
+    def stop_immediately(self) -> None:
+        """`pg_ctl stop -m immediate`: the postmaster ends every backend at once, no checkpoint."""
+        self.server.send_signal(signal.SIGQUIT)
+        self.server.wait(timeout=30)
+
+    def stop(self) -> None:
+        server = self.server
         if server is not None and server.poll() is None:
             server.send_signal(signal.SIGINT)  # fast shutdown: disconnect clients, stop cleanly
             try:
@@ -100,7 +120,94 @@ def postgres_server(folder: Path, timeout: float = 60):
                 except subprocess.TimeoutExpired:
                     server.kill()  # backends notice their postmaster is gone and exit
                     server.wait(timeout=10)
-        shutil.rmtree(data, ignore_errors=True)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_cluster(folder: Path, timeout: float = 60):
+    """A `PostgresCluster`, stopped and deleted when the block ends."""
+    cluster = None
+    try:
+        cluster = PostgresCluster(folder, timeout)
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.remove()
+
+
+@contextlib.contextmanager
+def postgres_server(folder: Path, timeout: float = 60):
+    """Yield the base URL `postgresql://postgres@127.0.0.1:PORT` of a fresh `PostgresCluster`."""
+    with postgres_cluster(folder, timeout) as cluster:
+        yield cluster.url
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:`port` to `target_port`, until `cut()`: every connection through it
+    is closed and no new one is accepted (a network cut seen by one client only)."""
+
+    def __init__(self, target_port: int):
+        import threading
+
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list = []
+        self.lock = threading.Lock()
+        self.cut_off = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.cut_off:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                if self.cut_off:
+                    client.close()
+                    upstream.close()
+                    return
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self.lock:
+            self.cut_off = True
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+            with contextlib.suppress(OSError):
+                self.listener.close()
+            for end in self.sockets:
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+                    end.close()
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
 """Checkpoints in the one loop: a run stopped after some epochs and continued from its checkpoint
 ends with the numbers and metric histories of a run that was never stopped."""
 
+import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY_RUN
 from vae_lab import names
-from vae_lab.training.checkpoints import CHECKPOINT_DIR, Resume, load_checkpoint
+from servers import free_port
+from vae_lab.training.checkpoints import CHECKPOINT_DIR, SLOTS, Resume, load_checkpoint, read_checkpoint
 from vae_lab.config import build_config
 from vae_lab.data.datasets import load_data
 from vae_lab.training.run import run_trials
@@ -107,3 +110,59 @@ def test_train_resume_continues_a_killed_plain_run(tmp_path, tracking_uri):
     assert [m.value for m in client.get_metric_history(run.info.run_id, names.EPOCH)] == [1, 2, 3]
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already FINISHED" in again.stderr
+
+
+def slot_path(client, run_id, slot):
+    from urllib.parse import urlparse
+
+    return Path(urlparse(client.get_run(run_id).info.artifact_uri).path) / CHECKPOINT_DIR / slot
+
+
+def overwrite_middle(path: Path, seed: int = 0) -> None:
+    """Random bytes over the middle of the file (the weights), its size unchanged."""
+    data = bytearray(path.read_bytes())
+    noise = random.Random(seed).randbytes(256)
+    middle = len(data) // 2
+    data[middle:middle + len(noise)] = noise
+    path.write_bytes(bytes(data))
+
+
+def test_a_slot_that_fails_its_checksum_is_skipped_and_when_both_fail_each_is_named(tracking_uri):
+    (config,) = configs_for(tracking_uri, ["model.name=linear_vae"])
+    data = load_data(config.data, torch.device("cpu"), config.train.batch_size)
+    with pytest.raises(KeyboardInterrupt):  # checkpoints of epochs 1 (a.pt) and 2 (b.pt)
+        run_trials([TrialSpec(config, on_epoch_end=stop_at(3))], data=data)
+    client = MlflowClient(tracking_uri)
+    (killed,) = client.search_runs([client.get_experiment_by_name("vae_lab").experiment_id])
+    run_id = killed.info.run_id
+    found = read_checkpoint(client, run_id, config)
+    assert found.checkpoint.epoch == 2 and found.problems == []
+
+    overwrite_middle(slot_path(client, run_id, "b.pt"))
+    found = read_checkpoint(client, run_id, config)
+    assert found.checkpoint.epoch == 1  # the older slot, whole
+    assert found.problems == ["slot b.pt: its checksum does not match its contents (corrupt or cut short)"]
+
+    other = build_config(overrides=[*TINY_RUN, *FAST, f"tracking.uri={tracking_uri}", "train.lr=0.5"])
+    assert read_checkpoint(client, run_id, other).problems[0] == "slot a.pt: it belongs to another config"
+
+    a_slot = slot_path(client, run_id, "a.pt")
+    a_slot.write_bytes(a_slot.read_bytes()[:1000])  # cut short
+    found = read_checkpoint(client, run_id, config)
+    assert found.checkpoint is None and len(found.problems) == 2
+
+    command = [sys.executable, "-m", "vae_lab.train", "--resume", run_id, f"tracking.uri={tracking_uri}"]
+    corrupt = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert corrupt.returncode == 2 and corrupt.stderr.count("\n") == 1, corrupt.stderr
+    assert f"run {run_id} cannot continue: its checkpoints are corrupt (slot a.pt:" in corrupt.stderr
+
+    down = f"http://127.0.0.1:{free_port()}"
+    unreachable = subprocess.run([*command[:-1], f"tracking.uri={down}"], capture_output=True, text=True,
+                                 timeout=120)
+    assert unreachable.returncode == 2 and unreachable.stderr.count("\n") == 1, unreachable.stderr
+    assert unreachable.stderr.startswith(f"error: cannot reach the MLflow tracking server {down}")
+
+    for slot in SLOTS:
+        slot_path(client, run_id, slot).unlink()
+    none = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert none.returncode == 2 and "has no checkpoint to continue from" in none.stderr

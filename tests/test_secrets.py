@@ -1,5 +1,5 @@
-"""No secret leaves: a password in the tracking URI reaches the server (as the client's credentials)
-and nothing else: not stdout or stderr, not a param, tag or artifact, not the report, not an HTTP
+"""No secret leaves: a password in the tracking URI (or in PGPASSWORD, MLFLOW_TRACKING_PASSWORD)
+reaches the server (as the client's credentials) and nothing else: not stdout or stderr, not a param, tag or artifact, not the report, not an HTTP
 answer of the serve page. Against a real `mlflow server`, through the real commands."""
 
 import os
@@ -30,7 +30,9 @@ def test_a_password_in_the_tracking_uri_appears_in_no_output_record_report_or_an
     server_db, artifacts = tmp_path / "server.db", tmp_path / "server-artifacts"
     with servers.mlflow_server(f"sqlite:///{server_db}", artifacts) as url:
         secret_uri = url.replace("http://", f"http://alice:{MARKER}@")
-        env = {**os.environ, "MLFLOW_TRACKING_URI": secret_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        # passwords in the environment too: PostgreSQL's, and MLflow's basic-auth pair
+        env = {**os.environ, "MLFLOW_TRACKING_URI": secret_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+               "PGPASSWORD": MARKER, "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": MARKER}
         said = []
         # a run that checkpoints and logs its model
         said.append(run(["vae_lab.train", "data.name=digits", "train.epochs=1", "train.batch_size=64",

@@ -327,6 +327,35 @@ def test_an_error_inside_the_app_is_a_json_500_without_its_details(store):
     assert list(response.get_json()) == ["error"] and "secret detail" not in response.get_data(as_text=True)
 
 
+def test_errors_the_server_answers_itself_are_json_too(store):
+    """A request line over 64 KiB never reaches the app: werkzeug's handler answers 414, in JSON."""
+    import json
+    import socket
+
+    from vae_lab.serve.app import make_json_server
+
+    server = make_json_server("127.0.0.1", 0, create_app(store.uri, default_run_id=store.plane))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        def answer(request: bytes) -> tuple[str, dict]:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+                connection.sendall(request)
+                reply = b""
+                while chunk := connection.recv(65536):
+                    reply += chunk
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert b"Content-Type: application/json" in head, head
+            return head.split(b"\r\n")[0].decode(), json.loads(body)
+
+        status, body = answer(b"GET /api/runs?z=" + b"1" * 10_000_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status.startswith("HTTP/1.1 414") and "longer than 65,536 bytes" in body["error"]
+        status, body = answer(b"NONSENSE\r\n\r\n")
+        assert status.split()[1] == "400" and body["error"]
+    finally:
+        server.shutdown()
+
+
 def test_a_post_is_refused_with_json(http):
     response = http.post("/api/runs")
     assert response.status_code == 405 and "method not allowed" in response.get_json()["error"]

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 
@@ -97,6 +98,11 @@ BAD_FILES = {
     "unknown section": ({"studies": {}}, "studies"),
     "infinite bound": ({"study": {"name": "bad", "sampler": "tpe", "n_trials": 2},
                         "search_space": {"loss.kl_weight": {"low": 0.1, "high": float("inf")}}}, "finite"),
+    "grid over the cap": ({"search_space": {"model.latent_dim": list(range(2, 202)),
+                                            "loss.kl_weight": [0.1 * i for i in range(1, 101)]}},
+                          "the grid has 20,000 points, more than study.max_grid_points=10,000"),
+    "cap not a count": ({"study": {"name": "bad", "sampler": "grid", "max_grid_points": 0}},
+                        "study.max_grid_points"),
     "infinite step": ({"study": {"name": "bad", "sampler": "tpe", "n_trials": 2},
                        "search_space": {"loss.kl_weight": {"low": 0.1, "high": 2.0, "step": float("inf")}}},
                       "step must be a positive number"),
@@ -148,3 +154,46 @@ def test_the_default_journal_belongs_to_one_mlflow_store(tmp_path):
     optuna.create_study(study_name="old", storage=open_storage(shared))
     assert default_storage_url("http://127.0.0.1:5000", tmp_path, "old") == shared
     assert default_storage_url("http://127.0.0.1:5000", tmp_path, "new") == server
+
+
+def test_a_file_nested_too_deeply_is_one_line_not_a_recursion_error(tmp_path, capsys):
+    path = tmp_path / "deep.yaml"
+    path.write_text("study: {name: deep, sampler: grid}\nbase:\n  train: " + "{a: " * 2000 + "1" + "}" * 2000 + "\n")
+    code = sweep.main([str(path), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path / 's' / 'm.db'}"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1
+    assert error == f"error: {path}: the YAML nests more than 32 levels deep (allowed: 32; a config nests 4)"
+
+
+@pytest.mark.parametrize("name, value", [("VAE_LAB_STORE_PATIENCE_SECONDS", "soon"),
+                                         ("VAE_LAB_STORE_PATIENCE_SECONDS", "-1"),
+                                         ("VAE_LAB_HEARTBEAT_SECONDS", "0.1")])
+def test_a_bad_duration_in_the_environment_is_one_line(tmp_path, capsys, monkeypatch, name, value):
+    path = tmp_path / "good.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    monkeypatch.setenv(name, value)
+    assert sweep.main([str(path), "--tracking-uri", f"sqlite:///{tmp_path / 's' / 'm.db'}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith(f"error: ${name}=")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_large_grid_is_planned_and_queued_a_slice_at_a_time(tmp_path, tracking_uri, capsys):
+    """20,000 points (the cap raised): --dry-run lists the first 1,000; the sweep queues 256
+    points, not 20,000, before its first trial trains (study.timeout ends it after one batch)."""
+    from test_sweep import write_study
+    from vae_lab.study.claims import ENQUEUE_AHEAD
+    from vae_lab.study.storage import open_storage
+
+    space = {"model.latent_dim": list(range(2, 202)), "loss.kl_weight": [0.1 * i for i in range(1, 101)]}
+    path = write_study(tmp_path / "large.yaml", "large", space, study={"max_grid_points": 20_000, "timeout": 1})
+    assert sweep.main([str(path), "--dry-run", "--tracking-uri", tracking_uri]) == 0
+    out = capsys.readouterr().out
+    assert "20,000 grid points, the first 1000 in " in out and "... and 19,000 more" in out
+    assert sweep.main([str(path), "--tracking-uri", tracking_uri]) == 0
+    journal = Path(tracking_uri.removeprefix("sqlite:///")).parent / "optuna.journal"
+    trials = optuna.load_study(study_name="large", storage=open_storage(f"journal:///{journal}")).get_trials()
+    done = [trial for trial in trials if trial.state.name == "COMPLETE"]
+    assert done and len(trials) <= ENQUEUE_AHEAD + len(done)
+    assert {trial.user_attrs["vae_lab.point"] for trial in done} <= {
+        trial.user_attrs["vae_lab.point"] for trial in trials[:ENQUEUE_AHEAD]}  # the grid's first slice

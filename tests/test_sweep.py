@@ -113,9 +113,14 @@ def test_grid_runs_each_point_once_as_children_of_one_parent_and_resumes(tmp_pat
     # the same command again: nothing is rerun
     assert run(path, tracking_uri) == 0
     assert len(children(runs_of(tracking_uri), parent_id)) == 4
-    # a changed search space is refused (exit 2, nothing new) unless --new-study
+    # a changed search space is refused (exit 2, nothing new) unless --new-study; --dry-run says so too
+    capsys.readouterr()
+    assert run(path, tracking_uri, "search_space.model.name=[ae]", "--dry-run") == 2
+    dry_error = capsys.readouterr().err
+    assert "was started with a different setup" in dry_error and dry_error.count("\n") == 1
+    assert run(path, tracking_uri, "search_space.model.name=[ae]", "--new-study", "--dry-run") == 0
     assert run(path, tracking_uri, "search_space.model.name=[ae]") == 2
-    assert "--new-study" in capsys.readouterr().err
+    assert capsys.readouterr().err == dry_error  # exactly what --dry-run said
     assert len(runs_of(tracking_uri)) == 5
     assert run(path, tracking_uri, "search_space.model.name=[ae]", "--new-study") == 0
     runs = runs_of(tracking_uri)

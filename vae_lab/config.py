@@ -39,8 +39,22 @@ _NumberSafeLoader.add_implicit_resolver(
 )
 
 
+MAX_YAML_DEPTH = 32  # configs and study files nest 4 levels; far deeper is a mistake or an attack
+
+
 def parse_yaml(text: str) -> Any:
-    """Parse YAML safely, reading scientific notation such as 1e-4 as numbers."""
+    """Parse YAML safely, reading scientific notation such as 1e-4 as numbers; ConfigError for
+    a document nested deeper than MAX_YAML_DEPTH (PyYAML would recurse until Python gives up)."""
+    depth = deepest = 0
+    for event in yaml.parse(text, Loader=_NumberSafeLoader):  # events: no recursion, no objects built
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_YAML_DEPTH:
+                raise ConfigError(f"the YAML nests more than {MAX_YAML_DEPTH} levels deep (allowed: "
+                                  f"{MAX_YAML_DEPTH}; a config nests 4)")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
     return yaml.load(text, Loader=_NumberSafeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
@@ -53,6 +67,8 @@ def load_yaml_mapping(path: str | Path) -> dict:
     except yaml.YAMLError as error:
         first_line = str(error).splitlines()[0] if str(error) else "invalid YAML"
         raise ConfigError(f"{path}: not valid YAML ({first_line})") from None
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     if content is None:
         return {}
     if not isinstance(content, dict):

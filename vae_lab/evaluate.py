@@ -16,7 +16,6 @@ anything else would no longer describe the trained model.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -100,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="", help="MLflow store (default $MLFLOW_TRACKING_URI, "
                         "else mlruns/mlflow.db)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our bar counts the runs
 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient

@@ -19,6 +19,7 @@ arguments, validation before anything is created, and what it prints.
 from __future__ import annotations
 
 import argparse
+import itertools
 import signal
 import sys
 from pathlib import Path
@@ -30,11 +31,12 @@ from vae_lab.config import ConfigError
 from vae_lab.data.cache import DataCache
 from vae_lab.data.datasets import DataUnavailable
 from vae_lab.study import storage as store
-from vae_lab.study.runner import raise_interrupted, run_study
+from vae_lab.study.runner import check_without_creating, raise_interrupted, run_study
 from vae_lab.study.session import Session, SweepSettings
 from vae_lab.study.spec import Choices, load_study_spec
 from vae_lab.tracking.checks import check_tracking_store, short_http_retries
-from vae_lab.tracking.errors import StoreUnavailable
+from vae_lab.study.workers import heartbeat_seconds
+from vae_lab.tracking.errors import StoreUnavailable, describe, is_store_error, store_patience_seconds
 from vae_lab.tracking.links import browse_lines
 from vae_lab.tracking.uris import default_store_dir, redact, resolve_tracking_uri
 from vae_lab.training.batching import plan_batches
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PLAN_LISTS_UP_TO = 1000  # grid points listed (and planned into passes) by --dry-run
+
+
 def print_plan(settings: SweepSettings) -> None:
     """What a study would run: its grid points (with their batches), or its sampled space."""
     spec = settings.spec
@@ -112,14 +117,18 @@ def print_plan(settings: SweepSettings) -> None:
         if spec.points:
             print(f"    points: {len(spec.points)} paired assignments")
         return
-    points = spec.grid_points()
+    size = spec.grid_size()
+    points = list(itertools.islice(spec.iter_grid_points(), PLAN_LISTS_UP_TO))
     configs = [spec.trial_config(point) for point in points]
     batches = plan_batches(configs, spec.batch_trials) if spec.batches_trials else [[index] for index in range(len(points))]
     batch_of = {index: number for number, batch in enumerate(batches) for index in batch}
-    print(f"  {len(points)} grid points, {len(batches)} training passes (study.batch_trials={spec.batch_trials}):")
+    passes = f"{len(batches)} training passes" if size == len(points) else f"the first {len(points)} in {len(batches)} passes"
+    print(f"  {size:,} grid points, {passes} (study.batch_trials={spec.batch_trials}):")
     for index, point in enumerate(points):
         values = ", ".join(f"{key}={value}" for key, value in point.items())
         print(f"    {index:3d}  pass {batch_of[index]:3d}  {values}")
+    if size > len(points):
+        print(f"    ... and {size - len(points):,} more")
 
 
 def prepare(args: argparse.Namespace) -> SweepSettings:
@@ -130,6 +139,7 @@ def prepare(args: argparse.Namespace) -> SweepSettings:
         path, overrides = str(DEFAULT_STUDY_FILE), [args.study_file, *overrides]
     if args.workers < 1:
         raise ConfigError(f"--workers must be 1 or more, got {args.workers}")
+    store_patience_seconds(), heartbeat_seconds()  # ConfigError for a bad $VAE_LAB_* value
     spec = load_study_spec(path, overrides)
     tracking_uri = resolve_tracking_uri(args.tracking_uri or spec.base_config().tracking.uri)
     if "://" not in tracking_uri:
@@ -140,7 +150,7 @@ def prepare(args: argparse.Namespace) -> SweepSettings:
     if storage_url == tracking_uri:
         raise ConfigError("--storage must not be the MLflow database: Optuna and MLflow need separate stores")
     store.check_optuna_storage(storage_url)
-    first = spec.grid_points()[0] if spec.is_grid else {}
+    first = next(spec.iter_grid_points()) if spec.is_grid else {}
     resolve_device(spec.trial_config({key: value for key, value in first.items()}).device)
     return SweepSettings(spec=spec, tracking_uri=tracking_uri, storage_url=storage_url, new_study=args.new_study)
 
@@ -170,6 +180,7 @@ def main(argv: list[str] | None = None, data_cache: DataCache | None = None) -> 
         try:
             settings = prepare(args)
             if args.dry_run:
+                check_without_creating(settings)  # refuses what the run would refuse
                 print_plan(settings)
                 return 0
             settings.progress = settings.spec.base_config().train.progress
@@ -179,6 +190,12 @@ def main(argv: list[str] | None = None, data_cache: DataCache | None = None) -> 
             return 2
         except StoreUnavailable as error:
             print(f"error: {error}", file=sys.stderr)
+            return 1
+        except Exception as error:
+            if not is_store_error(error):
+                raise
+            print(f"error: a store could not be written or reached ({describe(error)}); rerun the same command "
+                  "once it is back: every trial continues from its checkpoint", file=sys.stderr)
             return 1
     except KeyboardInterrupt:
         print("interrupted before the study started; nothing was run", file=sys.stderr)

@@ -44,42 +44,60 @@ def train(config: Config, *, parent_run_id: str | None = None, run_name: str | N
     return outcome
 
 
-RESUME_OVERRIDES = ("device", "train.progress", "tracking.uri")  # how it runs, not what it trains
 
 
 def resumable_run(run_id: str, config_file: str | None, overrides: list[str]):
     """The config and checkpoint of run `run_id`, or ConfigError saying why it cannot continue."""
     import mlflow
 
-    from vae_lab.training.checkpoints import Resume, load_checkpoint
+    from vae_lab.training.checkpoints import HOW_IT_RUNS, Resume, read_checkpoint
     from vae_lab.config import apply_overrides, parse_override
+    from vae_lab.tracking.checks import StoreUnreachable, check_tracking_store, short_http_retries
+    from vae_lab.tracking.errors import is_store_error
     from vae_lab.tracking.logged import load_run_config
     from vae_lab.tracking.uris import missing_store, redact, resolve_tracking_uri
 
     if config_file:
         raise ConfigError("--resume continues a run with the config it was started with; drop --config")
     keys = [parse_override(text)[0] for text in overrides]
-    refused = [key for key in keys if key not in RESUME_OVERRIDES]
+    refused = [key for key in keys if key not in HOW_IT_RUNS]
     if refused:
         raise ConfigError(f"--resume continues a run with the config it was started with; {refused[0]} cannot "
-                          f"change (allowed: {', '.join(RESUME_OVERRIDES)})")
+                          f"change (allowed: {', '.join(HOW_IT_RUNS)})")
     uri = resolve_tracking_uri(dict(parse_override(text) for text in overrides).get("tracking.uri", ""))
     problem = missing_store(uri)
     if problem:
         raise ConfigError(problem)
+    short_http_retries()
+    check_tracking_store(uri)  # "store unreachable" is its own answer, not "no run" or "no checkpoint"
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     try:
         run = client.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as error:
+        if is_store_error(error):
+            raise StoreUnreachable(f"cannot reach the MLflow store {redact(uri)}: "
+                                   f"{str(error).splitlines()[0][:200]}") from None
         raise ConfigError(f"no run {run_id!r} in {redact(uri)}") from None
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {run_id} already FINISHED; nothing to resume")
-    checkpoint = load_checkpoint(client, run_id)
-    if checkpoint is None:
+    config = apply_overrides(load_run_config(client, run_id), [*overrides, f"tracking.uri={uri}"])
+    try:
+        found = read_checkpoint(client, run_id, config)
+    except Exception as error:
+        if not is_store_error(error):
+            raise
+        raise StoreUnreachable(f"cannot read the checkpoints of run {run_id} from {redact(uri)}: "
+                               f"{str(error).splitlines()[0][:200]}; rerun once the store is back") from None
+    if found.checkpoint is None and not found.problems:
         raise ConfigError(f"run {run_id} has no checkpoint to continue from (it trained with "
                           "train.checkpoint_every=0, or was stopped before its first one)")
-    config = apply_overrides(load_run_config(client, run_id), [*overrides, f"tracking.uri={uri}"])
-    return config, Resume(run_id, checkpoint)
+    if found.checkpoint is None:
+        raise ConfigError(f"run {run_id} cannot continue: its checkpoints are corrupt ({found.why_none()}); "
+                          "train it again without --resume")
+    for problem in found.problems:
+        print(f"note: run {run_id}: {problem}; continuing from the other slot (epoch {found.checkpoint.epoch})",
+              file=sys.stderr)
+    return config, Resume(run_id, found.checkpoint)
 
 
 def _interrupt_on_sigterm(signum, frame):
@@ -98,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     from vae_lab.data.datasets import DataUnavailable, load_data
+    from vae_lab.tracking.errors import store_patience_seconds
     from vae_lab.training.device import resolve_device
 
     resume = None
     try:
+        store_patience_seconds()  # a bad $VAE_LAB_STORE_PATIENCE_SECONDS: one line now, not mid-run
         if args.resume:
             config, resume = resumable_run(args.resume, args.config, args.overrides)
         else:

@@ -11,13 +11,10 @@ This module is the command: arguments, the run it opens on, the server's lifetim
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 
-from werkzeug.serving import make_server
-
-from vae_lab.serve.app import DEFAULT_PORT, create_app
+from vae_lab.serve.app import DEFAULT_PORT, create_app, make_json_server
 from vae_lab.serve.catalog import RunCatalog, choose_run, describe_run
 from vae_lab.serve.images import RequestError
 from vae_lab.tracking.uris import missing_store, resolve_tracking_uri
@@ -58,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --port {args.port} is out of range; allowed 0..65535", file=sys.stderr)
         return 2
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per request
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     problem = missing_store(tracking_uri)
     if problem:
@@ -73,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        server = make_server(args.host, args.port, app, threaded=True)
+        server = make_json_server(args.host, args.port, app)
     except OSError as error:
         print(f"error: cannot listen on {args.host}:{args.port} ({error.strerror or error}); "
               "choose another --port (0 picks a free one)", file=sys.stderr)

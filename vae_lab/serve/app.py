@@ -19,13 +19,16 @@ started with. Without `seed` every request draws afresh; the seed used comes bac
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
+from http import HTTPStatus
 from pathlib import Path
 
 from flask import Flask, Response, jsonify, request, send_from_directory
 from mlflow.entities import Run
 from werkzeug.exceptions import HTTPException
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from vae_lab.serve.catalog import LoadedRuns, RunCatalog, choose_run, describe_run
 from vae_lab.serve.images import RequestError, ServedRun
@@ -91,6 +94,31 @@ def png(content: bytes, seed: int | None = None) -> Response:
     if seed is not None:
         response.headers["X-Seed"] = str(seed)
     return response
+
+
+# ----------------------------------------------------------------------------- the server
+
+class JsonErrorRequestHandler(WSGIRequestHandler):
+    """Werkzeug's request handler, with the errors it answers itself (before the app sees the
+    request: a request line over 64 KiB is 414, a malformed one 400) in JSON like the app's."""
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        reasons = {HTTPStatus.REQUEST_URI_TOO_LONG: "the request line is longer than 65,536 bytes (allowed: "
+                                                    "65,536; the page's requests are far shorter)"}
+        body = json.dumps({"error": reasons.get(code) or message or HTTPStatus(code).phrase}).encode()
+        self.close_connection = True
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
+            self.wfile.write(body)
+
+
+def make_json_server(host: str, port: int, app: Flask):
+    """A threaded werkzeug server for `app` that answers every error in JSON."""
+    return make_server(host, port, app, threaded=True, request_handler=JsonErrorRequestHandler)
 
 
 # ----------------------------------------------------------------------------- the app

@@ -22,6 +22,8 @@ from vae_lab.study.space import encode
 from vae_lab.study.session import Session
 from vae_lab.study.workers import Worker, mark_claimed
 
+ENQUEUE_AHEAD = 256  # grid points queued at a time
+
 
 def earlier_claim(study: optuna.Study, number: int, point: str) -> int | None:
     """The number of an earlier trial that holds `point` (waiting, running or done), if any.
@@ -36,12 +38,17 @@ def earlier_claim(study: optuna.Study, number: int, point: str) -> int | None:
     return None
 
 
-def enqueue_missing_points(study: optuna.Study, spec: StudySpec) -> int:
-    """Enqueue every grid point with no waiting, running or finished (complete/pruned) trial."""
-    covered = {trial.user_attrs.get(store.POINT_ATTR) for trial in store.real_trials(study)
-               if trial.state in store.DONE_STATES + store.LIVE_STATES}
+def enqueue_missing_points(study: optuna.Study, spec: StudySpec, retry_failed: bool,
+                           at_most: int = ENQUEUE_AHEAD) -> int:
+    """Enqueue up to `at_most` grid points, in grid order, that have no waiting, running or
+    finished trial (nor a failed one, unless `retry_failed`: a new session retries those).
+    The grid is queued a slice at a time (`ask_trials` tops it up), so a large one starts at once."""
+    states = store.DONE_STATES + store.LIVE_STATES + (() if retry_failed else (TrialState.FAIL,))
+    covered = {trial.user_attrs.get(store.POINT_ATTR) for trial in store.real_trials(study) if trial.state in states}
     added = 0
-    for assignment in spec.grid_points():
+    for assignment in spec.iter_grid_points():
+        if added >= at_most:
+            break
         key = point_key(assignment)
         if key not in covered:
             study.enqueue_trial(params={name: encode(value) for name, value in assignment.items()},
@@ -94,6 +101,8 @@ def ask_trials(worker: Worker, count: int = 1) -> list[optuna.Trial]:
             wanted = None if first_key is None else (
                 lambda waiting: batch_key_of_point(worker, waiting.user_attrs.get(store.ASSIGNMENT_ATTR)) == first_key)
             trial = store.pop_waiting_trial(session.study, session.storage, wanted, on_claim=claim)
+            if trial is None and not claimed and enqueue_missing_points(session.study, spec, retry_failed=False):
+                continue  # the queue ran dry: the next slice of the grid
             if trial is None:
                 break
             earlier = earlier_claim(session.study, trial.number, trial.user_attrs[store.POINT_ATTR])

@@ -36,15 +36,24 @@ def find_child_run(session: Session, number: int) -> str | None:
 
 
 def can_continue(client: MlflowClient, run_id: str | None) -> bool:
-    """Was run `run_id` stopped from outside (RUNNING or KILLED) with a checkpoint to go on from?"""
+    """Was run `run_id` stopped from outside (RUNNING or KILLED) with a checkpoint to go on from?
+    Asked when its retry starts; a store that cannot be reached raises (the retry waits for it)."""
     if not run_id:
         return False
-    try:
-        if client.get_run(run_id).info.status not in ("RUNNING", "KILLED"):
-            return False
-        return bool(client.list_artifacts(run_id, CHECKPOINT_DIR))
-    except Exception:
+    if client.get_run(run_id).info.status not in ("RUNNING", "KILLED"):
         return False
+    return bool(client.list_artifacts(run_id, CHECKPOINT_DIR))
+
+
+def child_run_if_reachable(session: Session, number: int) -> str | None:
+    """`find_child_run`, or None while the tracking store cannot be reached (the retry finds the
+    run by its trial number then: `trials.run_to_continue`)."""
+    try:
+        return find_child_run(session, number)
+    except Exception as error:
+        if is_store_error(error):
+            return None
+        raise
 
 
 def stopped_from_outside(outcome) -> bool:
@@ -80,16 +89,16 @@ def record_outcome(session: Session, number: int, outcome: RunResult | BaseExcep
         reason = f"interrupted ({type(outcome).__name__})"
     else:
         reason = f"{type(outcome).__name__}: {outcome}"
-    run_id = run_id or current.user_attrs.get(store.RUN_ID_ATTR) or find_child_run(session, number)
+    run_id = run_id or current.user_attrs.get(store.RUN_ID_ATTR) or child_run_if_reachable(session, number)
     if run_id:
         storage.set_trial_user_attr(trial_id, store.RUN_ID_ATTR, run_id)
     if state != TrialState.COMPLETE:
         storage.set_trial_user_attr(trial_id, store.REASON_ATTR, reason[:2000])
     retry = state == TrialState.FAIL and stopped_from_outside(outcome)
     session.study.tell(number, values=values, state=state, skip_if_finished=True)
-    if retry:
-        requeue(session.study, current, run_id if can_continue(session.client, run_id) else None)
+    if retry:  # whether its run can continue is asked when the retry starts (the store may be down now)
+        requeue(session.study, current, run_id)
     if state == TrialState.FAIL and not isinstance(outcome, KeyboardInterrupt):
         tqdm.write(f"trial {number} failed: {reason.splitlines()[0] if reason else ''}"
-                   + ("; queued again, to continue from its checkpoint" if retry else ""))
+                   + ("; queued again, to continue its run from its checkpoint" if retry else ""))
     return Told(state, retry)

@@ -6,6 +6,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from vae_lab.study import storage as store
+from vae_lab.study.patient_storage import is_outage
 from vae_lab.study.session import Session
 
 
@@ -14,13 +15,20 @@ class TrialsBar:
 
     def __init__(self, session: Session, enabled: bool):
         self.session = session
-        self.total = len(session.spec.grid_points()) if session.spec.is_grid else session.spec.n_trials
+        self.total = session.spec.grid_size() if session.spec.is_grid else session.spec.n_trials
         self.bar = tqdm(total=self.total, desc=f"study {session.spec.name}", unit="trial", position=0,
                         leave=True, disable=not enabled, dynamic_ncols=True)
         self.refresh()
 
     def refresh(self) -> None:
-        trials = store.real_trials(self.session.study)
+        """Redraw from the storage; while the storage cannot be reached the bar stays as it was
+        (the worker's own bookkeeping says when that has lasted too long)."""
+        try:
+            trials = store.real_trials(self.session.study)
+        except Exception as error:
+            if is_outage(error):
+                return
+            raise
         retried = {trial.user_attrs.get(store.RETRY_OF_ATTR) for trial in trials}
         finished = [trial for trial in trials if trial.state.is_finished() and trial.number not in retried]
         if self.session.spec.is_grid:

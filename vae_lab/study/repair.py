@@ -22,7 +22,7 @@ from vae_lab.tracking.tracker import delete_checkpoints
 from vae_lab.training.trial import RunResult
 from vae_lab.study.claims import requeue
 from vae_lab.study.session import Session
-from vae_lab.study.outcomes import can_continue, find_child_run, record_outcome
+from vae_lab.study.outcomes import find_child_run, record_outcome
 from vae_lab.study.workers import stale_reason
 
 
@@ -51,10 +51,9 @@ def repair_stale_trials(session: Session, my_trials: set[int] = frozenset()) -> 
             session.storage.set_trial_state_values(stale_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first, and queues the retry
-        resume = run_id if can_continue(session.client, run_id) else None
-        requeue(session.study, trial, resume)
+        requeue(session.study, trial, run_id)
         lines.append(f"trial {trial.number} was left running ({reason}): queued again"
-                     + (", to continue its run from its checkpoint" if resume else ""))
+                     + (", to continue its run from its checkpoint" if run_id else ""))
     return lines
 
 

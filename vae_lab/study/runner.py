@@ -31,6 +31,7 @@ from vae_lab.study.spec import StudySpec, fingerprint_changes
 from vae_lab.study.summary import log_summary
 from vae_lab.study.trials import work
 from vae_lab.study.workers import Helpers, Worker, machine_key, process_gone, worker_id
+from vae_lab.tracking.errors import StoreUnavailable, is_store_error
 from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
 from vae_lab.tracking.uris import redact, sqlite_path
 from vae_lab.tracking.provenance import source_tags
@@ -49,7 +50,6 @@ def create_or_load_study(settings: SweepSettings, storage, client: MlflowClient)
     A study that MLflow holds and the Optuna storage does not (an emptied journal, another
     --storage) is refused rather than run a second time beside the first."""
     spec = settings.spec
-    fingerprint = spec.fingerprint()
     kwargs = dict(sampler=make_sampler(spec), pruner=make_pruner(spec))
     if spec.name in optuna.get_all_study_names(storage=storage):
         study = optuna.load_study(study_name=spec.name, storage=storage, **kwargs)
@@ -57,13 +57,7 @@ def create_or_load_study(settings: SweepSettings, storage, client: MlflowClient)
             end_replaced_parent(settings, study.user_attrs.get(store.PARENT_ATTR))
             optuna.delete_study(study_name=spec.name, storage=storage)
         else:
-            stored = study.user_attrs.get(store.FINGERPRINT_ATTR)
-            changes = fingerprint_changes(stored, fingerprint) if stored else []
-            if changes:
-                raise StudyRefused(
-                    f"study {spec.name!r} in {redact(settings.storage_url)} was started with a different "
-                    f"setup (changed: {', '.join(changes[:5])}); rerun with --new-study to start it over, "
-                    "or restore the file")
+            refuse_a_changed_study(settings, study.user_attrs)
             return study, False
     elif not settings.new_study:
         refuse_a_lost_study(settings, storage, client)
@@ -71,10 +65,36 @@ def create_or_load_study(settings: SweepSettings, storage, client: MlflowClient)
         study = optuna.create_study(storage=storage, study_name=spec.name, directions=spec.directions, **kwargs)
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
         return optuna.load_study(study_name=spec.name, storage=storage, **kwargs), False
-    study.set_user_attr(store.FINGERPRINT_ATTR, fingerprint)
+    study.set_user_attr(store.FINGERPRINT_ATTR, spec.fingerprint())
     study.set_user_attr(store.CREATOR_ATTR, worker_id())
     study.set_user_attr(store.MACHINE_ATTR, machine_key())
     return study, True
+
+
+def refuse_a_changed_study(settings: SweepSettings, stored_attrs: dict) -> None:
+    """StudyRefused when the stored study of this name was started from a different file."""
+    stored = stored_attrs.get(store.FINGERPRINT_ATTR)
+    changes = fingerprint_changes(stored, settings.spec.fingerprint()) if stored else []
+    if changes:
+        raise StudyRefused(
+            f"study {settings.spec.name!r} in {redact(settings.storage_url)} was started with a different "
+            f"setup (changed: {', '.join(changes[:5])}); rerun with --new-study to start it over, "
+            "or restore the file")
+
+
+def check_without_creating(settings: SweepSettings) -> None:
+    """What opening the study would refuse (a changed file, a lost study), asked of the stores
+    as they are: nothing is created (--dry-run). A database that has no Optuna tables yet holds
+    no study; the lost-study check needs an MLflow store that exists (a file, or a server)."""
+    if settings.new_study:
+        return
+    attrs = store.stored_study_attrs(settings.storage_url, settings.spec.name)
+    if attrs is not None:
+        refuse_a_changed_study(settings, attrs)
+        return
+    database = sqlite_path(settings.tracking_uri)
+    if (database is not None and database.is_file()) or settings.tracking_uri.startswith(("http://", "https://")):
+        refuse_a_lost_study(settings, None, MlflowClient(tracking_uri=settings.tracking_uri))
 
 
 def refuse_a_lost_study(settings: SweepSettings, storage, client: MlflowClient) -> None:
@@ -86,8 +106,9 @@ def refuse_a_lost_study(settings: SweepSettings, storage, client: MlflowClient) 
         [experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
         filter_string=f"tags.`{names.ROLE_TAG}` = 'study' and tags.`{names.STUDY_NAME_TAG}` = '{spec.name}'")
     # a worker starting beside us may have created the study and then its parent just now: the
-    # study is lost only if the storage still lacks it once the parent exists
-    if parents and spec.name not in optuna.get_all_study_names(storage=storage):
+    # study is lost only if the storage still lacks it once the parent exists (`storage` None:
+    # it was just found without it)
+    if parents and (storage is None or spec.name not in optuna.get_all_study_names(storage=storage)):
         raise StudyRefused(
             f"study {spec.name!r} has a parent run in MLflow ({parents[0].info.run_id}) but "
             f"{redact(settings.storage_url)} holds no study of that name (emptied, or another --storage); "
@@ -176,7 +197,7 @@ def open_session(settings: SweepSettings, data_cache: DataCache | None = None, r
             tqdm.write(line)
         kill_orphan_runs(session)
         if spec.is_grid:
-            enqueue_missing_points(study, spec)
+            enqueue_missing_points(study, spec, retry_failed=True)
     if must_set_up:
         study.set_user_attr(store.READY_ATTR, True)
     if client.get_run(parent_run_id).info.status != "RUNNING":  # resumed: the study runs again
@@ -207,6 +228,19 @@ def finish_parent(session: Session, interrupted: bool) -> dict:
     return summary
 
 
+def end_parent_cut_off(session: Session, error: StoreUnavailable) -> None:
+    """Mark the parent run KILLED (its rerun makes it RUNNING again), if the MLflow store takes it
+    and no other worker has finished the study meanwhile."""
+    try:
+        if session.client.get_run(session.parent_run_id).info.status != "RUNNING":
+            return
+        session.client.set_tag(session.parent_run_id, names.FAILURE_REASON_TAG, str(error)[:5000])
+        session.client.set_terminated(session.parent_run_id, status="KILLED")
+    except Exception as failure:
+        if not is_store_error(failure):
+            raise
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C (the running MLflow runs end KILLED)."""
 
@@ -233,6 +267,8 @@ def worker_process(settings: SweepSettings, joined=None) -> None:
         work(worker, progress=False)
     except KeyboardInterrupt:
         pass
+    except StoreUnavailable:  # the command's own worker meets the same store and says so, once
+        raise SystemExit(1) from None
 
 
 @dataclass
@@ -252,7 +288,7 @@ def run_study(settings: SweepSettings, workers: int = 1, data_cache: DataCache |
     takes them up."""
     data_cache = data_cache or DataCache()
     spec = settings.spec
-    first = spec.trial_config(spec.grid_points()[0] if spec.is_grid else {})
+    first = spec.trial_config(next(spec.iter_grid_points()) if spec.is_grid else {})
     data_cache.get(first, resolve_device(first.device))  # a missing dataset fails here, before any store is touched
 
     session = open_session(settings, data_cache)
@@ -282,6 +318,10 @@ def run_study(settings: SweepSettings, workers: int = 1, data_cache: DataCache |
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         helpers.stop(terminate=isinstance(interrupt, Interrupted))
+    except StoreUnavailable as error:  # a store stayed down: a clean stop, resumable by a rerun
+        helpers.stop(terminate=True)
+        end_parent_cut_off(session, error)
+        raise
     finally:
         bar.refresh()
         bar.close()

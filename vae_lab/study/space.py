@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 
 from vae_lab.study import storage as store
-from vae_lab.study.spec import Choices, StudySpec
+from vae_lab.study.spec import SEED_PARAM, Choices, StudySpec
 
 
 def encode(value: Any) -> Any:
@@ -41,11 +41,19 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
 
 def grid_choices(spec: StudySpec) -> dict[str, list]:
-    """Each swept key's distinct values over the grid, as Optuna categorical choices."""
+    """Each swept key's distinct values over the grid, as Optuna categorical choices, in the
+    order the grid first meets them (a stored study's choices must not change)."""
+    if spec.n_trials is not None:  # a grid cut short holds only the values of its first points
+        assignments = spec.iter_grid_points()
+    else:  # every point's, every axis value, every seed: without listing the product
+        axes = spec.grid_axes()
+        assignments = [{key: value for key, value in point.items() if key not in axes} for point in spec.points]
+        assignments += [{key: value} for key, values in axes.items() for value in values]
+        assignments += [{SEED_PARAM: seed} for seed in spec.seeds]
     choices: dict[str, list] = {}
-    for assignment in spec.grid_points():
+    for assignment in assignments:
         for key, value in assignment.items():
-            encoded = encode(value)
+            encoded = encode(list(value) if isinstance(value, tuple) else value)
             if encoded not in choices.setdefault(key, []):
                 choices[key].append(encoded)
     return choices

@@ -22,7 +22,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -44,7 +44,9 @@ SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median", "hyperband")
 DIRECTIONS = ("minimize", "maximize")
 SECTIONS = ("study", "base", "search_space")
-STUDY_KEYS = ("name", "sampler", "pruner", "objectives", "n_trials", "timeout", "batch_trials")
+STUDY_KEYS = ("name", "sampler", "pruner", "objectives", "n_trials", "timeout", "batch_trials", "max_grid_points")
+MAX_GRID_POINTS = 10_000  # a larger grid is refused unless study.max_grid_points says so
+CHECK_EACH_POINT_UP_TO = 2_000  # larger grids: each value of each axis checked, combinations as they run
 RANGE_KEYS = ("low", "high", "log", "step", "type")
 POINTS_KEY, SEEDS_KEY = "points", "seeds"
 SEED_PARAM = "train.seed"
@@ -93,6 +95,7 @@ class StudySpec:
     n_trials: int | None
     timeout: float | None
     batch_trials: str | int  # "auto", "off" or a cap; how trials run, not what they are
+    max_grid_points: int
     base: dict  # the `base` mapping as written (plus overrides); configs are built from it
     space: dict[str, Choices | Range]
     points: list[dict[str, Any]]
@@ -136,19 +139,30 @@ class StudySpec:
             apply_mapping(config, dict(parse_override(text) for text in extra))
         return validate(config)
 
-    def grid_points(self) -> list[dict[str, Any]]:
-        """Every grid assignment: points x product of the listed axes, each replicated per seed."""
-        axes = {key: (spec.values if isinstance(spec, Choices) else tuple(spec.grid_values()))
+    def grid_axes(self) -> dict[str, tuple]:
+        return {key: (spec.values if isinstance(spec, Choices) else tuple(spec.grid_values()))
                 for key, spec in self.space.items()}
-        combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
-        assignments = [{**point, **combo} for point in (self.points or [{}]) for combo in combos]
+
+    def grid_size(self) -> int:
+        """How many grid points there are, without listing them."""
+        size = max(len(self.points), 1) * math.prod(len(values) for values in self.grid_axes().values())
+        size *= max(len(self.seeds), 1)
+        return size if self.n_trials is None else min(size, self.n_trials)
+
+    def iter_grid_points(self) -> Iterator[dict[str, Any]]:
+        """Every grid assignment, one at a time: points x product of the listed axes, each
+        replicated per seed (the first study.n_trials of them, when given)."""
+        axes = self.grid_axes()
+        assignments = ({**point, **dict(zip(axes, values))} for point in (self.points or [{}])
+                       for values in itertools.product(*axes.values()))
         if self.seeds:
-            assignments = [{**assignment, SEED_PARAM: seed}
-                           for assignment in assignments for seed in self.seeds]
-        if self.n_trials is not None:
-            assignments = assignments[:self.n_trials]
-        return [{key: list(value) if isinstance(value, tuple) else value for key, value in assignment.items()}
-                for assignment in assignments]
+            assignments = ({**assignment, SEED_PARAM: seed} for assignment in assignments for seed in self.seeds)
+        for assignment in itertools.islice(assignments, self.n_trials):
+            yield {key: list(value) if isinstance(value, tuple) else value for key, value in assignment.items()}
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every grid assignment (`iter_grid_points`), listed."""
+        return list(self.iter_grid_points())
 
     def fingerprint(self) -> dict:
         """What must stay the same for a stored study to be resumed with this file."""
@@ -256,6 +270,7 @@ def parse_study(document: dict, default_name: str = "study") -> StudySpec:
     n_trials = _positive_number(study.get("n_trials"), "study.n_trials", int)
     timeout = _positive_number(study.get("timeout"), "study.timeout", float)
     batch_trials = _batch_trials(study.get("batch_trials", "auto"))
+    max_grid_points = _positive_number(study.get("max_grid_points", MAX_GRID_POINTS), "study.max_grid_points", int)
 
     space, points, seeds = _search_space(space_doc, sampler)
     if not space and not points and not seeds:
@@ -274,8 +289,11 @@ def parse_study(document: dict, default_name: str = "study") -> StudySpec:
 
     spec = StudySpec(name=name, sampler=sampler, sampler_options=sampler_options, pruner=pruner,
                      pruner_options=pruner_options, objectives=objectives, n_trials=n_trials,
-                     timeout=timeout, batch_trials=batch_trials, base=base, space=space, points=points, seeds=seeds,
-                     document=document)
+                     timeout=timeout, batch_trials=batch_trials, max_grid_points=max_grid_points, base=base,
+                     space=space, points=points, seeds=seeds, document=document)
+    if spec.is_grid and spec.grid_size() > max_grid_points:
+        raise ConfigError(f"the grid has {spec.grid_size():,} points, more than study.max_grid_points="
+                          f"{max_grid_points:,}; narrow search_space, or set study.max_grid_points to run it all")
     _check_trial_configs(spec)
     return spec
 
@@ -426,10 +444,12 @@ def _param_spec(key: str, value: Any, sampler: str) -> Choices | Range:
 
 
 def _check_trial_configs(spec: StudySpec) -> None:
-    """Every trial config must be valid and log every objective metric."""
-    if spec.is_grid:
+    """Every trial config must be valid and log every objective metric: each grid point of a
+    grid up to CHECK_EACH_POINT_UP_TO points; otherwise each listed value once (every other key
+    as in base), range ends, and each point: a larger grid's combinations are checked as they run."""
+    if spec.is_grid and spec.grid_size() <= CHECK_EACH_POINT_UP_TO:
         candidates = spec.grid_points()
-    else:  # each listed value once, range ends, and each point
+    else:
         candidates = [{}] + [dict(point) for point in spec.points]
         for key, param in spec.space.items():
             values = param.values if isinstance(param, Choices) else (param.low, param.high)

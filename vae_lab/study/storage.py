@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from vae_lab.study.patient_storage import PatientStorage
 from vae_lab.tracking.checks import check_database, check_local_file
 from vae_lab.tracking.uris import SQLITE_PREFIX, redact, sqlite_path
 
@@ -25,6 +26,7 @@ ASSIGNMENT_ATTR = "vae_lab.assignment"  # JSON of the trial's swept values
 WORKER_ATTR = "vae_lab.worker"  # "host:pid:token" of the process running it (workers.worker_id)
 MACHINE_ATTR = "vae_lab.machine"  # boot id and pid namespace of that process: where its pid means something
 HEARTBEAT_ATTR = "vae_lab.heartbeat"  # unix time, refreshed while it runs
+HEARTBEAT_EVERY_ATTR = "vae_lab.heartbeat_every"  # seconds between its worker's heartbeats
 RESUME_ATTR = "vae_lab.resume_run_id"  # a retried trial continues this MLflow run from its checkpoint
 RETRY_OF_ATTR = "vae_lab.retry_of"  # the number of the trial a retry replaces
 RUN_ID_ATTR = "mlflow_run_id"
@@ -110,24 +112,67 @@ def repair_journal(url: str) -> str | None:
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """`journal:///path` (or a path ending .journal) -> a journal file; anything else -> an RDB URL."""
+    """`journal:///path` (or a path ending .journal) -> a journal file; anything else -> an RDB URL.
+    Either rides out an outage (`patient_storage.PatientStorage`); a journal cut by a failed
+    write is repaired before each retry."""
     path = journal_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        return PatientStorage(journal, url, before_retry=lambda: repair_journal(url))
     if sqlite_path(url) is not None:
         sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
+    # a restarted server leaves dead connections in the pool: test each before use
+    engine_kwargs = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    return PatientStorage(cached(rdb_storage(url, engine_kwargs)), url)
+
+
+def cached(storage: optuna.storages.RDBStorage) -> optuna.storages.BaseStorage:
+    """What `optuna.load_study(storage=RDBStorage)` wraps it in (Optuna's private `_CachedStorage`,
+    which keeps finished trials in memory): once here, for the retrying wrapper to go around it."""
+    return optuna.storages.get_storage(storage)
+
+
+def rdb_storage(url: str, engine_kwargs: dict) -> optuna.storages.RDBStorage:
     import sqlalchemy.exc
 
     for attempt in range(SCHEMA_RACE_ATTEMPTS):
         try:
-            return optuna.storages.RDBStorage(url)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             # two workers creating the schema of a new PostgreSQL database at once: one of them
             # fails on a type or table the other just made; by the next try it is all there
             if attempt == SCHEMA_RACE_ATTEMPTS - 1:
                 raise
             time.sleep(0.5 * (attempt + 1))
+
+
+def stored_study_attrs(url: str, name: str) -> dict | None:
+    """The user attributes of study `name` in storage `url`, or None when it holds no such
+    study; creates nothing (no journal file, no database file, no tables)."""
+    path = journal_path(url)
+    if path is not None:
+        if not path.is_file():
+            return None
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    elif sqlite_path(url) is not None and not sqlite_path(url).is_file():
+        return None
+    else:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url)
+        try:
+            if not sqlalchemy.inspect(engine).has_table("studies"):
+                return None
+        finally:
+            engine.dispose()
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+    try:
+        return storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+    except KeyError:
+        return None
 
 
 def study_names(url: str) -> list[str]:

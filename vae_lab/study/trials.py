@@ -15,21 +15,22 @@ import json
 
 import optuna
 from optuna.trial import TrialState
+from tqdm.auto import tqdm
 
 from vae_lab import names
 from vae_lab.study import storage as store
 from vae_lab.study.claims import ask_trials
-from vae_lab.study.outcomes import can_continue, record_outcome
+from vae_lab.study.outcomes import can_continue, find_child_run, record_outcome
 from vae_lab.study.space import suggest_assignment
 from vae_lab.study.spec import StudySpec
 from vae_lab.study.workers import Heartbeat, Worker
 from vae_lab.tracking.errors import StoreUnavailable
 from vae_lab.training.batching import DEFAULT_CAP as DEFAULT_BATCH_CAP
 from vae_lab.training.batching import PER_TRIAL_KEYS, plan_batches
-from vae_lab.training.checkpoints import Resume, load_checkpoint
+from vae_lab.training.checkpoints import Resume, load_checkpoint, read_checkpoint
 from vae_lab.training.device import resolve_device
 from vae_lab.training.run import run_trials
-from vae_lab.training.trial import TrialSpec
+from vae_lab.training.trial import ClaimLost, TrialSpec
 
 
 def pruning_callback(trial: optuna.Trial, spec: StudySpec):
@@ -56,22 +57,46 @@ def prepare_trial(worker: Worker, trial: optuna.Trial, progress: bool) -> TrialS
     trial.set_user_attr(store.ASSIGNMENT_ATTR, json.dumps({key: swept[key] for key in spec.swept_keys()}))
     tags = {names.ROLE_TAG: "trial", names.STUDY_NAME_TAG: spec.name,
             names.TRIAL_NUMBER_TAG: str(trial.number)}
-    resume = None
-    run_id = trial.user_attrs.get(store.RESUME_ATTR)
-    if run_id and can_continue(session.client, run_id):
-        checkpoint = load_checkpoint(session.client, run_id)
-        if checkpoint is not None:
-            resume = Resume(run_id, checkpoint)
-            trial.set_user_attr(store.RUN_ID_ATTR, run_id)
-    return TrialSpec(config, run_name=f"{spec.name} trial {trial.number}", tags=tags, resume=resume,
-                     on_epoch_end=pruning_callback(trial, spec))
+    return TrialSpec(config, run_name=f"{spec.name} trial {trial.number}", tags=tags,
+                     resume=run_to_continue(worker, trial, config), on_epoch_end=pruning_callback(trial, spec))
 
 
-def tell(worker: Worker, number: int, outcome) -> TrialState:
-    """Record the trial's outcome, and count it against this worker."""
-    state, requeued = record_outcome(worker.session, number, outcome)
+def run_to_continue(worker: Worker, trial: optuna.Trial, config) -> Resume | None:
+    """A retry's stopped run and its newest good checkpoint, or None: the trial starts in a new
+    run (the stopped one finished, failed or has no checkpoint; or its checkpoints are corrupt,
+    which is said, and that run is ended FAILED). A store that cannot be reached raises."""
+    session = worker.session
+    run_id, retry_of = trial.user_attrs.get(store.RESUME_ATTR), trial.user_attrs.get(store.RETRY_OF_ATTR)
+    if not run_id and retry_of is not None:  # told while the tracking store was down
+        run_id = find_child_run(session, int(retry_of))
+    if not can_continue(session.client, run_id):
+        return None
+    found = read_checkpoint(session.client, run_id, config)
+    if found.checkpoint is None:
+        why = f"its checkpoints are corrupt ({found.why_none()}); trial {trial.number} starts over in a new run"
+        tqdm.write(f"trial {trial.number}: run {run_id} cannot continue: {why}")
+        session.client.set_tag(run_id, names.FAILURE_REASON_TAG, why)
+        session.client.set_terminated(run_id, status="FAILED")
+        return None
+    for problem in found.problems:
+        tqdm.write(f"trial {trial.number}: run {run_id}: {problem}; continuing from the other slot "
+                   f"(epoch {found.checkpoint.epoch})")
+    trial.set_user_attr(store.RUN_ID_ATTR, run_id)
+    return Resume(run_id, found.checkpoint)
+
+
+def tell(worker: Worker, number: int, outcome) -> TrialState | None:
+    """Record the trial's outcome, and count it against this worker. When the storage stays
+    down the trial is left RUNNING there (a rerun's repair queues it again) and this worker
+    stops once its other trials have ended (None)."""
+    try:
+        state, requeued = record_outcome(worker.session, number, outcome)
+    except StoreUnavailable as error:
+        worker.store_down = error
+        return None
     worker.failures += state == TrialState.FAIL and not requeued
-    if requeued and not isinstance(outcome, KeyboardInterrupt):
+    # a lost claim that could be told again means the storage is back: this worker goes on
+    if requeued and not isinstance(outcome, (KeyboardInterrupt, ClaimLost)):
         worker.store_down = outcome
     return state
 
@@ -82,15 +107,15 @@ def run_claimed(worker: Worker, trials: list[optuna.Trial], progress: bool) -> N
     epoch) run in batches of their own. Every claimed trial beats its heartbeat until told."""
     session = worker.session
     pending = {trial.number: trial for trial in trials}
-    with contextlib.ExitStack() as beats:
-        for trial in trials:
-            beats.enter_context(Heartbeat(session.storage, store.trial_id(session.storage, session.study,
-                                                                             trial.number)))
+    with contextlib.ExitStack() as stack:
+        beats = {trial.number: stack.enter_context(Heartbeat(session.storage, store.trial_id(
+            session.storage, session.study, trial.number))) for trial in trials}
         try:
             prepared: dict[int, TrialSpec] = {}
             for trial in trials:
                 try:
                     prepared[trial.number] = prepare_trial(worker, trial, progress)
+                    prepared[trial.number].claim_lost = beats[trial.number].lost
                 except Exception as error:
                     pending.pop(trial.number)
                     tell(worker, trial.number, error)
@@ -114,6 +139,8 @@ def run_group(worker: Worker, numbers: list[int], specs: list[TrialSpec], pendin
     session = worker.session
 
     def ended(index: int, outcome) -> None:
+        if isinstance(outcome, ClaimLost):  # said now: telling it may have to wait for the storage
+            tqdm.write(f"trial {numbers[index]} stopped: {outcome}")
         if pending.pop(numbers[index], None) is not None:
             tell(worker, numbers[index], outcome)
 
@@ -142,7 +169,8 @@ def align_resumes(worker: Worker, specs: list[TrialSpec]) -> None:
     target = min(resume.epoch for resume in resumes)
     for resume in resumes:
         if resume.epoch == target + 1:
-            previous = load_checkpoint(worker.session.client, resume.run_id, at_most_epoch=target)
+            config = next(spec.config for spec in specs if spec.resume is resume)
+            previous = load_checkpoint(worker.session.client, resume.run_id, config, at_most_epoch=target)
             if previous is not None and previous.epoch == target:
                 resume.checkpoint = previous
 
@@ -171,6 +199,8 @@ def work(worker: Worker, progress: bool, bar=None) -> None:
         run_claimed(worker, trials, progress)
         if bar is not None:
             bar.refresh()
+        if isinstance(worker.store_down, StoreUnavailable):
+            raise worker.store_down  # says which store, for how long, and what to do
         if worker.store_down is not None:
-            raise StoreUnavailable(f"a trial lost its store ({worker.store_down}); it is queued to continue "
-                                   "from its checkpoint: rerun the same command once the store is back")
+            raise StoreUnavailable(f"a trial lost its store ({worker.store_down}); rerun the same command once the "
+                                   "store is back: the trial continues from its checkpoint")

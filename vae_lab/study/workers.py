@@ -4,7 +4,12 @@ A worker is named `host:pid:token` (`worker_id`): the random token keeps two con
 share a hostname and a pid apart. Beside it a trial records the worker's machine (`machine_key`:
 the kernel's boot id and the pid namespace), the only place where its pid can be checked. A
 trial is stale when its worker's process is gone (same machine), or when its heartbeat,
-refreshed every HEARTBEAT_SECONDS, is older than STALE_AFTER_SECONDS (any machine).
+refreshed every `heartbeat_seconds()` (recorded on the trial), is older than STALE_AFTER beats
+(any machine).
+
+A worker that cannot renew a trial's heartbeat for KEEP_CLAIM_FOR beats stops training it
+(`Heartbeat.lost`, asked by the engine at every step) before any other worker may call it
+stale: no trial is ever trained by two workers at once.
 """
 
 from __future__ import annotations
@@ -17,13 +22,19 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import optuna
 from optuna.trial import FrozenTrial
 
+from vae_lab.study.patient_storage import impatient
 from vae_lab.study.session import Session
-from vae_lab.study.storage import HEARTBEAT_ATTR, MACHINE_ATTR, WORKER_ATTR
+from vae_lab.study.storage import HEARTBEAT_ATTR, HEARTBEAT_EVERY_ATTR, MACHINE_ATTR, WORKER_ATTR
+from vae_lab.tracking.errors import env_seconds
 
-HEARTBEAT_SECONDS = 20
-STALE_AFTER_SECONDS = 120
+HEARTBEAT_ENV = "VAE_LAB_HEARTBEAT_SECONDS"
+DEFAULT_HEARTBEAT_SECONDS = 20.0
+STALE_AFTER = 6  # beats missed before another worker takes a trial over (120 s by default)
+KEEP_CLAIM_FOR = 4  # beats that could not be renewed before the worker stops the trial (80 s)
+RETRY_BEAT_SECONDS = 2.0  # how soon a failed beat is tried again
 JOIN_WAIT_SECONDS = 300  # how long the command's own worker waits for its --workers helpers to join
 
 _identity: dict[int, str] = {}
@@ -76,8 +87,20 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def heartbeat_seconds() -> float:
+    """How often a running trial's heartbeat is renewed: $VAE_LAB_HEARTBEAT_SECONDS, else 20
+    (each trial records its worker's, so workers with different settings judge each other right)."""
+    from vae_lab.config import ConfigError
+
+    seconds = env_seconds(HEARTBEAT_ENV, DEFAULT_HEARTBEAT_SECONDS)
+    if seconds < 1:
+        raise ConfigError(f"${HEARTBEAT_ENV}={seconds:g} is too short (allowed: 1 second or more)")
+    return seconds
+
+
 def identity_attrs() -> dict:
-    return {WORKER_ATTR: worker_id(), MACHINE_ATTR: machine_key(), HEARTBEAT_ATTR: time.time()}
+    return {WORKER_ATTR: worker_id(), MACHINE_ATTR: machine_key(), HEARTBEAT_ATTR: time.time(),
+            HEARTBEAT_EVERY_ATTR: heartbeat_seconds()}
 
 
 def mark_claimed(storage, claimed_id: int) -> None:
@@ -114,21 +137,27 @@ def stale_reason(trial: FrozenTrial, my_trials: set[int], now: float | None = No
             return gone
     started = trial.datetime_start.timestamp() if trial.datetime_start else now
     last_sign = float(trial.user_attrs.get(HEARTBEAT_ATTR, started))
-    if now - last_sign > STALE_AFTER_SECONDS:
+    every = float(trial.user_attrs.get(HEARTBEAT_EVERY_ATTR, DEFAULT_HEARTBEAT_SECONDS))
+    if now - last_sign > STALE_AFTER * every:
         return f"no heartbeat from {worker or 'its worker'} for {now - last_sign:.0f} s"
     return None
 
 
 class Heartbeat:
-    """Refreshes a running trial's heartbeat attribute from a background thread."""
+    """Renews a running trial's heartbeat attribute from a background thread; `lost()` says
+    when this worker must stop training it."""
 
     def __init__(self, storage, trial_id_: int):
         self.storage, self.trial_id = storage, trial_id_
+        self.every = heartbeat_seconds()
+        self._renewed = time.monotonic()
+        self._ended_elsewhere = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="vae_lab-heartbeat")
 
     def __enter__(self) -> "Heartbeat":
         mark_claimed(self.storage, self.trial_id)
+        self._renewed = time.monotonic()
         self._thread.start()
         return self
 
@@ -136,12 +165,29 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    def lost(self) -> str | None:
+        """Why this worker must stop training the trial now, or None."""
+        if self._ended_elsewhere:
+            return "another worker ended the trial (its heartbeat was late)"
+        silent = time.monotonic() - self._renewed
+        if silent > KEEP_CLAIM_FOR * self.every:
+            return (f"its heartbeat could not be renewed in the Optuna storage for {silent:.0f} s "
+                    f"(another worker may take it over after {STALE_AFTER * self.every:.0f} s)")
+        return None
+
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
+        beating = impatient(self.storage)  # an outage must show, not be waited out
+        wait = self.every
+        while not self._stop.wait(wait):
             try:
-                self.storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
-            except Exception:  # the trial finished meanwhile, or the store blinked
-                pass
+                beating.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
+            except optuna.exceptions.UpdateFinishedTrialError:
+                self._ended_elsewhere = True  # told (by us: nobody asks any more; or by a repair)
+                return
+            except Exception:  # the storage cannot be reached: try again soon
+                wait = min(self.every, RETRY_BEAT_SECONDS)
+                continue
+            self._renewed, wait = time.monotonic(), self.every
 
 
 class Helpers:

@@ -2,6 +2,37 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
+PATIENCE_ENV = "VAE_LAB_STORE_PATIENCE_SECONDS"
+DEFAULT_PATIENCE_SECONDS = 300.0
+# a disk that is full, or a network filesystem that is gone, is a store that cannot be reached
+OUTAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.EHOSTDOWN}
+
+
+def store_patience_seconds() -> float:
+    """How long a store may stay unreachable before the run (or study) stops, resumable:
+    $VAE_LAB_STORE_PATIENCE_SECONDS, else 300. Training goes on meanwhile."""
+    return env_seconds(PATIENCE_ENV, DEFAULT_PATIENCE_SECONDS)
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A duration from the environment variable `name` (`default` when unset); ConfigError
+    (exit 2, one line) when it is not a finite number >= 0."""
+    from vae_lab.config import ConfigError
+
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"${name}={value!r} is not a number of seconds (allowed: a finite number >= 0)")
+    return seconds
+
 
 class StoreUnavailable(RuntimeError):
     """The tracking store stayed unreachable: the run stops, resumable from its checkpoint."""
@@ -16,6 +47,23 @@ def is_store_error(error: BaseException) -> bool:
     if isinstance(error, (StoreUnavailable, requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                           ConnectionError, TimeoutError, sqlalchemy.exc.OperationalError)):
         return True
+    if isinstance(error, OSError) and error.errno in OUTAGE_ERRNOS:
+        return True
+    if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if not isinstance(error, mlflow.exceptions.MlflowException):
+        return False
     message = str(error)
-    return isinstance(error, mlflow.exceptions.MlflowException) and (
-        "Max retries exceeded" in message or "Connection refused" in message or "timed out" in message)
+    # MLflow's database stores raise TEMPORARILY_UNAVAILABLE for the driver's operational errors
+    # (a database server gone, "database or disk is full")
+    return (error.error_code == "TEMPORARILY_UNAVAILABLE" or "Max retries exceeded" in message
+            or "Connection refused" in message or "timed out" in message)
+
+
+def describe(error: BaseException) -> str:
+    """The first line of what went wrong at the bottom: the driver's own error, not the
+    wrappers' ("An exception is raised during the commit", "raised as a result of autoflush")."""
+    while error.__cause__ is not None or getattr(error, "orig", None) is not None:
+        error = getattr(error, "orig", None) or error.__cause__
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__

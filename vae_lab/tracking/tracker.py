@@ -25,13 +25,12 @@ from vae_lab import names
 from vae_lab.config import Config
 from vae_lab.names import CHECKPOINT_DIR, CONFIG_ARTIFACT, MODEL_ARTIFACT
 from vae_lab.tracking import mlflow_compat
-from vae_lab.tracking.errors import StoreUnavailable, is_store_error
+from vae_lab.tracking.errors import StoreUnavailable, describe, is_store_error, store_patience_seconds
 from vae_lab.tracking.provenance import dataset_inputs, environment_tags
 from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
 from vae_lab.tracking.uris import redact, resolve_tracking_uri
 
 MAX_METRICS_PER_BATCH = 1000
-STORE_PATIENCE_SECONDS = 300  # how long a run keeps training while its store cannot be reached
 MAX_PARAMS_PER_BATCH = 100
 
 
@@ -149,7 +148,7 @@ class RunTracker:
     def attempt(self, action, what: str) -> bool:
         """Run a store call that may wait: False while the store cannot be reached (training goes
         on and the call is made again later), StoreUnavailable once that has lasted
-        STORE_PATIENCE_SECONDS."""
+        `store_patience_seconds()` (300 s unless $VAE_LAB_STORE_PATIENCE_SECONDS says)."""
         try:
             action()
         except Exception as error:
@@ -159,8 +158,8 @@ class RunTracker:
             if self._failing_since is None:
                 self._failing_since = now
                 logging.getLogger(__name__).warning("run %s: could not save %s, will retry: %s",
-                                                    self.run_id, what, str(error).splitlines()[0][:200])
-            if now - self._failing_since > STORE_PATIENCE_SECONDS:
+                                                    self.run_id, what, describe(error))
+            if now - self._failing_since > store_patience_seconds():
                 raise StoreUnavailable(f"the tracking store {redact(self.tracking_uri)} has been unreachable for "
                                        f"{now - self._failing_since:.0f} s; rerun to continue from the last "
                                        "checkpoint") from error
@@ -226,7 +225,7 @@ class RunTracker:
             if status == "FINISHED" or not is_store_error(error):
                 raise
             logging.getLogger(__name__).warning("run %s could not be marked %s: %s", self.run_id, status,
-                                                str(error).splitlines()[0][:200])
+                                                describe(error))
         self.ended = True
         if status == "FINISHED":
             self._finished()

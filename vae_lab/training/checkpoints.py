@@ -14,20 +14,32 @@ any it already holds): no gap and no duplicate in the metric histories.
 Two slots (`checkpoint/a.pt`, `checkpoint/b.pt`) are written in turn, so a process killed while
 it uploads one still leaves the other, older but whole. Both are removed when the run finishes
 (`vae_lab.tracking.tracker.RunTracker.end`), so a finished run keeps no training state, only its model.
+
+A slot proves itself: its first line names the SHA-256 of the bytes after it and the fingerprint
+of the config it was trained with (`config_fingerprint`: everything but how it runs, `HOW_IT_RUNS`).
+A slot cut short, overwritten or from another config is skipped for the other slot; when neither
+is good, `read_checkpoint` says why for each (`Found.problems`) and the caller starts over, saying
+so. An unreachable store is not "no checkpoint": its error is raised.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from vae_lab.config import Config
 from vae_lab.names import CHECKPOINT_DIR
 
 SLOTS = ("a.pt", "b.pt")
-FORMAT = 1
+MAGIC = "vae_lab-checkpoint"
+FORMAT = 2
+HOW_IT_RUNS = ("device", "train.progress", "tracking.uri")  # may change when a run continues
 
 
 @dataclass
@@ -64,6 +76,23 @@ class Resume:
         return self.checkpoint.epoch if self.checkpoint else 0
 
 
+def config_fingerprint(config: Config) -> str:
+    """What a checkpoint belongs to: a hash of every config key but `HOW_IT_RUNS`."""
+    kept = {key: value for key, value in config.flat().items() if key not in HOW_IT_RUNS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Found:
+    """What `read_checkpoint` found: the newest good checkpoint (or None), and why each slot that
+    is there was not good (empty when every slot read back whole, or there were none)."""
+    checkpoint: Checkpoint | None
+    problems: list[str]
+
+    def why_none(self) -> str:
+        return "; ".join(self.problems) if self.problems else "no checkpoint"
+
+
 def _cpu(state: dict | None) -> dict | None:
     if state is None:
         return None
@@ -71,39 +100,70 @@ def _cpu(state: dict | None) -> dict | None:
             if isinstance(value, dict) else value for name, value in state.items()}
 
 
-def save_checkpoint(tracker, checkpoint: Checkpoint) -> None:
-    """Upload `checkpoint` over the older slot of the run's `checkpoint/` artifact folder."""
-    payload = {"format": FORMAT, **asdict(checkpoint)}
+def encode(checkpoint: Checkpoint, config: Config) -> bytes:
+    """The slot's bytes: a header line (magic, format, checksum, config fingerprint), then torch.save's."""
+    payload = asdict(checkpoint)
     for key in ("model_state", "optimizer_state", "best_state"):
         payload[key] = _cpu(payload[key])
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    body = buffer.getvalue()
+    header = f"{MAGIC} {FORMAT} sha256={hashlib.sha256(body).hexdigest()} config={config_fingerprint(config)}\n"
+    return header.encode() + body
+
+
+def decode(data: bytes, config: Config | None) -> Checkpoint:
+    """The checkpoint in a slot's bytes; ValueError saying what is wrong with them."""
+    header, _, body = data.partition(b"\n")
+    fields = header.decode(errors="replace").split(" ")
+    if len(fields) != 4 or fields[0] != MAGIC:
+        raise ValueError("not a vae_lab checkpoint with a checksum (cut short, overwritten, or written by an "
+                         "older vae_lab)")
+    if fields[1] != str(FORMAT):
+        raise ValueError(f"checkpoint format {fields[1]}, this vae_lab reads {FORMAT}")
+    if fields[2] != f"sha256={hashlib.sha256(body).hexdigest()}":
+        raise ValueError("its checksum does not match its contents (corrupt or cut short)")
+    if config is not None and fields[3] != f"config={config_fingerprint(config)}":
+        raise ValueError("it belongs to another config")
+    return Checkpoint(**torch.load(io.BytesIO(body), map_location="cpu", weights_only=True))
+
+
+def save_checkpoint(tracker, checkpoint: Checkpoint, config: Config) -> None:
+    """Upload `checkpoint` over the older slot of the run's `checkpoint/` artifact folder."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / checkpoint.slot
-        torch.save(payload, path)
+        path.write_bytes(encode(checkpoint, config))
         tracker.log_artifact(path, CHECKPOINT_DIR)
 
 
-def load_checkpoint(client, run_id: str, at_most_epoch: int | None = None) -> Checkpoint | None:
-    """The run's newest checkpoint that reads back whole (of epoch `at_most_epoch` or before,
-    when given), or None when it has none."""
-    try:
-        listed = {item.path for item in client.list_artifacts(run_id, CHECKPOINT_DIR)}
-    except Exception:  # no artifact folder yet
-        return None
-    newest = None
+def read_checkpoint(client, run_id: str, config: Config | None = None,
+                    at_most_epoch: int | None = None) -> Found:
+    """The run's newest good checkpoint (of `config`, and of epoch `at_most_epoch` or before, when
+    given), with why any other slot was not good. A store that cannot be reached raises."""
+    from vae_lab.tracking.errors import is_store_error
+
+    listed = {item.path for item in client.list_artifacts(run_id, CHECKPOINT_DIR)}
+    newest, problems = None, []
     with tempfile.TemporaryDirectory() as folder:
         for slot in SLOTS:
             if f"{CHECKPOINT_DIR}/{slot}" not in listed:
                 continue
             try:
                 path = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{slot}", folder)
-                payload = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:  # cut short by a kill while it was written: the other slot is whole
+                checkpoint = decode(Path(path).read_bytes(), config)
+            except Exception as error:
+                if is_store_error(error):
+                    raise
+                problems.append(f"slot {slot}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
                 continue
-            if payload.pop("format", None) != FORMAT:
-                continue
-            checkpoint = Checkpoint(**payload)
             if at_most_epoch is not None and checkpoint.epoch > at_most_epoch:
                 continue
             if newest is None or checkpoint.sequence > newest.sequence:
                 newest = checkpoint
-    return newest
+    return Found(newest, problems)
+
+
+def load_checkpoint(client, run_id: str, config: Config | None = None,
+                    at_most_epoch: int | None = None) -> Checkpoint | None:
+    """The run's newest good checkpoint, or None (`read_checkpoint` says why)."""
+    return read_checkpoint(client, run_id, config, at_most_epoch).checkpoint

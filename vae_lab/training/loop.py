@@ -48,7 +48,9 @@ from vae_lab.training.scoring import (
     seed_slots,
 )
 from vae_lab.training.steps import PlainStep, StackedStep, plain_forward
+from vae_lab.tracking.errors import StoreUnavailable
 from vae_lab.training.trial import (
+    ClaimLost,
     RunResult,
     Trial,
     TrialEndCallback,
@@ -83,6 +85,7 @@ class Engine:
         self.warmup = torch.tensor([config.loss.kl_warmup_steps for config in configs], **column)
         self.warming = any(config.loss.kl_warmup_steps > 0 for config in configs)
         self.progress = any(config.train.progress for config in configs)
+        self.watching_claims = any(trial.spec.claim_lost is not None for trial in trials)
         self.step = 0
         checkpoints = [trial.checkpoint for trial in trials]
         if any(checkpoint is not None for checkpoint in checkpoints):
@@ -137,6 +140,11 @@ class Engine:
             bar = tqdm(range(steps_per_epoch), leave=False, dynamic_ncols=True,
                        desc=self._describe(f"epoch {epoch}/{epochs}"), disable=not self.progress)
             for _ in bar:
+                if self.watching_claims:
+                    running = self._drop(running, self._end_failed(self._lost_claims()))
+                    if not self.trials:
+                        bar.close()
+                        return
                 images, images_dim = gather([next(streams[seed])[0] for seed in self.seeds], self.slot)
                 noise, noise_dim = draw_noise([noise_generators[seed] for seed in self.seeds], self.slot,
                                               images.shape[-4], self.latent_dim, self.variational, self.device,
@@ -268,7 +276,7 @@ class Engine:
             best_val_loss=trial.best_val_loss, best_epoch=trial.best_epoch, best_state=trial.best_state,
             val=trial.val, last_train=trial.last_train, last_epoch=trial.last_epoch,
             pending_metrics=trial.tracker.pending())
-        if trial.tracker.attempt(lambda: save_checkpoint(trial.tracker, checkpoint), "a checkpoint"):
+        if trial.tracker.attempt(lambda: save_checkpoint(trial.tracker, checkpoint, trial.config), "a checkpoint"):
             trial.checkpoints_written += 1
             return True
         return False
@@ -285,12 +293,23 @@ class Engine:
         tqdm.write(f"{self._describe(f'epoch {epoch}/{self.config.train.epochs}')}  {summary}  "
                    f"{throughput[names.IMAGES_PER_SEC]:.0f} img/s{per_trial}")
 
+    def _lost_claims(self) -> dict[int, ClaimLost]:
+        """The trials whose `claim_lost` gives a reason to stop now (keyed by id(trial))."""
+        lost = {}
+        for trial in self.trials:
+            reason = trial.spec.claim_lost() if trial.spec.claim_lost is not None else None
+            if reason:
+                lost[id(trial)] = ClaimLost(f"{reason}; stopped at step {self.step}")
+        return lost
+
     def _end_failed(self, failed: dict[int, BaseException]) -> set[int]:
-        """End the runs of trials stopped by an error (keyed by id(trial)); returns those keys."""
+        """End the runs of trials stopped by an error (keyed by id(trial)); returns those keys.
+        A trial cut off from a store ends resumable: its retry continues from its checkpoint."""
         for trial in self.trials:
             error = failed.get(id(trial))
             if error is not None:
-                trial.tracker.end(run_status_for(error), reason=f"{type(error).__name__}: {error}")
+                trial.tracker.end(run_status_for(error), reason=f"{type(error).__name__}: {error}",
+                                  resumable=isinstance(error, StoreUnavailable))
                 self._ended(trial, error)
         return set(failed)
 

@@ -16,7 +16,7 @@ import torch
 from vae_lab import names
 from vae_lab.config import Config
 from vae_lab.models.autoencoders import Autoencoder
-from vae_lab.tracking.errors import StoreUnavailable
+from vae_lab.tracking.errors import StoreUnavailable, is_store_error
 from vae_lab.training.checkpoints import Checkpoint, Resume
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -26,14 +26,17 @@ TrialEndCallback = Callable[[int, Any], None]
 @dataclass
 class TrialSpec:
     """One trial to train: its config, its MLflow run's name and extra tags, the run it
-    continues (`Resume`: a killed run's id and checkpoint), and a callback after each epoch
-    (`on_epoch_end(epoch, metrics)`; raising optuna.TrialPruned prunes it)."""
+    continues (`Resume`: a killed run's id and checkpoint), a callback after each epoch
+    (`on_epoch_end(epoch, metrics)`; raising optuna.TrialPruned prunes it), and `claim_lost`,
+    asked at every step: a reason to stop now (ClaimLost: the run ends KILLED, resumable from
+    its checkpoint), or None to go on."""
 
     config: Config
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     resume: Resume | None = None
     on_epoch_end: EpochCallback | None = None
+    claim_lost: Callable[[], str | None] | None = None
 
     @property
     def resumed_epoch(self) -> int:
@@ -42,6 +45,11 @@ class TrialSpec:
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class ClaimLost(StoreUnavailable):
+    """The trial may no longer be this process's to train (its study's storage could not renew
+    its claim): stopped before another worker may take it over, resumable from its checkpoint."""
 
 
 @dataclass
@@ -56,7 +64,7 @@ def run_status_for(error: BaseException) -> str:
     from their store (resumable), are KILLED."""
     import optuna  # pruning is a study's; importing Optuna for a plain run costs half a second
 
-    if isinstance(error, (KeyboardInterrupt, optuna.TrialPruned, StoreUnavailable)):
+    if isinstance(error, (KeyboardInterrupt, optuna.TrialPruned)) or is_store_error(error):
         return "KILLED"
     return "FAILED"
 
