@@ -47,3 +47,24 @@ def test_moving_a_trial_to_running_succeeds_for_one_caller_only(storage_url):
     trial_id = store.trial_id(storage, study, 0)
     assert storage.set_trial_state_values(trial_id, state=TrialState.RUNNING) is True
     assert storage.set_trial_state_values(trial_id, state=TrialState.RUNNING) is False
+
+
+def test_the_patient_storage_stands_in_for_every_storage_method_and_keeps_optunas_cache(tmp_path):
+    """PatientStorage delegates each public BaseStorage method by name: a method a new Optuna
+    adds would otherwise fall through to BaseStorage's own (NotImplementedError) unnoticed."""
+    import inspect
+
+    from vae_lab.study.patient_storage import PatientStorage
+
+    public = {name for name, _ in inspect.getmembers(optuna.storages.BaseStorage, inspect.isfunction)
+              if not name.startswith("_")}
+    missing = sorted(name for name in public if name not in vars(PatientStorage))
+    assert not missing, f"PatientStorage does not delegate {missing}"
+
+    rdb = store.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert isinstance(rdb, PatientStorage)
+    # the wrapper Optuna puts around an RDBStorage it is handed (its private _CachedStorage)
+    assert isinstance(rdb.inner, optuna.storages._CachedStorage)
+    study = optuna.create_study(storage=rdb, study_name="cached")
+    study.enqueue_trial(params={"x": 1.0})
+    assert [trial.state for trial in study.get_trials()] == [TrialState.WAITING]
