@@ -100,7 +100,8 @@ def png(content: bytes, seed: int | None = None) -> Response:
 
 class JsonErrorRequestHandler(WSGIRequestHandler):
     """Werkzeug's request handler, with the errors it answers itself (before the app sees the
-    request: a request line over 64 KiB is 414, a malformed one 400) in JSON like the app's."""
+    request: a request line over 64 KiB is 414, a header line over 64 KiB 431) in JSON like the
+    app's (a malformed HTTP/0.9-style line gets the JSON body without headers, as HTTP/0.9 has none)."""
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         reasons = {HTTPStatus.REQUEST_URI_TOO_LONG: "the request line is longer than 65,536 bytes (allowed: "
