@@ -22,11 +22,13 @@ from vae_lab.train import train
 SOLO_MATCH = 1e-3  # a trial in a batch against its solo run: final losses, relative
 
 TWO_EPOCHS = [*TINY_RUN, "train.epochs=2", "data.binarize=dynamic"]
-# what differs between the trials of one batch: KL weight, lr, seed, clipping, warm-up
+# what differs between the trials of one batch: KL weight, lr, seed, clipping, KL schedule, free bits
 TRIALS = [
     ["train.seed=0", "loss.kl_weight=1.0", "tracking.log_every_steps=3"],
     ["train.seed=0", "loss.kl_weight=0.5", "train.lr=3e-3"],
     ["train.seed=7", "loss.kl_weight=2.0", "train.grad_clip=5.0", "loss.kl_warmup_steps=10"],
+    ["train.seed=0", "loss.kl_schedule=cyclical", "loss.kl_cycles=2", "loss.free_bits=0.5",
+     "tracking.log_every_steps=2"],
 ]
 
 
@@ -82,6 +84,9 @@ def test_batched_trials_match_alone_and_each_has_its_own_run(tracking_uri, tiny_
     # the warm-up trial logs its own β schedule
     warmup = client.get_metric_history(results[2].run_id, "train/kl_weight")
     assert warmup[0].value == pytest.approx(2.0 * 7 / 10)
+    # 16 steps in 2 cycles of 8, β rising over the first 4 of each (logged after steps 2, 4, ...)
+    cyclical = [metric.value for metric in client.get_metric_history(results[3].run_id, "train/kl_weight")]
+    assert cyclical == pytest.approx([0.25, 0.75, 1.0, 1.0, 0.25, 0.75, 1.0, 1.0])
     # the trials really differ, and the logged model is the batched trial's own
     assert results[0].metrics["test/loss"] != pytest.approx(results[1].metrics["test/loss"], rel=0.01)
     model, config = load_logged_model(results[1].run_id, tracking_uri)
@@ -206,6 +211,7 @@ def test_a_batch_of_one_steps_exactly_like_the_plain_step():
     On the CPU, where the arithmetic is the claim (a GPU may pick other conv algorithms)."""
     configs = [build_config(None, [*TWO_EPOCHS, "train.epochs=1", "train.batch_size=23", "tracking.enabled=false",
                                    "eval.enabled=false", "loss.kl_warmup_steps=7", "train.grad_clip=20",
+                                   "loss.free_bits=0.05",
                                    "device=cpu", f"model.name={name}"]) for name in ("linear_vae", "conv_vae")]
     cpu = torch.device("cpu")
     data = load_data(configs[0].data, cpu, configs[0].train.batch_size)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vae_lab.config import ConfigError, build_config
 from vae_lab.models.losses import kl_to_standard_normal, kl_weight_at, loss_terms, reconstruction_nll
 from vae_lab.models.autoencoders import Posterior
 
@@ -58,11 +59,55 @@ def test_kl_is_zero_at_the_prior_and_for_an_ae():
     assert torch.equal(kl_to_standard_normal(Posterior(torch.randn(2, 3), None)), zero)
 
 
+def loss_config(*overrides):
+    return build_config(None, ["model.name=linear_vae", *overrides]).loss
+
+
 def test_kl_weight_warmup_is_linear_from_zero():
-    assert kl_weight_at(0, 2.0, 100) == 0.0
-    assert kl_weight_at(50, 2.0, 100) == 1.0
-    assert kl_weight_at(500, 2.0, 100) == 2.0
-    assert kl_weight_at(0, 2.0, 0) == 2.0
+    warmup = loss_config("loss.kl_weight=2.0", "loss.kl_warmup_steps=100")
+    assert warmup.kl_schedule == "linear"  # a config from before loss.kl_schedule means what it meant
+    assert [kl_weight_at(step, warmup, 1000) for step in (0, 50, 500)] == [0.0, 1.0, 2.0]
+    assert kl_weight_at(0, loss_config("loss.kl_weight=2.0"), 1000) == 2.0
+
+
+def test_the_cyclical_schedule_ramps_over_each_cycle_then_holds():
+    """Fu et al. 2019: 1,000 steps in 4 cycles of 250; β rises over the first half of each."""
+    cyclical = loss_config("loss.kl_weight=2.0", "loss.kl_schedule=cyclical", "loss.kl_cycles=4",
+                           "loss.kl_cycle_ratio=0.5")
+    expected = {0: 0.0, 25: 0.4, 125: 2.0, 249: 2.0, 250: 0.0, 300: 0.8, 999: 2.0}
+    assert {step: kl_weight_at(step, cyclical, 1000) for step in expected} == pytest.approx(expected, abs=1e-6)
+
+
+def test_free_bits_leave_dimensions_below_the_floor_alone_and_report_the_true_kl():
+    torch.manual_seed(0)
+    logits, images = torch.randn(5, 1, 4, 4), torch.rand(5, 1, 4, 4)
+    mean = torch.tensor([[0.05, 2.0, -1.5]]).repeat(5, 1) + 0.01 * torch.randn(5, 3)
+    mean.requires_grad_(True)
+    logvar = torch.zeros(5, 3)
+    terms = loss_terms(logits, images, Posterior(mean, logvar), "bernoulli", 0.5, free_bits=0.5)
+    kl_dims = kl_to_standard_normal(Posterior(mean, logvar))
+    floor = torch.maximum(kl_dims.mean(0), torch.tensor(0.5)).sum()
+    assert terms.loss.item() == pytest.approx((terms.recon.mean() + 0.5 * floor).item(), rel=1e-6)
+    torch.testing.assert_close(terms.kl, kl_dims.sum(1))  # what is logged is the KL, not the floor
+    terms.loss.backward()
+    assert torch.all(mean.grad[:, 0] == 0)  # dimension 0 holds 0.00125 nats < 0.5: not pushed further
+    assert torch.all(mean.grad[:, 1:] != 0)
+    plain = loss_terms(logits, images, Posterior(mean, logvar), "bernoulli", 0.5)
+    assert plain.loss.item() == pytest.approx((plain.recon + 0.5 * plain.kl).mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["loss.free_bits=-0.1"], "loss.free_bits must be zero or positive"),
+    (["loss.free_bits=.inf"], "loss.free_bits must be zero or positive"),
+    (["model.name=ae", "loss.free_bits=0.5"], "loss.free_bits needs a KL term"),
+    (["loss.kl_schedule=cyclical", "loss.kl_cycles=0"], "needs loss.kl_cycles of 1 or more"),
+    (["loss.kl_schedule=cyclical", "loss.kl_cycle_ratio=1.5"], "loss.kl_cycle_ratio"),
+    (["loss.kl_schedule=linear"], "give it 1 or more steps"),
+    (["loss.kl_schedule=sigmoid"], "kl_schedule"),
+])
+def test_bad_schedule_or_free_bits_is_one_line(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        build_config(None, ["model.name=linear_vae", *overrides])
 
 
 def test_loss_is_batch_mean_of_recon_plus_weighted_kl():

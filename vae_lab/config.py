@@ -119,11 +119,15 @@ DEFAULT_GAUSSIAN_STD = 1 / math.sqrt(2)  # keeps the summed squared error as the
 @dataclass
 class LossConfig:
     likelihood: str = "bernoulli"
-    kl_weight: float = 1.0
-    kl_warmup_steps: int = 0
+    kl_weight: float = 1.0  # β: the KL's weight once the schedule has ramped up
+    kl_schedule: str = "constant"  # constant | linear (over kl_warmup_steps) | cyclical (kl_cycles, kl_cycle_ratio)
+    kl_warmup_steps: int = 0  # linear: steps from β=0 to kl_weight (a config that sets only this is linear)
+    kl_cycles: int = 4  # cyclical: ramps over the whole training run (Fu et al. 2019)
+    kl_cycle_ratio: float = 0.5  # cyclical: the part of each cycle spent ramping up, then β=kl_weight
+    free_bits: float = 0.0  # nats per latent dimension below which its KL is not pushed down (Kingma et al. 2016)
     gaussian_std: float = DEFAULT_GAUSSIAN_STD  # sigma of the gaussian likelihood
 
-    choices = {"likelihood": ("bernoulli", "gaussian")}
+    choices = {"likelihood": ("bernoulli", "gaussian"), "kl_schedule": ("constant", "linear", "cyclical")}
 
 
 @dataclass
@@ -321,7 +325,7 @@ def validate(config: Config) -> Config:
         "loss.gaussian_std": config.loss.gaussian_std,
     }
     for key, value in positive.items():
-        if not value > 0:
+        if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{key} must be positive, got {value}")
     for key, sizes in (("model.hidden_dims", config.model.hidden_dims),
                        ("model.conv_channels", config.model.conv_channels)):
@@ -332,6 +336,7 @@ def validate(config: Config) -> Config:
     non_negative = {
         "loss.kl_weight": config.loss.kl_weight,
         "loss.kl_warmup_steps": config.loss.kl_warmup_steps,
+        "loss.free_bits": config.loss.free_bits,
         "train.grad_clip": config.train.grad_clip,
         "data.resize": config.data.resize,
         "data.train_limit": config.data.train_limit,
@@ -341,8 +346,9 @@ def validate(config: Config) -> Config:
         "tracking.latent_frames_every": config.tracking.latent_frames_every,
     }
     for key, value in non_negative.items():
-        if value < 0:
+        if not (value >= 0 and math.isfinite(value)):
             raise ConfigError(f"{key} must be zero or positive, got {value}")
+    _check_kl_schedule(config)
     val_size = config.data.val_size
     if not (val_size == 0 or 0 < val_size < 1 or (val_size >= 1 and float(val_size).is_integer())):
         raise ConfigError(f"data.val_size must be a fraction in (0, 1), a whole count of images, "
@@ -362,6 +368,25 @@ def validate(config: Config) -> Config:
             f"model.latent_layout=cube needs a conv model (conv_ae, conv_vae), got {config.model.name}"
         )
     return config
+
+
+def _check_kl_schedule(config: Config) -> None:
+    """The schedule's own keys, and free bits only where there is a KL. A config from before
+    `loss.kl_schedule` that sets `loss.kl_warmup_steps` is read as the linear schedule it meant."""
+    loss = config.loss
+    if loss.kl_schedule == "constant" and loss.kl_warmup_steps > 0:
+        loss.kl_schedule = "linear"
+    if loss.kl_schedule == "linear" and loss.kl_warmup_steps < 1:
+        raise ConfigError("loss.kl_schedule=linear ramps β over loss.kl_warmup_steps: give it 1 or more steps")
+    if loss.kl_schedule == "cyclical":
+        if loss.kl_cycles < 1:
+            raise ConfigError(f"loss.kl_schedule=cyclical needs loss.kl_cycles of 1 or more, got {loss.kl_cycles}")
+        if not 0 < loss.kl_cycle_ratio <= 1:
+            raise ConfigError(f"loss.kl_cycle_ratio is the part of each cycle spent ramping up: in (0, 1], "
+                              f"got {loss.kl_cycle_ratio}")
+    if loss.free_bits > 0 and config.model.name not in VAE_MODELS:
+        raise ConfigError(f"loss.free_bits needs a KL term: a VAE ({', '.join(VAE_MODELS)}), "
+                          f"got model.name={config.model.name}")
 
 
 def build_config(

@@ -46,24 +46,56 @@ def kl_to_standard_normal(posterior: Posterior) -> torch.Tensor:
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
 
 
-def kl_weight_at(step: int, kl_weight: float, warmup_steps: int) -> float:
-    """β at a training step: linear warm-up from 0 over `warmup_steps`, then constant."""
-    if warmup_steps <= 0:
-        return kl_weight
-    return kl_weight * min(1.0, step / warmup_steps)
+KL_SCHEDULES = ("constant", "linear", "cyclical")
+
+
+def kl_ramp(step: int, schedule: torch.Tensor, warmup_steps: torch.Tensor, period: torch.Tensor,
+            ratio: torch.Tensor) -> torch.Tensor:
+    """β / loss.kl_weight at optimizer step `step` (0-based) for each trial, the one place the
+    schedules are written; each argument a tensor of one value per trial (`schedule`: the index
+    in KL_SCHEDULES).
+
+    constant: 1. linear: min(1, step / warmup_steps). cyclical (Fu et al. 2019): the run's steps
+    split into cycles of `period` steps; within one, min(1, τ / ratio) with τ = (step mod period) / period.
+    """
+    linear = (step / warmup_steps.clamp(min=1)).clamp(max=1.0)
+    cyclical = (torch.remainder(torch.full_like(period, float(step)), period) / period / ratio).clamp(max=1.0)
+    return torch.where(schedule == 1, linear, torch.where(schedule == 2, cyclical, torch.ones_like(linear)))
+
+
+def schedule_columns(losses: list, total_steps: int, device=None) -> dict[str, torch.Tensor]:
+    """`kl_ramp`'s arguments for these trials' `LossConfig`s over a run of `total_steps` steps."""
+    column = dict(dtype=torch.float32, device=device)
+    return {"schedule": torch.tensor([KL_SCHEDULES.index(loss.kl_schedule) for loss in losses], device=device),
+            "warmup_steps": torch.tensor([float(loss.kl_warmup_steps) for loss in losses], **column),
+            "period": torch.tensor([max(total_steps, 1) / loss.kl_cycles for loss in losses], **column),
+            "ratio": torch.tensor([loss.kl_cycle_ratio for loss in losses], **column)}
+
+
+def kl_weight_at(step: int, loss, total_steps: int) -> float:
+    """β of one run (`loss`: its LossConfig) at optimizer step `step` of `total_steps`."""
+    return loss.kl_weight * float(kl_ramp(step, **schedule_columns([loss], total_steps))[0])
 
 
 @dataclass
 class LossTerms:
-    loss: torch.Tensor  # scalar: batch mean of recon + β·kl, what the optimizer sees
+    loss: torch.Tensor  # scalar: what the optimizer sees (batch mean of recon + β·kl, free bits applied)
     recon: torch.Tensor  # [B]
-    kl: torch.Tensor  # [B]
+    kl: torch.Tensor  # [B]: the KL itself, whatever free bits did to the loss
 
 
 def loss_terms(logits: torch.Tensor, images: torch.Tensor, posterior: Posterior,
-               likelihood: str, kl_weight: float, gaussian_std: float = DEFAULT_GAUSSIAN_STD) -> LossTerms:
+               likelihood: str, kl_weight, gaussian_std: float = DEFAULT_GAUSSIAN_STD,
+               free_bits=0.0) -> LossTerms:
+    """The training loss and its per-image terms. With `free_bits` λ > 0 (Kingma et al. 2016)
+    the KL part of the loss is Σ_j max(λ, mean over the batch of KL_j): a latent dimension
+    whose KL is below λ nats is not pushed down further. `kl_weight` and `free_bits` may be
+    0-d tensors (one trial's row under vmap)."""
     recon = reconstruction_nll(logits.float(), images, likelihood, gaussian_std)
-    kl = kl_to_standard_normal(Posterior(posterior.mean.float(),
-                                         None if posterior.logvar is None else posterior.logvar.float())).sum(dim=1)
-    loss = (recon + kl_weight * kl).mean()
+    kl_dims = kl_to_standard_normal(Posterior(posterior.mean.float(),
+                                              None if posterior.logvar is None else posterior.logvar.float()))
+    kl = kl_dims.sum(dim=1)
+    free_bits = torch.as_tensor(free_bits, dtype=kl.dtype, device=kl.device)
+    clamped = recon.mean() + kl_weight * torch.maximum(kl_dims.mean(dim=0), free_bits).sum()
+    loss = torch.where(free_bits > 0, clamped, (recon + kl_weight * kl).mean())
     return LossTerms(loss, recon, kl)

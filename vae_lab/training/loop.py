@@ -36,7 +36,7 @@ from vae_lab.config import Config
 from vae_lab.data.datasets import ImageData
 from vae_lab.evaluation import latent_evolution
 from vae_lab.models.autoencoders import Autoencoder
-from vae_lab.models.losses import kl_weight_at
+from vae_lab.models.losses import kl_ramp, kl_weight_at, schedule_columns
 from vae_lab.training.checkpoints import Checkpoint, save_checkpoint
 from vae_lab.training.finalize import finalize_run
 from vae_lab.training.scoring import (
@@ -82,8 +82,10 @@ class Engine:
                           else PlainStep(models[0], configs[0], device, self.amp))
         column = dict(dtype=torch.float32, device=device)
         self.kl_weight = torch.tensor([config.loss.kl_weight for config in configs], **column)
-        self.warmup = torch.tensor([config.loss.kl_warmup_steps for config in configs], **column)
-        self.warming = any(config.loss.kl_warmup_steps > 0 for config in configs)
+        self.free_bits = torch.tensor([config.loss.free_bits for config in configs], **column)
+        self.total_steps = self.config.train.epochs * data.num_batches("train", self.config.train.batch_size)
+        self.schedule = schedule_columns([config.loss for config in configs], self.total_steps, device)
+        self.scheduled = any(config.loss.kl_schedule != "constant" for config in configs)
         self.progress = any(config.train.progress for config in configs)
         self.watching_claims = any(trial.spec.claim_lost is not None for trial in trials)
         self.step = 0
@@ -97,12 +99,10 @@ class Engine:
         return [trial.config for trial in self.trials]
 
     def kl_weights(self) -> torch.Tensor:
-        """Each trial's β at this step (`kl_weight_at`, on the device without a host sync)."""
-        if not self.warming:
+        """Each trial's β at this step (`losses.kl_ramp`, on the device without a host sync)."""
+        if not self.scheduled:
             return self.kl_weight
-        ramp = torch.where(self.warmup > 0, (self.step / self.warmup.clamp(min=1)).clamp(max=1.0),
-                           torch.ones_like(self.warmup))
-        return self.kl_weight * ramp
+        return self.kl_weight * kl_ramp(self.step, **self.schedule)
 
     # -- the epochs
     def run(self) -> None:
@@ -149,7 +149,8 @@ class Engine:
                 noise, noise_dim = draw_noise([noise_generators[seed] for seed in self.seeds], self.slot,
                                               images.shape[-4], self.latent_dim, self.variational, self.device,
                                               self.noise_dtype)
-                running += self.step_impl.train_step(images, images_dim, noise, noise_dim, self.kl_weights())
+                running += self.step_impl.train_step(images, images_dim, noise, noise_dim, self.kl_weights(),
+                                                     self.free_bits)
                 self.step += 1
                 self._capture_frames()
                 for trial in self.trials:
@@ -195,7 +196,7 @@ class Engine:
             if self.variational:
                 loss_cfg = trial.config.loss
                 logged.update({names.TRAIN_KL: kl, names.TRAIN_KL_WEIGHT: kl_weight_at(
-                    step - 1, loss_cfg.kl_weight, loss_cfg.kl_warmup_steps)})
+                    step - 1, loss_cfg, self.total_steps)})
             try:
                 check_finite(logged, step, epoch)
             except TrainingDiverged as error:
@@ -327,7 +328,8 @@ class Engine:
         if rows:
             index = torch.tensor(rows, device=self.device)
             self.step_impl.keep(rows)
-            self.kl_weight, self.warmup = self.kl_weight.index_select(0, index), self.warmup.index_select(0, index)
+            self.kl_weight, self.free_bits = self.kl_weight.index_select(0, index), self.free_bits.index_select(0, index)
+            self.schedule = {name: column.index_select(0, index) for name, column in self.schedule.items()}
             self.seeds, self.slot = seed_slots(self.configs, self.device)
         return None if running is None else running[rows]
 

@@ -2,7 +2,7 @@
 
 Both steps hold K >= 1 trials' weights and optimizer state, and answer the same calls:
 
-    sums = step.train_step(images, images_dim, noise, noise_dim, kl_weights)   # [K, 3] sums of loss·B, recon, kl
+    sums = step.train_step(images, images_dim, noise, noise_dim, kl_weights, free_bits)   # [K, 3] sums of loss·B, recon, kl
     logits, mean, logvar = step.forward(images, noise, noise_dim)             # [K, B, ...], no grad
     step.keep(rows)                      # drop trials that left
     state = step.state(row); step.load_state(row, state)   # a trial's weights (early stopping)
@@ -80,9 +80,9 @@ def _posterior(stats) -> Posterior:
     return Posterior(stats[0], stats[1] if len(stats) > 1 else None)
 
 
-def _loss_and_sums(outputs, images, loss: LossConfig, kl_weight):
+def _loss_and_sums(outputs, images, loss: LossConfig, kl_weight, free_bits):
     logits, *stats = outputs
-    terms = loss_terms(logits, images, _posterior(stats), loss.likelihood, kl_weight, loss.gaussian_std)
+    terms = loss_terms(logits, images, _posterior(stats), loss.likelihood, kl_weight, loss.gaussian_std, free_bits)
     sums = torch.stack([terms.loss.detach() * images.shape[0], terms.recon.detach().sum(),
                         terms.kl.detach().sum()])
     return terms.loss, sums
@@ -102,11 +102,12 @@ class PlainStep:
     def _model(self) -> Autoencoder:
         return self.network.model
 
-    def train_step(self, images, images_dim, noise, noise_dim, kl_weights: torch.Tensor) -> torch.Tensor:
+    def train_step(self, images, images_dim, noise, noise_dim, kl_weights: torch.Tensor,
+                   free_bits: torch.Tensor) -> torch.Tensor:
         self.network.train()
         with autocast(self.device, self.amp):
             outputs = self.network(images, noise)
-        loss, sums = _loss_and_sums(outputs, images, self.config.loss, kl_weights[0])
+        loss, sums = _loss_and_sums(outputs, images, self.config.loss, kl_weights[0], free_bits[0])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.train.grad_clip > 0:
@@ -202,18 +203,19 @@ class StackedStep:
 
         loss = self.config.loss  # the likelihood is part of the batch key: the same in every row
 
-        def trial_loss(params, buffers, images, noise, kl_weight):
-            return _loss_and_sums(self._forward(params, buffers, images, noise), images, loss, kl_weight)
+        def trial_loss(params, buffers, images, noise, kl_weight, free_bits):
+            return _loss_and_sums(self._forward(params, buffers, images, noise), images, loss, kl_weight, free_bits)
 
         return grad_and_value(trial_loss, has_aux=True)
 
-    def train_step(self, images, images_dim, noise, noise_dim, kl_weights: torch.Tensor) -> torch.Tensor:
+    def train_step(self, images, images_dim, noise, noise_dim, kl_weights: torch.Tensor,
+                   free_bits: torch.Tensor) -> torch.Tensor:
         from torch.func import vmap
 
         if self._step_fn is None:
             self._step_fn = self._train_step_fn()
-        grads, (_, sums) = vmap(self._step_fn, in_dims=(0, 0, images_dim, noise_dim, 0))(
-            self.params, self.buffers, images, noise, kl_weights)
+        grads, (_, sums) = vmap(self._step_fn, in_dims=(0, 0, images_dim, noise_dim, 0, 0))(
+            self.params, self.buffers, images, noise, kl_weights, free_bits)
         self._adam_step(grads)
         return sums
 
