@@ -1,7 +1,8 @@
-"""An 8-point KL-weight study of seed 001's linear VAE on mnist5k: batched against one-by-one.
+"""An 8-point KL-weight (or free-bits) study of seed 001's linear VAE on mnist5k: batched against one-by-one.
 
     python benchmarks/sweep.py                     # 10 epochs (the seed's), device=auto
     python benchmarks/sweep.py --epochs 3 --threads 1 --amp
+    python benchmarks/sweep.py --sweep free_bits   # 8 values of loss.free_bits (kl_weight 1) instead
 
 Seed 001's MLP VAE (32 px, 1024-128-64-32 encoder, latent 2, Gaussian likelihood, Adam 5e-4,
 batch 64; experiments/runs/seed001_linear_vae.yaml) at 8 KL weights, tracked in a temporary
@@ -37,7 +38,8 @@ from vae_lab.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_001_VAE = REPO / "experiments" / "runs" / "seed001_linear_vae.yaml"
-KL_WEIGHTS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+SWEEPS = {"kl_weight": ("loss.kl_weight", (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)),
+          "free_bits": ("loss.free_bits", (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0))}
 EXPERIMENT = "sweep_benchmark"
 
 
@@ -46,12 +48,17 @@ def configs_for(args, uri: str, epochs: int | None = None):
               f"tracking.uri={uri}", f"tracking.experiment={EXPERIMENT}", "train.progress=false"]
     if epochs or args.epochs:
         common.append(f"train.epochs={epochs or args.epochs}")
-    return [load_config(SEED_001_VAE, [*common, f"loss.kl_weight={weight}"]) for weight in KL_WEIGHTS]
+    key, values = SWEEPS[args.sweep]
+    return [load_config(SEED_001_VAE, [*common, f"{key}={value}"]) for value in values]
 
 
-def study_parent(client: MlflowClient, experiment_id: str, name: str) -> str:
+def swept_value(args, config) -> float:
+    return config.flat()[SWEEPS[args.sweep][0]]
+
+
+def study_parent(client: MlflowClient, experiment_id: str, name: str, swept: str) -> str:
     run = client.create_run(experiment_id, run_name=name, tags={
-        "vae_lab.role": "study", "vae_lab.study_name": name, "vae_lab.swept_params": "loss.kl_weight",
+        "vae_lab.role": "study", "vae_lab.study_name": name, "vae_lab.swept_params": swept,
         "vae_lab.objectives": "val/loss:minimize", "vae_lab.sampler": "grid"})
     return run.info.run_id
 
@@ -66,6 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (train.amp=true) in both modes")
+    parser.add_argument("--sweep", default="kl_weight", choices=sorted(SWEEPS), help="the swept loss key")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     device = resolve_device(args.device)
@@ -77,25 +85,26 @@ def main(argv=None) -> int:
         experiment_id = get_or_create_experiment(client, EXPERIMENT, uri)
         configs = configs_for(args, uri)
         data = load_data(configs[0].data, device)
-        print(f"seed 001 linear VAE, {len(configs)} KL weights, {configs[0].train.epochs} epochs, "
+        swept = SWEEPS[args.sweep][0]
+        print(f"seed 001 linear VAE, {len(configs)} values of {swept}, {configs[0].train.epochs} epochs, "
               f"mnist5k ({data.train_images.shape[0]} train images), amp={args.amp}\n")
         # untimed warm-up: imports, the store's first writes, kernel caches
         train(configs_for(args, uri, epochs=1)[0], data=data, run_name="warm-up")
 
-        alone_parent = study_parent(client, experiment_id, "one-by-one")
+        alone_parent = study_parent(client, experiment_id, "one-by-one", swept)
         alone_seconds, alone_results = [], []
         for number, config in enumerate(configs):
             started = time.perf_counter()
             alone_results.append(train(config, data=data, parent_run_id=alone_parent,
-                                       run_name=f"kl={config.loss.kl_weight:g}",
+                                       run_name=f"{args.sweep}={swept_value(args, config):g}",
                                        tags=trial_tags("one-by-one", number)))
             alone_seconds.append(time.perf_counter() - started)
         client.set_terminated(alone_parent)
 
-        batched_parent = study_parent(client, experiment_id, "batched")
+        batched_parent = study_parent(client, experiment_id, "batched", swept)
         pass_seconds: list[float] = []
         record = [lambda epoch, metrics: pass_seconds.append(metrics["train/epoch_seconds"])]
-        specs = [TrialSpec(config, run_name=f"kl={config.loss.kl_weight:g}", tags=trial_tags("batched", number),
+        specs = [TrialSpec(config, run_name=f"{args.sweep}={swept_value(args, config):g}", tags=trial_tags("batched", number),
                            on_epoch_end=callback)
                  for number, (config, callback) in enumerate(zip(configs, record + [None] * (len(configs) - 1)))]
         started = time.perf_counter()
@@ -105,15 +114,15 @@ def main(argv=None) -> int:
         finished = [run.info.status for run in client.search_runs(
             [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{batched_parent}'")]
 
-    print(f"{'kl_weight':>9s} {'alone s':>8s} {'test/loss alone':>16s} {'batched':>10s} {'diff':>8s}")
+    print(f"{args.sweep:>9s} {'alone s':>8s} {'test/loss alone':>16s} {'batched':>10s} {'diff':>8s}")
     gaps = []
     for config, seconds, alone, batched in zip(configs, alone_seconds, alone_results, batched_results):
         if isinstance(batched, BaseException):
-            print(f"{config.loss.kl_weight:9g} {seconds:8.1f} {alone.metrics['test/loss']:16.3f}   {batched!r}")
+            print(f"{swept_value(args, config):9g} {seconds:8.1f} {alone.metrics['test/loss']:16.3f}   {batched!r}")
             continue
         gap = abs(batched.metrics["test/loss"] - alone.metrics["test/loss"]) / alone.metrics["test/loss"]
         gaps.append(gap)
-        print(f"{config.loss.kl_weight:9g} {seconds:8.1f} {alone.metrics['test/loss']:16.3f} "
+        print(f"{swept_value(args, config):9g} {seconds:8.1f} {alone.metrics['test/loss']:16.3f} "
               f"{batched.metrics['test/loss']:10.3f} {gap:8.1e}")
     single = statistics.median(alone_seconds)
     one_by_one = sum(alone_seconds)

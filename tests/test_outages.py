@@ -22,7 +22,8 @@ from vae_lab import names
 from vae_lab.study.storage import POINT_ATTR, open_storage
 
 SPACE = {"loss.kl_weight": [0.5, 1.0]}
-LONG_TRIAL = {"data.train_limit": 2048, "train.batch_size": 16, "train.epochs": 40}  # 5,120 steps
+# 7,680 steps (about 25 s here): still training well after a claim is lost (4 beats of 1 s)
+LONG_TRIAL = {"data.train_limit": 2048, "train.batch_size": 16, "train.epochs": 60}
 
 
 @pytest.fixture
@@ -76,13 +77,14 @@ def test_a_30_second_outage_of_the_optuna_postgresql_is_ridden_through(tmp_path,
     code, out, err = finished(process)
     assert code == 0, err
     assert "Traceback" not in err
-    assert "cannot be reached; waiting for it" in err  # said once, with the storage named
+    # said, with the storage named: by the bookkeeping that waited, or by the heartbeat that failed
+    assert "cannot be reached; waiting for it" in err or "could not renew the heartbeat" in err, err
     assert_every_point_finished_once(tracking_uri, storage, "blink", len(SPACE["loss.kl_weight"]))
 
 
 def test_a_long_optuna_outage_stops_in_one_line_and_a_rerun_continues_each_run(tmp_path, tracking_uri, cluster):
     storage = f"{cluster.url}/optuna"
-    # the trial stops 4 beats (4 s) into the outage, long before its 40 epochs are done (20 s or more)
+    # the trial stops 4 beats (4 s) into the outage, long before its 60 epochs are done
     path = write_study(tmp_path / "outage.yaml", "outage", {"loss.kl_weight": [1.0]}, **LONG_TRIAL)
     patience = {"VAE_LAB_STORE_PATIENCE_SECONDS": "10", "VAE_LAB_HEARTBEAT_SECONDS": "1"}
     process = sweep(path, tracking_uri, storage, env=patience)

@@ -14,6 +14,7 @@ stale: no trial is ever trained by two workers at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -28,7 +29,7 @@ from optuna.trial import FrozenTrial
 from vae_lab.study.patient_storage import impatient
 from vae_lab.study.session import Session
 from vae_lab.study.storage import HEARTBEAT_ATTR, HEARTBEAT_EVERY_ATTR, MACHINE_ATTR, WORKER_ATTR
-from vae_lab.tracking.errors import env_seconds
+from vae_lab.tracking.errors import describe, env_seconds
 
 HEARTBEAT_ENV = "VAE_LAB_HEARTBEAT_SECONDS"
 DEFAULT_HEARTBEAT_SECONDS = 20.0
@@ -177,17 +178,21 @@ class Heartbeat:
 
     def _beat(self) -> None:
         beating = impatient(self.storage)  # an outage must show, not be waited out
-        wait = self.every
+        wait, failing = self.every, False
         while not self._stop.wait(wait):
             try:
                 beating.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
             except optuna.exceptions.UpdateFinishedTrialError:
                 self._ended_elsewhere = True  # told (by us: nobody asks any more; or by a repair)
                 return
-            except Exception:  # the storage cannot be reached: try again soon
-                wait = min(self.every, RETRY_BEAT_SECONDS)
+            except Exception as error:  # the storage cannot be reached: try again soon
+                if not failing:  # said once per outage
+                    logging.getLogger(__name__).warning(
+                        "could not renew the heartbeat of a trial (%s); trying again every %.0f s, training goes on",
+                        describe(error), RETRY_BEAT_SECONDS)
+                wait, failing = min(self.every, RETRY_BEAT_SECONDS), True
                 continue
-            self._renewed, wait = time.monotonic(), self.every
+            self._renewed, wait, failing = time.monotonic(), self.every, False
 
 
 class Helpers:
