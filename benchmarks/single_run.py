@@ -185,7 +185,7 @@ mark("data")
 tracker = RunTracker.start(config, device)
 mark("store and run")
 seed_everything(config.train.seed)
-trial = Trial(0, TrialSpec(config), model=build_model(config.model, data.image_shape).to(device), tracker=tracker)
+trial = Trial(0, TrialSpec(config), model=build_model(config.model, data.image_shape, config.prior).to(device), tracker=tracker)
 engine = Engine([trial], data, device, stacked=False, amp=effective_amp(config.train.amp, device))
 engine._finish = lambda done: None  # stop after the epochs; the stages below finish the run
 engine.run()

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from vae_lab.config import ConfigError, build_config
-from vae_lab.models.losses import kl_to_standard_normal, kl_weight_at, loss_terms, reconstruction_nll
+from vae_lab.models.losses import kl_weight_at, loss_terms, reconstruction_nll
+from vae_lab.models.priors import kl_to_standard_normal
 from vae_lab.models.autoencoders import Posterior
 
 
@@ -84,7 +85,7 @@ def test_free_bits_leave_dimensions_below_the_floor_alone_and_report_the_true_kl
     mean = torch.tensor([[0.05, 2.0, -1.5]]).repeat(5, 1) + 0.01 * torch.randn(5, 3)
     mean.requires_grad_(True)
     logvar = torch.zeros(5, 3)
-    terms = loss_terms(logits, images, Posterior(mean, logvar), "bernoulli", 0.5, free_bits=0.5)
+    terms = loss_terms(logits, images, kl_to_standard_normal(Posterior(mean, logvar)), "bernoulli", 0.5, free_bits=0.5)
     kl_dims = kl_to_standard_normal(Posterior(mean, logvar))
     floor = torch.maximum(kl_dims.mean(0), torch.tensor(0.5)).sum()
     assert terms.loss.item() == pytest.approx((terms.recon.mean() + 0.5 * floor).item(), rel=1e-6)
@@ -92,7 +93,7 @@ def test_free_bits_leave_dimensions_below_the_floor_alone_and_report_the_true_kl
     terms.loss.backward()
     assert torch.all(mean.grad[:, 0] == 0)  # dimension 0 holds 0.00125 nats < 0.5: not pushed further
     assert torch.all(mean.grad[:, 1:] != 0)
-    plain = loss_terms(logits, images, Posterior(mean, logvar), "bernoulli", 0.5)
+    plain = loss_terms(logits, images, kl_to_standard_normal(Posterior(mean, logvar)), "bernoulli", 0.5)
     assert plain.loss.item() == pytest.approx((plain.recon + 0.5 * plain.kl).mean().item(), rel=1e-6)
 
 
@@ -114,7 +115,7 @@ def test_loss_is_batch_mean_of_recon_plus_weighted_kl():
     torch.manual_seed(0)
     logits, images = torch.randn(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
     posterior = Posterior(torch.randn(3, 2), torch.randn(3, 2))
-    terms = loss_terms(logits, images, posterior, "bernoulli", kl_weight=0.5)
+    terms = loss_terms(logits, images, kl_to_standard_normal(posterior), "bernoulli", kl_weight=0.5)
     assert torch.allclose(terms.loss, (terms.recon + 0.5 * terms.kl).mean())
 
 
@@ -127,9 +128,9 @@ def test_losses_stay_fp32_under_bf16_autocast():
     model = build_model(ModelConfig(name="linear_vae", latent_dim=4, hidden_dims=[32]), (1, 28, 28))
     images = torch.rand(8, 1, 28, 28)
     with autocast(torch.device("cpu"), True):
-        logits, mean, logvar = NoiseInput(model)(images, torch.randn(8, 4, dtype=torch.bfloat16))
+        logits, mean, logvar, kl_terms = NoiseInput(model)(images, torch.randn(8, 4, dtype=torch.bfloat16))
     assert logits.dtype == torch.bfloat16  # the forward really ran in bf16
-    terms = loss_terms(logits, images, Posterior(mean, logvar), "bernoulli", 1.0)
+    terms = loss_terms(logits, images, kl_terms, "bernoulli", 1.0)
     assert terms.loss.dtype == terms.recon.dtype == terms.kl.dtype == torch.float32
 
 

@@ -113,6 +113,20 @@ class ModelConfig:
     choices = {"name": MODELS, "latent_layout": ("vector", "cube"), "activation": ("relu", "gated")}
 
 
+@dataclass
+class PriorConfig:
+    """p(z) of a VAE (`vae_lab.models.priors`)."""
+    name: str = "standard_normal"  # standard_normal | mog (K learned Gaussians) | vampprior (K pseudo-inputs)
+    components: int = 0  # K; 0 = the prior's default (mog 10, vampprior 500)
+    # vampprior: pseudo-inputs start as hardtanh_[0,1](N(init_mean, init_std)): 0.05 and 0.01, what the
+    # reference code's data loaders set (its command-line default of -0.05 would start every pseudo-input
+    # at 0, where hardtanh passes no gradient)
+    init_mean: float = 0.05
+    init_std: float = 0.01
+
+    choices = {"name": ("standard_normal", "mog", "vampprior")}
+
+
 DEFAULT_GAUSSIAN_STD = 1 / math.sqrt(2)  # keeps the summed squared error as the data term
 
 
@@ -171,6 +185,7 @@ class TrackingConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -387,6 +402,17 @@ def _check_kl_schedule(config: Config) -> None:
     if loss.free_bits > 0 and config.model.name not in VAE_MODELS:
         raise ConfigError(f"loss.free_bits needs a KL term: a VAE ({', '.join(VAE_MODELS)}), "
                           f"got model.name={config.model.name}")
+    prior = config.prior
+    if prior.name != "standard_normal" and config.model.name not in VAE_MODELS:
+        raise ConfigError(f"prior.name={prior.name} needs a VAE ({', '.join(VAE_MODELS)}): an AE has no prior; "
+                          f"got model.name={config.model.name}")
+    if prior.components < 0:
+        raise ConfigError(f"prior.components must be 1 or more (0 = the prior's default), got {prior.components}")
+    if not (math.isfinite(prior.init_mean) and math.isfinite(prior.init_std) and prior.init_std >= 0):
+        raise ConfigError("prior.init_mean must be a finite number and prior.init_std a finite number >= 0")
+    if loss.free_bits > 0 and prior.name != "standard_normal":
+        raise ConfigError(f"loss.free_bits clamps the KL of each latent dimension, which only the standard normal "
+                          f"prior has in closed form; got prior.name={prior.name}")
 
 
 def build_config(

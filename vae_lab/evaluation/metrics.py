@@ -28,12 +28,12 @@ import torch
 from vae_lab import names
 from vae_lab.config import Config
 from vae_lab.data.datasets import ImageData
-from vae_lab.models.losses import DEFAULT_GAUSSIAN_STD, kl_to_standard_normal, reconstruction_nll
+from vae_lab.models.losses import DEFAULT_GAUSSIAN_STD, reconstruction_nll
+from vae_lab.models.priors import gaussian_log_density, kl_to_standard_normal
 from vae_lab.models.autoencoders import Autoencoder
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 COLLAPSE_KL_NATS = 0.1  # total KL per image below which q(z|x) says (almost) nothing about x
-LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass
@@ -41,10 +41,6 @@ class EvaluationResult:
     metrics: dict[str, float]
     kl_per_dim: np.ndarray | None = None
     tags: dict[str, str] = field(default_factory=dict)
-
-
-def _gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    return -0.5 * (LOG_2PI + logvar + (z - mean).square() / logvar.exp()).sum(dim=-1)
 
 
 @torch.no_grad()
@@ -66,8 +62,8 @@ def iwae_nll(model: Autoencoder, images: torch.Tensor, samples: int,
         logits = model.decode(z.reshape(-1, mean.shape[1]))
         targets = images.unsqueeze(0).expand(count, *images.shape).reshape(-1, *images.shape[1:])
         log_likelihood = -reconstruction_nll(logits.float(), targets, likelihood, gaussian_std).view(count, -1)
-        log_prior = -0.5 * (LOG_2PI + z.square()).sum(dim=-1)
-        log_posterior = _gaussian_log_density(z, mean, logvar)
+        log_prior = model.log_prior(z.float())  # the run's own prior
+        log_posterior = gaussian_log_density(z, mean, logvar)
         log_weights.append(log_likelihood + log_prior - log_posterior)
     log_weights = torch.cat(log_weights)  # [K, B]
     return -(torch.logsumexp(log_weights, dim=0) - math.log(samples))
@@ -169,7 +165,7 @@ def _encode_split(model: Autoencoder, data: ImageData, split: str, limit: int, g
         pixels.append(images.flatten(1).cpu())
         if split == "test":
             squared_error += (torch.sigmoid(model.decode(posterior.mean).float()) - images).square().sum().item()
-            if model.variational:
+            if model.variational and model.prior.analytic_kl:  # per dimension only where it is exact
                 kl = kl_to_standard_normal(posterior).float().sum(dim=0).cpu()
                 kl_sums = kl if kl_sums is None else kl_sums + kl
     return (torch.cat(pixels).numpy(), torch.cat(means).numpy(), torch.cat(labels).numpy(),
@@ -201,8 +197,11 @@ def evaluate_model(model: Autoencoder, data: ImageData, config: Config,
         units = active_units(test_means)
         metrics[names.EVAL_ACTIVE_UNITS] = float(units)
         metrics[names.EVAL_ACTIVE_FRACTION] = units / model.latent_dim
-        result.kl_per_dim = (kl_sums / test_pixels.shape[0]).numpy()
-        collapsed = float(result.kl_per_dim.sum()) < COLLAPSE_KL_NATS or units == 0
+        if kl_sums is not None:
+            result.kl_per_dim = (kl_sums / test_pixels.shape[0]).numpy()
+            collapsed = float(result.kl_per_dim.sum()) < COLLAPSE_KL_NATS or units == 0
+        else:  # a prior without a per-dimension KL: no latent dimension moves with the data
+            collapsed = units == 0
         result.tags[names.POSTERIOR_COLLAPSE_TAG] = str(collapsed).lower()
         if config.likelihood_is_normalized:
             nll_total, count = 0.0, 0

@@ -3,7 +3,8 @@
     posterior = model.encode(x)            # Posterior(mean, logvar); an AE's logvar is None
     z = model.reparameterize(posterior)    # a sample (the mean for an AE)
     logits = model.decode(z)               # [B, C, H, W] logits; sigmoid gives pixel means
-    samples = model.sample(n)              # decoded draws from the N(0, I) prior, as logits
+    samples = model.sample(n)              # decoded draws from the model's prior, as logits
+    kl = model.kl_terms(posterior, z)      # the KL to its prior (`vae_lab.models.priors`)
 
 `linear_vae`/`ae` are MLPs over the flattened image (`hidden_dims`), `conv_vae`/`conv_ae`
 stack stride-2 convolutions (`conv_channels`) and mirror them with transposed ones.
@@ -17,31 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vae_lab.config import CONV_MODELS, VAE_MODELS, ModelConfig
+from vae_lab.config import CONV_MODELS, VAE_MODELS, ModelConfig, PriorConfig
+from vae_lab.models.posterior import Posterior
+from vae_lab.models.priors import Prior, StandardNormal, build_prior
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
-
-
-@dataclass
-class Posterior:
-    mean: torch.Tensor  # [B, latent_dim]
-    logvar: torch.Tensor | None  # None for a deterministic (AE) encoder
-
-    @property
-    def std(self) -> torch.Tensor:
-        if self.logvar is None:
-            return torch.zeros_like(self.mean)
-        return torch.exp(0.5 * self.logvar)
-
-    def sample(self, noise: torch.Tensor | None) -> torch.Tensor:
-        """The reparameterization, the one place it is written: z = mean + noise · std, with
-        noise ~ N(0, I) drawn by the caller (so seeds and batched trials decide it). An AE's
-        posterior is a point: its mean (repeated along the noise's leading dimensions)."""
-        if noise is None:
-            if self.logvar is not None:
-                raise ValueError("a variational posterior is sampled with noise")
-            return self.mean
-        return self.mean + noise * self.std
 
 
 @dataclass
@@ -52,13 +33,16 @@ class ModelOutput:
 
 
 class Autoencoder(nn.Module):
-    """Shared behaviour; subclasses build `encoder_body`, `to_stats`, `decoder`."""
+    """Shared behaviour; subclasses build `encoder_body`, `to_stats`, `decoder`. `prior` is p(z)
+    (N(0, I) unless given; an AE's is only where `sample` draws from)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, variational: bool):
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, variational: bool,
+                 prior: Prior | None = None):
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
         self.variational = variational
+        self.prior = prior if prior is not None else StandardNormal(latent_dim)
 
     def _stats(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -87,10 +71,16 @@ class Autoencoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decode `count` draws from the standard normal prior; returns logits."""
-        device = next(self.parameters()).device
-        z = torch.randn((count, self.latent_dim), generator=generator, device=device)
-        return self.decode(z)
+        """Decode `count` draws from the model's prior; returns logits."""
+        return self.decode(self.prior.sample(count, self, generator))
+
+    def kl_terms(self, posterior: Posterior, z: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || p(z)) per image: [B, D] per dimension where analytic, else a [B, 1]
+        one-sample estimate at `z` (`Prior.kl_terms`)."""
+        return self.prior.kl_terms(posterior, z, self)
+
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        return self.prior.log_prob(z, self)
 
 
 class GatedDense(nn.Module):
@@ -123,8 +113,8 @@ class MLPAutoencoder(Autoencoder):
     """`ae` / `linear_vae`: pixels -> hidden_dims -> latent -> reversed hidden_dims -> pixels."""
 
     def __init__(self, image_shape, latent_dim: int, hidden_dims: list[int], variational: bool,
-                 activation: str = "relu"):
-        super().__init__(image_shape, latent_dim, variational)
+                 activation: str = "relu", prior: Prior | None = None):
+        super().__init__(image_shape, latent_dim, variational, prior)
         pixels = math.prod(image_shape)
         stats_size = 2 * latent_dim if variational else latent_dim
         self.encoder = _mlp([pixels, *hidden_dims, stats_size], activation)
@@ -177,8 +167,8 @@ class ConvAutoencoder(Autoencoder):
     """
 
     def __init__(self, image_shape, latent_dim: int, conv_channels: list[int],
-                 variational: bool, latent_layout: str = "vector"):
-        super().__init__(image_shape, latent_dim, variational)
+                 variational: bool, latent_layout: str = "vector", prior: Prior | None = None):
+        super().__init__(image_shape, latent_dim, variational, prior)
         in_channels, height, width = image_shape
         sizes = [(height, width)]
         for _ in conv_channels:
@@ -242,9 +232,16 @@ class ConvAutoencoder(Autoencoder):
         return self.decoder(features)
 
 
-def build_model(config: ModelConfig, image_shape: tuple[int, int, int]) -> Autoencoder:
+def build_model(config: ModelConfig, image_shape: tuple[int, int, int],
+                prior: PriorConfig | None = None) -> Autoencoder:
+    """The model `config` names, with the prior `prior` names (N(0, I) when None). The prior is
+    built after the networks, so a standard-normal model's weights are those of earlier vae_labs."""
     variational = config.name in VAE_MODELS
     if config.name in CONV_MODELS:
-        return ConvAutoencoder(image_shape, config.latent_dim, config.conv_channels,
-                               variational, config.latent_layout)
-    return MLPAutoencoder(image_shape, config.latent_dim, config.hidden_dims, variational, config.activation)
+        model = ConvAutoencoder(image_shape, config.latent_dim, config.conv_channels,
+                                variational, config.latent_layout)
+    else:
+        model = MLPAutoencoder(image_shape, config.latent_dim, config.hidden_dims, variational, config.activation)
+    if prior is not None and variational:
+        model.prior = build_prior(prior, tuple(image_shape), config.latent_dim)
+    return model

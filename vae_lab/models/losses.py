@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from vae_lab.config import DEFAULT_GAUSSIAN_STD
-from vae_lab.models.autoencoders import Posterior
 
 
 def reconstruction_nll(logits: torch.Tensor, images: torch.Tensor, likelihood: str,
@@ -36,14 +35,6 @@ def reconstruction_nll(logits: torch.Tensor, images: torch.Tensor, likelihood: s
         squared = (torch.sigmoid(logits) - images).square().flatten(1)
         return squared.sum(dim=1) / (2 * variance) + 0.5 * squared.shape[1] * math.log(2 * math.pi * variance)
     raise ValueError(f"unknown likelihood {likelihood!r}")
-
-
-def kl_to_standard_normal(posterior: Posterior) -> torch.Tensor:
-    """Per-dimension KL(q(z|x) || N(0, I)) in closed form, shape [B, latent_dim]."""
-    if posterior.logvar is None:
-        return torch.zeros_like(posterior.mean)
-    mean, logvar = posterior.mean, posterior.logvar
-    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
 
 
 KL_SCHEDULES = ("constant", "linear", "cyclical")
@@ -84,16 +75,16 @@ class LossTerms:
     kl: torch.Tensor  # [B]: the KL itself, whatever free bits did to the loss
 
 
-def loss_terms(logits: torch.Tensor, images: torch.Tensor, posterior: Posterior,
+def loss_terms(logits: torch.Tensor, images: torch.Tensor, kl_terms: torch.Tensor | None,
                likelihood: str, kl_weight, gaussian_std: float = DEFAULT_GAUSSIAN_STD,
                free_bits=0.0) -> LossTerms:
     """The training loss and its per-image terms. With `free_bits` λ > 0 (Kingma et al. 2016)
     the KL part of the loss is Σ_j max(λ, mean over the batch of KL_j): a latent dimension
     whose KL is below λ nats is not pushed down further. `kl_weight` and `free_bits` may be
-    0-d tensors (one trial's row under vmap)."""
+    0-d tensors (one trial's row under vmap). `kl_terms`: the model's `kl_terms` ([B, D] per
+    latent dimension, or a [B, 1] estimate), None for an AE."""
     recon = reconstruction_nll(logits.float(), images, likelihood, gaussian_std)
-    kl_dims = kl_to_standard_normal(Posterior(posterior.mean.float(),
-                                              None if posterior.logvar is None else posterior.logvar.float()))
+    kl_dims = torch.zeros_like(recon).unsqueeze(1) if kl_terms is None else kl_terms.float()
     kl = kl_dims.sum(dim=1)
     free_bits = torch.as_tensor(free_bits, dtype=kl.dtype, device=kl.device)
     clamped = recon.mean() + kl_weight * torch.maximum(kl_dims.mean(dim=0), free_bits).sum()

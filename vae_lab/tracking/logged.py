@@ -43,7 +43,7 @@ def load_logged_model(run_id: str, tracking_uri: str | None = None,
     with tempfile.TemporaryDirectory() as folder:
         path = client.download_artifacts(run_id, STATE_DICT_ARTIFACT, folder)
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    model = build_model(config.model, tuple(checkpoint["image_shape"]))
+    model = build_model(config.model, tuple(checkpoint["image_shape"]), config.prior)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:  # e.g. a conv model from before the kernel-4 decoder

@@ -64,7 +64,7 @@ def estimate_trial_bytes(config: Config) -> int:
     state (x6: param, grad, clipped grad, two moments, headroom), plus every module's output for
     one batch (x3: forward, saved for backward, gradient), in float32."""
     image_shape = _image_shape(config)
-    model = build_model(config.model, image_shape).to("meta")  # sizes only, no arithmetic
+    model = build_model(config.model, image_shape, config.prior).to("meta")  # sizes only, no arithmetic
     with torch.device("meta"):
         outputs = []
         hooks = [module.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel()))

@@ -60,7 +60,7 @@ def run_trials(specs: Sequence[TrialSpec], *, data: ImageData, parent_run_id: st
     trials = [Trial(index, spec) for index, spec in enumerate(specs)]
     for trial in trials:
         seed_everything(trial.config.train.seed)
-        trial.model = build_model(trial.config.model, data.image_shape).to(device)
+        trial.model = build_model(trial.config.model, data.image_shape, trial.config.prior).to(device)
         if trial.checkpoint is not None:
             trial.model.load_state_dict(trial.checkpoint.model_state)
             trial.restore(trial.checkpoint, device)
@@ -99,6 +99,8 @@ def start_tracking(trial: Trial, data: ImageData, device, parent_run_id: str | N
 
     spec = trial.spec
     run_tags = {names.PRECISION_TAG: "bf16 autocast" if amp else "fp32", **spec.tags}
+    if trial.model is not None and trial.model.variational:
+        run_tags[names.KL_ESTIMATOR_TAG] = trial.model.prior.estimator
     if batched > 1:
         run_tags[names.BATCHED_TRIALS_TAG] = str(batched)
     if not trial.config.tracking.enabled:

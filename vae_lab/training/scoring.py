@@ -9,8 +9,7 @@ import torch
 
 from vae_lab.config import Config
 from vae_lab.data.datasets import ImageData
-from vae_lab.models.autoencoders import Posterior
-from vae_lab.models.losses import kl_to_standard_normal, reconstruction_nll
+from vae_lab.models.losses import reconstruction_nll
 
 EVAL_BATCH_SIZE = 1000
 ORDER_SEED_OFFSET, NOISE_SEED_OFFSET, EVAL_NOISE_SEED_OFFSET = 0, 1, 1_000_003
@@ -21,8 +20,8 @@ def evaluate_split(forward, data: ImageData, split: str, configs: list[Config], 
                    latent_dim: int, device: torch.device, noise_dtype=torch.float32) -> list[dict[str, float]]:
     """`split`/* of K models at once, per image in nats, from one posterior sample per image.
 
-    `forward(images, noise, noise_dim)` gives (logits, mean[, logvar]) with a leading K
-    dimension. The images are the split's fixed pixels, shared by every trial; each trial's
+    `forward(images, noise, noise_dim)` gives (logits, mean[, logvar, kl_terms]) with a leading
+    K dimension (`steps.NoiseInput`). The images are the split's fixed pixels, shared by every trial; each trial's
     noise comes from a generator seeded with its `train.seed` (trials with one seed share it),
     reseeded on every call so every epoch is scored on the same draws.
     """
@@ -34,14 +33,13 @@ def evaluate_split(forward, data: ImageData, split: str, configs: list[Config], 
     for images, _ in data.batches(split, EVAL_BATCH_SIZE):
         noise, noise_dim = draw_noise(generators, slot, images.shape[0], latent_dim, variational, device, noise_dtype)
         logits, *stats = forward(images, noise, noise_dim)
-        posterior = Posterior(stats[0], stats[1] if len(stats) > 1 else None)
         logits = logits.float()
         trials, batch = logits.shape[:2]
         targets = images.expand(trials, *images.shape)
         recon = reconstruction_nll(logits.flatten(0, 1), targets.flatten(0, 1), loss.likelihood,
                                    loss.gaussian_std).view(trials, batch)
-        kl = kl_to_standard_normal(Posterior(posterior.mean.float(), None if posterior.logvar is None
-                                             else posterior.logvar.float())).flatten(2).sum(dim=2)
+        # the KL to each model's prior, as its forward gave it ([K, B, D] or a [K, B, 1] estimate)
+        kl = stats[2].float().sum(dim=2) if len(stats) > 2 else torch.zeros_like(recon)
         squared = (torch.sigmoid(logits) - targets).square().flatten(2).sum(dim=2)
         totals += torch.stack([recon.sum(1), kl.sum(1), squared.sum(1)]).double()
         count += batch

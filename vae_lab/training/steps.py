@@ -31,7 +31,7 @@ from torch import nn
 
 from vae_lab.config import Config, LossConfig
 from vae_lab.models.losses import loss_terms
-from vae_lab.models.autoencoders import Autoencoder, Posterior, build_model
+from vae_lab.models.autoencoders import Autoencoder, build_model
 
 CLIP_EPS = 1e-6  # clip_grad_norm_'s
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -51,8 +51,9 @@ def autocast(device: torch.device, enabled: bool):
 
 
 class NoiseInput(nn.Module):
-    """A model whose reparameterization noise is an input. Returns (logits, mean[, logvar]):
-    tensors only, as vmap's outputs must be."""
+    """A model whose reparameterization noise is an input. Returns (logits, mean[, logvar,
+    kl_terms]): tensors only, as vmap's outputs must be. `kl_terms` is the KL to the model's
+    prior (`Autoencoder.kl_terms`): [B, D] analytic, or a [B, 1] estimate at the decoded z."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -62,7 +63,8 @@ class NoiseInput(nn.Module):
         posterior = self.model.encode(images)
         if posterior.logvar is None:
             return self.model.decode(posterior.mean), posterior.mean
-        return self.model.decode(posterior.sample(noise)), posterior.mean, posterior.logvar
+        z = posterior.sample(noise)
+        return self.model.decode(z), posterior.mean, posterior.logvar, self.model.kl_terms(posterior, z)
 
 
 def plain_forward(model: Autoencoder, amp: bool, device: torch.device):
@@ -76,13 +78,10 @@ def plain_forward(model: Autoencoder, amp: bool, device: torch.device):
     return forward
 
 
-def _posterior(stats) -> Posterior:
-    return Posterior(stats[0], stats[1] if len(stats) > 1 else None)
-
-
 def _loss_and_sums(outputs, images, loss: LossConfig, kl_weight, free_bits):
     logits, *stats = outputs
-    terms = loss_terms(logits, images, _posterior(stats), loss.likelihood, kl_weight, loss.gaussian_std, free_bits)
+    kl_terms = stats[2] if len(stats) > 2 else None
+    terms = loss_terms(logits, images, kl_terms, loss.likelihood, kl_weight, loss.gaussian_std, free_bits)
     sums = torch.stack([terms.loss.detach() * images.shape[0], terms.recon.detach().sum(),
                         terms.kl.detach().sum()])
     return terms.loss, sums
@@ -318,6 +317,6 @@ class StackedStep:
 
     def model(self, row: int) -> Autoencoder:
         config = self.configs[row]
-        model = build_model(config.model, tuple(self.template.model.image_shape)).to(self.device)
+        model = build_model(config.model, tuple(self.template.model.image_shape), config.prior).to(self.device)
         model.load_state_dict(self.state(row))
         return model
