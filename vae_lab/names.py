@@ -34,6 +34,11 @@ EVAL_NLL_IWAE = "eval/nll_iwae"
 EVAL_MSE, EVAL_PCA_MSE = "eval/mse_per_pixel", "eval/pca_mse_per_pixel"
 EVAL_PROBE, EVAL_KNN = "eval/probe_accuracy", "eval/knn_accuracy"
 EVAL_ACTIVE_UNITS, EVAL_ACTIVE_FRACTION = "eval/active_units", "eval/active_fraction"
+# the KL's decomposition (Chen et al. 2018): E_x KL(q(z|x) || p(z)) = index-code mutual information
+# + total correlation + dimension-wise KL, under the aggregate posterior of the test images
+EVAL_MUTUAL_INFO, EVAL_TOTAL_CORRELATION, EVAL_DIMWISE_KL = (
+    "eval/mutual_info", "eval/total_correlation", "eval/dimwise_kl")
+KL_DECOMPOSITION = (EVAL_MUTUAL_INFO, EVAL_TOTAL_CORRELATION, EVAL_DIMWISE_KL)
 
 SELECTABLE_PREFIXES = (f"{VAL}/", f"{TRAIN}/")
 HELD_OUT_PREFIXES = (f"{TEST}/", f"{EVAL}/")  # scored on the test split
@@ -64,6 +69,8 @@ def metrics_logged(config) -> set[str]:
         metrics.update(EVAL_LOGGED)
         if vae:
             metrics.update(EVAL_VAE_LOGGED)
+            if config.prior.name == "standard_normal":  # a prior whose marginals are known
+                metrics.update(KL_DECOMPOSITION)
             if config.likelihood_is_normalized:
                 metrics.add(IWAE_METRIC)
     return metrics

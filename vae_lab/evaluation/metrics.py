@@ -69,6 +69,39 @@ def iwae_nll(model: Autoencoder, images: torch.Tensor, samples: int,
     return -(torch.logsumexp(log_weights, dim=0) - math.log(samples))
 
 
+DECOMPOSITION_POINTS = 2000  # test images whose posteriors make the aggregate q(z): N^2 D work
+
+
+@torch.no_grad()
+def kl_decomposition(means: torch.Tensor, logvars: torch.Tensor, generator: torch.Generator | None = None,
+                     chunk: int = 256) -> dict[str, float]:
+    """Chen et al. (2018)'s decomposition of E_x KL(q(z|x) || N(0, I)) over N images, with one
+    z_n ~ q(z|x_n) each and the aggregate posterior q(z) = (1/N) Σ_m q(z|x_m) of the same images:
+
+        mutual information   E[log q(z_n|x_n) - log q(z_n)]
+        total correlation    E[log q(z_n) - Σ_j log q(z_nj)]
+        dimension-wise KL    E[Σ_j log q(z_nj) - log p(z_nj)]
+
+    Their sum is the one-sample estimate E[log q(z_n|x_n) - log p(z_n)] term by term; each is a
+    consistent (for small N, biased) estimate. Needs a factorized prior: the standard normal."""
+    means, logvars = means.double(), logvars.double()
+    count = means.shape[0]
+    noise = torch.randn(means.shape, generator=generator, device=generator.device if generator else None)
+    z = means + noise.to(means) * torch.exp(0.5 * logvars)
+    log_conditional = gaussian_log_density(z, means, logvars)  # [N]
+    log_aggregate, log_marginals = [], []
+    for start in range(0, count, chunk):
+        rows = z[start:start + chunk].unsqueeze(1)  # [c, 1, D] against every image's posterior [N, D]
+        per_dim = -0.5 * (math.log(2 * math.pi) + logvars + (rows - means).square() / logvars.exp())  # [c, N, D]
+        log_aggregate.append(torch.logsumexp(per_dim.sum(-1), dim=1) - math.log(count))
+        log_marginals.append(torch.logsumexp(per_dim, dim=1) - math.log(count))
+    log_aggregate, log_marginals = torch.cat(log_aggregate), torch.cat(log_marginals)  # [N], [N, D]
+    log_prior_marginals = -0.5 * (math.log(2 * math.pi) + z.square())  # [N, D]
+    return {names.EVAL_MUTUAL_INFO: float((log_conditional - log_aggregate).mean()),
+            names.EVAL_TOTAL_CORRELATION: float((log_aggregate - log_marginals.sum(-1)).mean()),
+            names.EVAL_DIMWISE_KL: float((log_marginals - log_prior_marginals).sum(-1).mean())}
+
+
 def active_units(latent_means: np.ndarray, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
     """Dimensions whose posterior mean varies across the data (Cov_x(E_q[z]) > threshold)."""
     return int((latent_means.var(axis=0) > threshold).sum())
@@ -156,11 +189,13 @@ def probe_accuracies(train_features: np.ndarray, train_labels: np.ndarray,
 
 @torch.no_grad()
 def _encode_split(model: Autoencoder, data: ImageData, split: str, limit: int, generator,
-                  batch_size: int = 1000):
+                  batch_size: int = 1000, logvars: list | None = None):
     pixels, means, labels, kl_sums, squared_error = [], [], [], None, 0.0
     for images, batch_labels in data.batches(split, batch_size, limit=limit, noise_generator=generator):
         posterior = model.encode(images)
         means.append(posterior.mean.float().cpu())
+        if logvars is not None and posterior.logvar is not None:
+            logvars.append(posterior.logvar.float().cpu())
         labels.append(batch_labels.cpu())
         pixels.append(images.flatten(1).cpu())
         if split == "test":
@@ -180,8 +215,9 @@ def evaluate_model(model: Autoencoder, data: ImageData, config: Config,
     seed = config.train.seed + 2_000_003
     generator = torch.Generator(device=device).manual_seed(seed)
     train_pixels, train_means, train_labels, _, _ = _encode_split(model, data, "train", cap, generator)
+    test_logvars: list = []
     test_pixels, test_means, test_labels, kl_sums, squared_error = _encode_split(
-        model, data, "test", cap, generator)
+        model, data, "test", cap, generator, logvars=test_logvars)
 
     # the baseline depends on the data and the latent size only: trials of one study share it
     baseline_key = ("pca_mse_per_pixel", model.latent_dim, cap,
@@ -202,6 +238,10 @@ def evaluate_model(model: Autoencoder, data: ImageData, config: Config,
             collapsed = float(result.kl_per_dim.sum()) < COLLAPSE_KL_NATS or units == 0
         else:  # a prior without a per-dimension KL: no latent dimension moves with the data
             collapsed = units == 0
+        if model.prior.analytic_kl:  # the standard normal: its marginals are known
+            points = min(DECOMPOSITION_POINTS, test_means.shape[0])
+            metrics.update(kl_decomposition(torch.from_numpy(test_means[:points]),
+                                            torch.cat(test_logvars)[:points], torch.Generator().manual_seed(seed)))
         result.tags[names.POSTERIOR_COLLAPSE_TAG] = str(collapsed).lower()
         if config.likelihood_is_normalized:
             nll_total, count = 0.0, 0
