@@ -29,6 +29,7 @@ TRIALS = [
     ["train.seed=7", "loss.kl_weight=2.0", "train.grad_clip=5.0", "loss.kl_warmup_steps=10"],
     ["train.seed=0", "loss.kl_schedule=cyclical", "loss.kl_cycles=2", "loss.free_bits=0.5",
      "tracking.log_every_steps=2"],
+    ["train.seed=7", "loss.tc_weight=6.0"],  # β-TCVAE
 ]
 
 

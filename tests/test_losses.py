@@ -105,6 +105,8 @@ def test_free_bits_leave_dimensions_below_the_floor_alone_and_report_the_true_kl
     (["loss.kl_schedule=cyclical", "loss.kl_cycle_ratio=1.5"], "loss.kl_cycle_ratio"),
     (["loss.kl_schedule=linear"], "give it 1 or more steps"),
     (["loss.kl_schedule=sigmoid"], "kl_schedule"),
+    (["loss.tc_weight=-1"], "loss.tc_weight must be zero or positive"),
+    (["model.name=conv_ae", "loss.tc_weight=6"], "loss.tc_weight weighs the total correlation"),
 ])
 def test_bad_schedule_or_free_bits_is_one_line(overrides, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -128,7 +130,7 @@ def test_losses_stay_fp32_under_bf16_autocast():
     model = build_model(ModelConfig(name="linear_vae", latent_dim=4, hidden_dims=[32]), (1, 28, 28))
     images = torch.rand(8, 1, 28, 28)
     with autocast(torch.device("cpu"), True):
-        logits, mean, logvar, kl_terms = NoiseInput(model)(images, torch.randn(8, 4, dtype=torch.bfloat16))
+        logits, mean, logvar, kl_terms, _ = NoiseInput(model)(images, torch.randn(8, 4, dtype=torch.bfloat16))
     assert logits.dtype == torch.bfloat16  # the forward really ran in bf16
     terms = loss_terms(logits, images, kl_terms, "bernoulli", 1.0)
     assert terms.loss.dtype == terms.recon.dtype == terms.kl.dtype == torch.float32
@@ -149,3 +151,25 @@ def test_amp_falls_back_to_fp32_with_one_warning_where_bf16_is_emulated(monkeypa
     assert device_policy.effective_amp(False, torch.device("cpu")) is False
     monkeypatch.setattr(device_policy, "cpu_has_native_bf16", lambda: True)
     assert device_policy.effective_amp(True, torch.device("cpu")) is True
+
+
+def test_the_total_correlation_term_weighs_what_it_says_and_sees_dependence():
+    from vae_lab.models.losses import total_correlation_mws
+
+    torch.manual_seed(0)
+    mean = torch.randn(256, 2)
+    logvar = torch.full((256, 2), -4.0)
+    z = mean + 0.1 * torch.randn(256, 2)
+    independent = total_correlation_mws(z, mean, logvar, dataset_size=256)
+    tied = mean[:, :1].repeat(1, 2)  # both dimensions the same: all the information is shared
+    dependent = total_correlation_mws(tied + 0.1 * torch.randn(256, 2), tied, logvar, dataset_size=256)
+    assert float(dependent) > float(independent) + 1.0
+
+    logits, images = torch.randn(256, 1, 4, 4), torch.rand(256, 1, 4, 4)
+    kl_terms = kl_to_standard_normal(Posterior(mean, logvar))
+    plain = loss_terms(logits, images, kl_terms, "bernoulli", 1.0)
+    same = loss_terms(logits, images, kl_terms, "bernoulli", 1.0, total_correlation=dependent, tc_weight=1.0)
+    assert same.loss.item() == plain.loss.item()  # tc_weight 1: the ELBO, to the bit
+    heavier = loss_terms(logits, images, kl_terms, "bernoulli", 1.0, total_correlation=dependent, tc_weight=6.0)
+    assert heavier.loss.item() == pytest.approx(plain.loss.item() + 5 * dependent.item(), rel=1e-6)
+    torch.testing.assert_close(heavier.kl, plain.kl)  # */kl stays the KL

@@ -139,6 +139,7 @@ class LossConfig:
     kl_cycles: int = 4  # cyclical: ramps over the whole training run (Fu et al. 2019)
     kl_cycle_ratio: float = 0.5  # cyclical: the part of each cycle spent ramping up, then β=kl_weight
     free_bits: float = 0.0  # nats per latent dimension below which its KL is not pushed down (Kingma et al. 2016)
+    tc_weight: float = 1.0  # β-TCVAE (Chen et al. 2018): the total correlation's weight; 1 = the plain ELBO
     gaussian_std: float = DEFAULT_GAUSSIAN_STD  # sigma of the gaussian likelihood
 
     choices = {"likelihood": ("bernoulli", "gaussian"), "kl_schedule": ("constant", "linear", "cyclical")}
@@ -352,6 +353,7 @@ def validate(config: Config) -> Config:
         "loss.kl_weight": config.loss.kl_weight,
         "loss.kl_warmup_steps": config.loss.kl_warmup_steps,
         "loss.free_bits": config.loss.free_bits,
+        "loss.tc_weight": config.loss.tc_weight,
         "train.grad_clip": config.train.grad_clip,
         "data.resize": config.data.resize,
         "data.train_limit": config.data.train_limit,
@@ -402,6 +404,9 @@ def _check_kl_schedule(config: Config) -> None:
     if loss.free_bits > 0 and config.model.name not in VAE_MODELS:
         raise ConfigError(f"loss.free_bits needs a KL term: a VAE ({', '.join(VAE_MODELS)}), "
                           f"got model.name={config.model.name}")
+    if loss.tc_weight != 1 and config.model.name not in VAE_MODELS:
+        raise ConfigError(f"loss.tc_weight weighs the total correlation of a VAE's posterior "
+                          f"({', '.join(VAE_MODELS)}); got model.name={config.model.name}")
     prior = config.prior
     if prior.name != "standard_normal" and config.model.name not in VAE_MODELS:
         raise ConfigError(f"prior.name={prior.name} needs a VAE ({', '.join(VAE_MODELS)}): an AE has no prior; "

@@ -75,18 +75,35 @@ class LossTerms:
     kl: torch.Tensor  # [B]: the KL itself, whatever free bits did to the loss
 
 
+def total_correlation_mws(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, dataset_size: int) -> torch.Tensor:
+    """Chen et al. (2018)'s minibatch-weighted-sampling estimate of the total correlation
+    KL(q(z) || Π_j q(z_j)) from one batch of B posteriors and their samples z ([B, D] each), with
+    q(z_i) ≈ (1 / (N B)) Σ_j q(z_i | x_j) for a training set of N images."""
+    per_dim = -0.5 * (math.log(2 * math.pi) + logvar.unsqueeze(0)
+                      + (z.unsqueeze(1) - mean.unsqueeze(0)).square() / logvar.exp().unsqueeze(0))  # [B_i, B_j, D]
+    log_norm = math.log(z.shape[0] * dataset_size)
+    log_joint = torch.logsumexp(per_dim.sum(-1), dim=1) - log_norm
+    log_marginals = (torch.logsumexp(per_dim, dim=1) - log_norm).sum(-1)
+    return (log_joint - log_marginals).mean()
+
+
 def loss_terms(logits: torch.Tensor, images: torch.Tensor, kl_terms: torch.Tensor | None,
                likelihood: str, kl_weight, gaussian_std: float = DEFAULT_GAUSSIAN_STD,
-               free_bits=0.0) -> LossTerms:
+               free_bits=0.0, total_correlation: torch.Tensor | None = None, tc_weight=1.0) -> LossTerms:
     """The training loss and its per-image terms. With `free_bits` λ > 0 (Kingma et al. 2016)
     the KL part of the loss is Σ_j max(λ, mean over the batch of KL_j): a latent dimension
     whose KL is below λ nats is not pushed down further. `kl_weight` and `free_bits` may be
     0-d tensors (one trial's row under vmap). `kl_terms`: the model's `kl_terms` ([B, D] per
-    latent dimension, or a [B, 1] estimate), None for an AE."""
+    latent dimension, or a [B, 1] estimate), None for an AE. With a `total_correlation` estimate
+    (`total_correlation_mws`) the loss is β-TCVAE's (Chen et al. 2018): the ELBO's, plus
+    (tc_weight - 1) · TC, so the total correlation weighs tc_weight and the other two parts of
+    the KL stay at β."""
     recon = reconstruction_nll(logits.float(), images, likelihood, gaussian_std)
     kl_dims = torch.zeros_like(recon).unsqueeze(1) if kl_terms is None else kl_terms.float()
     kl = kl_dims.sum(dim=1)
     free_bits = torch.as_tensor(free_bits, dtype=kl.dtype, device=kl.device)
     clamped = recon.mean() + kl_weight * torch.maximum(kl_dims.mean(dim=0), free_bits).sum()
     loss = torch.where(free_bits > 0, clamped, (recon + kl_weight * kl).mean())
+    if total_correlation is not None:
+        loss = loss + (tc_weight - 1.0) * total_correlation
     return LossTerms(loss, recon, kl)

@@ -28,7 +28,7 @@ from vae_lab.models.autoencoders import build_model
 
 # Config keys that may differ between trials trained together.
 PER_TRIAL_KEYS = ("loss.kl_weight", "loss.kl_schedule", "loss.kl_warmup_steps", "loss.kl_cycles",
-                  "loss.kl_cycle_ratio", "loss.free_bits", "train.lr", "train.seed", "train.grad_clip",
+                  "loss.kl_cycle_ratio", "loss.free_bits", "loss.tc_weight", "train.lr", "train.seed", "train.grad_clip",
                   "train.early_stopping_patience")
 # Keys that only concern one trial's run (logging, end-of-run evaluation, its progress bar).
 PER_RUN_KEYS = ("train.progress", "train.checkpoint_every")

@@ -47,7 +47,7 @@ from vae_lab.training.scoring import (
     gather,
     seed_slots,
 )
-from vae_lab.training.steps import PlainStep, StackedStep, plain_forward
+from vae_lab.training.steps import PlainStep, StackedStep, loss_weights, plain_forward
 from vae_lab.tracking.errors import StoreUnavailable
 from vae_lab.training.trial import (
     ClaimLost,
@@ -78,11 +78,10 @@ class Engine:
         self.latent_dim = models[0].latent_dim
         self.noise_dtype = torch.bfloat16 if self.amp else torch.float32
         configs = [trial.config for trial in trials]
-        self.step_impl = (StackedStep(models, configs, device, self.amp) if stacked
-                          else PlainStep(models[0], configs[0], device, self.amp))
-        column = dict(dtype=torch.float32, device=device)
-        self.kl_weight = torch.tensor([config.loss.kl_weight for config in configs], **column)
-        self.free_bits = torch.tensor([config.loss.free_bits for config in configs], **column)
+        train_size = data.train_images.shape[0]
+        self.step_impl = (StackedStep(models, configs, device, self.amp, train_size) if stacked
+                          else PlainStep(models[0], configs[0], device, self.amp, train_size))
+        self.weights = loss_weights(configs, device)  # per trial: kl_weight (β once ramped up), free_bits, tc_weight
         self.total_steps = self.config.train.epochs * data.num_batches("train", self.config.train.batch_size)
         self.schedule = schedule_columns([config.loss for config in configs], self.total_steps, device)
         self.scheduled = any(config.loss.kl_schedule != "constant" for config in configs)
@@ -101,8 +100,8 @@ class Engine:
     def kl_weights(self) -> torch.Tensor:
         """Each trial's β at this step (`losses.kl_ramp`, on the device without a host sync)."""
         if not self.scheduled:
-            return self.kl_weight
-        return self.kl_weight * kl_ramp(self.step, **self.schedule)
+            return self.weights["kl_weight"]
+        return self.weights["kl_weight"] * kl_ramp(self.step, **self.schedule)
 
     # -- the epochs
     def run(self) -> None:
@@ -149,8 +148,8 @@ class Engine:
                 noise, noise_dim = draw_noise([noise_generators[seed] for seed in self.seeds], self.slot,
                                               images.shape[-4], self.latent_dim, self.variational, self.device,
                                               self.noise_dtype)
-                running += self.step_impl.train_step(images, images_dim, noise, noise_dim, self.kl_weights(),
-                                                     self.free_bits)
+                running += self.step_impl.train_step(images, images_dim, noise, noise_dim,
+                                                     {**self.weights, "kl_weight": self.kl_weights()})
                 self.step += 1
                 self._capture_frames()
                 for trial in self.trials:
@@ -328,7 +327,7 @@ class Engine:
         if rows:
             index = torch.tensor(rows, device=self.device)
             self.step_impl.keep(rows)
-            self.kl_weight, self.free_bits = self.kl_weight.index_select(0, index), self.free_bits.index_select(0, index)
+            self.weights = {name: column.index_select(0, index) for name, column in self.weights.items()}
             self.schedule = {name: column.index_select(0, index) for name, column in self.schedule.items()}
             self.seeds, self.slot = seed_slots(self.configs, self.device)
         return None if running is None else running[rows]

@@ -2,7 +2,8 @@
 
 Both steps hold K >= 1 trials' weights and optimizer state, and answer the same calls:
 
-    sums = step.train_step(images, images_dim, noise, noise_dim, kl_weights, free_bits)   # [K, 3] sums of loss·B, recon, kl
+    sums = step.train_step(images, images_dim, noise, noise_dim, weights)   # [K, 3] sums of loss·B, recon, kl
+    # weights: {"kl_weight", "free_bits", "tc_weight"}, a tensor of one value per trial each
     logits, mean, logvar = step.forward(images, noise, noise_dim)             # [K, B, ...], no grad
     step.keep(rows)                      # drop trials that left
     state = step.state(row); step.load_state(row, state)   # a trial's weights (early stopping)
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from vae_lab.config import Config, LossConfig
-from vae_lab.models.losses import loss_terms
+from vae_lab.models.losses import loss_terms, total_correlation_mws
 from vae_lab.models.autoencoders import Autoencoder, build_model
 
 CLIP_EPS = 1e-6  # clip_grad_norm_'s
@@ -52,7 +53,7 @@ def autocast(device: torch.device, enabled: bool):
 
 class NoiseInput(nn.Module):
     """A model whose reparameterization noise is an input. Returns (logits, mean[, logvar,
-    kl_terms]): tensors only, as vmap's outputs must be. `kl_terms` is the KL to the model's
+    kl_terms, z]): tensors only, as vmap's outputs must be. `kl_terms` is the KL to the model's
     prior (`Autoencoder.kl_terms`): [B, D] analytic, or a [B, 1] estimate at the decoded z."""
 
     def __init__(self, model: nn.Module):
@@ -64,7 +65,7 @@ class NoiseInput(nn.Module):
         if posterior.logvar is None:
             return self.model.decode(posterior.mean), posterior.mean
         z = posterior.sample(noise)
-        return self.model.decode(z), posterior.mean, posterior.logvar, self.model.kl_terms(posterior, z)
+        return self.model.decode(z), posterior.mean, posterior.logvar, self.model.kl_terms(posterior, z), z
 
 
 def plain_forward(model: Autoencoder, amp: bool, device: torch.device):
@@ -78,10 +79,24 @@ def plain_forward(model: Autoencoder, amp: bool, device: torch.device):
     return forward
 
 
-def _loss_and_sums(outputs, images, loss: LossConfig, kl_weight, free_bits):
+LOSS_WEIGHTS = ("kl_weight", "free_bits", "tc_weight")  # per trial, a tensor each
+
+
+def loss_weights(configs: list[Config], device) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor([getattr(config.loss, name) for config in configs], dtype=torch.float32, device=device)
+            for name in LOSS_WEIGHTS}
+
+
+def _loss_and_sums(outputs, images, loss: LossConfig, weights: dict, tc_of: int | None):
+    """The loss of one trial and its [loss·B, recon, kl] sums. `tc_of`: the training set's size
+    when some trial of the step weighs the total correlation (else None: no TC term)."""
     logits, *stats = outputs
     kl_terms = stats[2] if len(stats) > 2 else None
-    terms = loss_terms(logits, images, kl_terms, loss.likelihood, kl_weight, loss.gaussian_std, free_bits)
+    tc = None
+    if tc_of is not None and len(stats) > 2:
+        tc = total_correlation_mws(stats[3].float(), stats[0].float(), stats[1].float(), tc_of)
+    terms = loss_terms(logits, images, kl_terms, loss.likelihood, weights["kl_weight"], loss.gaussian_std,
+                       weights["free_bits"], tc, weights["tc_weight"])
     sums = torch.stack([terms.loss.detach() * images.shape[0], terms.recon.detach().sum(),
                         terms.kl.detach().sum()])
     return terms.loss, sums
@@ -90,9 +105,11 @@ def _loss_and_sums(outputs, images, loss: LossConfig, kl_weight, free_bits):
 class PlainStep:
     """One model trained with autograd and `torch.optim.Adam`."""
 
-    def __init__(self, model: Autoencoder, config: Config, device: torch.device, amp: bool = False):
+    def __init__(self, model: Autoencoder, config: Config, device: torch.device, amp: bool = False,
+                 train_size: int = 0):
         self.network = NoiseInput(model)
         self.config = config
+        self.tc_of = train_size if config.loss.tc_weight != 1 else None
         self.device = device
         self.amp = amp
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=True)
@@ -101,12 +118,12 @@ class PlainStep:
     def _model(self) -> Autoencoder:
         return self.network.model
 
-    def train_step(self, images, images_dim, noise, noise_dim, kl_weights: torch.Tensor,
-                   free_bits: torch.Tensor) -> torch.Tensor:
+    def train_step(self, images, images_dim, noise, noise_dim, weights: dict) -> torch.Tensor:
         self.network.train()
         with autocast(self.device, self.amp):
             outputs = self.network(images, noise)
-        loss, sums = _loss_and_sums(outputs, images, self.config.loss, kl_weights[0], free_bits[0])
+        loss, sums = _loss_and_sums(outputs, images, self.config.loss, {name: value[0] for name, value in weights.items()},
+                                    self.tc_of)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.train.grad_clip > 0:
@@ -156,7 +173,8 @@ class StackedStep:
     sweep is one Adam param group of whole tensors.
     """
 
-    def __init__(self, models: list[Autoencoder], configs: list[Config], device: torch.device, amp: bool = False):
+    def __init__(self, models: list[Autoencoder], configs: list[Config], device: torch.device, amp: bool = False,
+                 train_size: int = 0):
         from torch.func import stack_module_state
 
         params, buffers = stack_module_state(models)
@@ -174,6 +192,7 @@ class StackedStep:
         self.clipping = any(clip > 0 for clip in clips)
         self.clip = torch.tensor([clip if clip > 0 else math.inf for clip in clips],
                                  dtype=torch.float32, device=device)
+        self.tc_of = train_size if any(config.loss.tc_weight != 1 for config in configs) else None
         self._step_fn = None
 
     def _adam(self, lrs: list[float], states: list[dict] | None) -> torch.optim.Optimizer:
@@ -202,19 +221,18 @@ class StackedStep:
 
         loss = self.config.loss  # the likelihood is part of the batch key: the same in every row
 
-        def trial_loss(params, buffers, images, noise, kl_weight, free_bits):
-            return _loss_and_sums(self._forward(params, buffers, images, noise), images, loss, kl_weight, free_bits)
+        def trial_loss(params, buffers, images, noise, weights):
+            return _loss_and_sums(self._forward(params, buffers, images, noise), images, loss, weights, self.tc_of)
 
         return grad_and_value(trial_loss, has_aux=True)
 
-    def train_step(self, images, images_dim, noise, noise_dim, kl_weights: torch.Tensor,
-                   free_bits: torch.Tensor) -> torch.Tensor:
+    def train_step(self, images, images_dim, noise, noise_dim, weights: dict) -> torch.Tensor:
         from torch.func import vmap
 
         if self._step_fn is None:
             self._step_fn = self._train_step_fn()
-        grads, (_, sums) = vmap(self._step_fn, in_dims=(0, 0, images_dim, noise_dim, 0, 0))(
-            self.params, self.buffers, images, noise, kl_weights, free_bits)
+        grads, (_, sums) = vmap(self._step_fn, in_dims=(0, 0, images_dim, noise_dim, 0))(
+            self.params, self.buffers, images, noise, weights)
         self._adam_step(grads)
         return sums
 
