@@ -106,6 +106,10 @@ def test_free_bits_leave_dimensions_below_the_floor_alone_and_report_the_true_kl
     (["loss.kl_schedule=linear"], "give it 1 or more steps"),
     (["loss.kl_schedule=sigmoid"], "kl_schedule"),
     (["loss.tc_weight=-1"], "loss.tc_weight must be zero or positive"),
+    (["loss.objective=iwae", "loss.iwae_samples=0"], "loss.iwae_samples must be 1 or more"),
+    (["loss.iwae_samples=5"], "is for loss.objective=iwae"),
+    (["model.name=ae", "loss.objective=iwae"], "a bound on a VAE's likelihood"),
+    (["loss.objective=iwae", "loss.free_bits=0.5"], "takes neither loss.free_bits"),
     (["model.name=conv_ae", "loss.tc_weight=6"], "loss.tc_weight weighs the total correlation"),
 ])
 def test_bad_schedule_or_free_bits_is_one_line(overrides, expected):
@@ -173,3 +177,38 @@ def test_the_total_correlation_term_weighs_what_it_says_and_sees_dependence():
     heavier = loss_terms(logits, images, kl_terms, "bernoulli", 1.0, total_correlation=dependent, tc_weight=6.0)
     assert heavier.loss.item() == pytest.approx(plain.loss.item() + 5 * dependent.item(), rel=1e-6)
     torch.testing.assert_close(heavier.kl, plain.kl)  # */kl stays the KL
+
+
+def test_the_iwae_objective_at_one_sample_is_the_elbo_and_tighter_with_more():
+    from vae_lab.models.losses import iwae_loss
+
+    torch.manual_seed(0)
+    recon, log_ratio = torch.rand(4 * 5) * 100, torch.randn(4 * 5) * 3 + 5  # 4 images x 5 samples
+    one = iwae_loss(recon[:4], log_ratio[:4], samples=1, kl_weight=1.0)
+    assert one.item() == pytest.approx((recon[:4] + log_ratio[:4]).mean().item(), rel=1e-6)
+    five = iwae_loss(recon, log_ratio, samples=5, kl_weight=1.0)
+    per_sample = (recon + log_ratio).view(4, 5).mean(dim=1).mean()  # the ELBO estimated on the same draws
+    assert five.item() < per_sample.item()  # log-mean-exp >= mean: a tighter bound
+    manual = -(torch.logsumexp(-(recon + log_ratio).view(4, 5), dim=1) - math.log(5)).mean()
+    assert five.item() == pytest.approx(manual.item(), rel=1e-6)
+
+
+def test_iwae_trials_train_in_a_batch_as_they_do_alone(tracking_uri):
+    from conftest import TINY_RUN
+    from vae_lab.data.datasets import load_data
+    from vae_lab.train import train
+    from vae_lab.training.run import run_trials
+    from vae_lab.training.trial import TrialSpec
+
+    configs = [build_config(None, [*TINY_RUN, f"tracking.uri={tracking_uri}", "train.epochs=2", "eval.enabled=false",
+                                   "tracking.log_model=false", "tracking.log_images=false", "data.binarize=dynamic",
+                                   "loss.objective=iwae", "loss.iwae_samples=5", f"train.seed={seed}"])
+               for seed in (0, 1)]
+    data = load_data(configs[0].data, torch.device("cpu"), configs[0].train.batch_size)
+    alone = [train(config, data=data) for config in configs]
+    batched = run_trials([TrialSpec(config) for config in configs], data=data)
+    for single, together in zip(alone, batched):
+        for key in ("train/loss", "val/loss", "val/elbo", "test/loss"):
+            assert together.metrics[key] == pytest.approx(single.metrics[key], rel=1e-3), key
+        # the IWAE bound is tighter than the ELBO beside it on the same draws: a lower training loss
+        assert single.metrics["train/loss"] < single.metrics["train/recon"] + single.metrics["train/kl"]

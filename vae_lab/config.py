@@ -133,6 +133,8 @@ DEFAULT_GAUSSIAN_STD = 1 / math.sqrt(2)  # keeps the summed squared error as the
 @dataclass
 class LossConfig:
     likelihood: str = "bernoulli"
+    objective: str = "elbo"  # elbo | iwae (Burda et al. 2016: the bound of iwae_samples importance samples)
+    iwae_samples: int = 1  # k of the iwae objective; k = 1 is the ELBO with a one-sample KL
     kl_weight: float = 1.0  # β: the KL's weight once the schedule has ramped up
     kl_schedule: str = "constant"  # constant | linear (over kl_warmup_steps) | cyclical (kl_cycles, kl_cycle_ratio)
     kl_warmup_steps: int = 0  # linear: steps from β=0 to kl_weight (a config that sets only this is linear)
@@ -142,7 +144,8 @@ class LossConfig:
     tc_weight: float = 1.0  # β-TCVAE (Chen et al. 2018): the total correlation's weight; 1 = the plain ELBO
     gaussian_std: float = DEFAULT_GAUSSIAN_STD  # sigma of the gaussian likelihood
 
-    choices = {"likelihood": ("bernoulli", "gaussian"), "kl_schedule": ("constant", "linear", "cyclical")}
+    choices = {"likelihood": ("bernoulli", "gaussian"), "objective": ("elbo", "iwae"),
+               "kl_schedule": ("constant", "linear", "cyclical")}
 
 
 @dataclass
@@ -404,6 +407,18 @@ def _check_kl_schedule(config: Config) -> None:
     if loss.free_bits > 0 and config.model.name not in VAE_MODELS:
         raise ConfigError(f"loss.free_bits needs a KL term: a VAE ({', '.join(VAE_MODELS)}), "
                           f"got model.name={config.model.name}")
+    if loss.iwae_samples < 1:
+        raise ConfigError(f"loss.iwae_samples must be 1 or more, got {loss.iwae_samples}")
+    if loss.objective == "iwae":
+        if config.model.name not in VAE_MODELS:
+            raise ConfigError(f"loss.objective=iwae is a bound on a VAE's likelihood ({', '.join(VAE_MODELS)}); "
+                              f"got model.name={config.model.name}")
+        if loss.free_bits > 0 or loss.tc_weight != 1:
+            raise ConfigError("loss.objective=iwae weighs whole samples: it takes neither loss.free_bits nor "
+                              "loss.tc_weight (allowed with the elbo objective)")
+    elif loss.iwae_samples != 1:
+        raise ConfigError(f"loss.iwae_samples={loss.iwae_samples} is for loss.objective=iwae; the objective is "
+                          f"{loss.objective}")
     if loss.tc_weight != 1 and config.model.name not in VAE_MODELS:
         raise ConfigError(f"loss.tc_weight weighs the total correlation of a VAE's posterior "
                           f"({', '.join(VAE_MODELS)}); got model.name={config.model.name}")

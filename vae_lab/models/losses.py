@@ -87,6 +87,16 @@ def total_correlation_mws(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Ten
     return (log_joint - log_marginals).mean()
 
 
+def iwae_loss(recon: torch.Tensor, log_ratio: torch.Tensor, samples: int, kl_weight) -> torch.Tensor:
+    """The importance-weighted objective (Burda et al. 2016) as a loss: the batch mean of
+    -log (1/k) Σ_j exp(-(recon_j + β · log_ratio_j)), with recon_j = -log p(x|z_j) and
+    log_ratio_j = log q(z_j|x) - log p(z_j) for k = `samples` draws per image, given image-major
+    ([B·k]: image b's draws at rows b·k .. b·k + k - 1). β = 1: minus the k-sample bound; k = 1:
+    the ELBO with its KL estimated at the one sample."""
+    log_weights = -(recon + kl_weight * log_ratio).view(-1, samples)
+    return -(torch.logsumexp(log_weights, dim=1) - math.log(samples)).mean()
+
+
 def loss_terms(logits: torch.Tensor, images: torch.Tensor, kl_terms: torch.Tensor | None,
                likelihood: str, kl_weight, gaussian_std: float = DEFAULT_GAUSSIAN_STD,
                free_bits=0.0, total_correlation: torch.Tensor | None = None, tc_weight=1.0) -> LossTerms:

@@ -31,6 +31,11 @@ def gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tens
     return -0.5 * (LOG_2PI + logvar + (z - mean).square() / logvar.exp()).sum(dim=-1)
 
 
+def standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I), summed over the last dimension."""
+    return -0.5 * (LOG_2PI + z.square()).sum(dim=-1)
+
+
 def kl_to_standard_normal(posterior: Posterior) -> torch.Tensor:
     """Per-dimension KL(q(z|x) || N(0, I)) in closed form, shape [B, latent_dim]."""
     if posterior.logvar is None:
@@ -70,7 +75,7 @@ class StandardNormal(Prior):
         self.latent_dim = latent_dim
 
     def log_prob(self, z, model=None):
-        return -0.5 * (LOG_2PI + z.square()).sum(dim=-1)
+        return standard_normal_log_density(z)
 
     def sample(self, count, model=None, generator=None):
         device = next(model.parameters()).device if model is not None else None

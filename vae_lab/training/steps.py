@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from vae_lab.config import Config, LossConfig
-from vae_lab.models.losses import loss_terms, total_correlation_mws
+from vae_lab.models.losses import iwae_loss, loss_terms, total_correlation_mws
+from vae_lab.models.priors import gaussian_log_density, standard_normal_log_density
 from vae_lab.models.autoencoders import Autoencoder, build_model
 
 CLIP_EPS = 1e-6  # clip_grad_norm_'s
@@ -87,9 +88,13 @@ def loss_weights(configs: list[Config], device) -> dict[str, torch.Tensor]:
             for name in LOSS_WEIGHTS}
 
 
-def _loss_and_sums(outputs, images, loss: LossConfig, weights: dict, tc_of: int | None):
-    """The loss of one trial and its [loss·B, recon, kl] sums. `tc_of`: the training set's size
-    when some trial of the step weighs the total correlation (else None: no TC term)."""
+def _loss_and_sums(outputs, images, loss: LossConfig, weights: dict, tc_of: int | None,
+                   analytic_kl: bool = True):
+    """The loss of one trial and its [loss·B, recon, kl] sums (recon and kl summed over every
+    sample: with the iwae objective, the ELBO's parts beside its bound). `tc_of`: the training
+    set's size when some trial of the step weighs the total correlation (else None: no TC
+    term). `analytic_kl`: the model's `kl_terms` are the closed form (the iwae objective then
+    estimates the KL at each sample itself)."""
     logits, *stats = outputs
     kl_terms = stats[2] if len(stats) > 2 else None
     tc = None
@@ -97,9 +102,21 @@ def _loss_and_sums(outputs, images, loss: LossConfig, weights: dict, tc_of: int 
         tc = total_correlation_mws(stats[3].float(), stats[0].float(), stats[1].float(), tc_of)
     terms = loss_terms(logits, images, kl_terms, loss.likelihood, weights["kl_weight"], loss.gaussian_std,
                        weights["free_bits"], tc, weights["tc_weight"])
-    sums = torch.stack([terms.loss.detach() * images.shape[0], terms.recon.detach().sum(),
-                        terms.kl.detach().sum()])
-    return terms.loss, sums
+    objective = terms.loss
+    if loss.objective == "iwae":
+        mean, logvar, z = (stats[0].float(), stats[1].float(), stats[3].float())
+        log_ratio = (gaussian_log_density(z, mean, logvar) - standard_normal_log_density(z) if analytic_kl
+                     else kl_terms.float().sum(-1))
+        objective = iwae_loss(terms.recon, log_ratio, loss.iwae_samples, weights["kl_weight"])
+    images_seen = images.shape[0] // loss.iwae_samples
+    sums = torch.stack([objective.detach() * images_seen, terms.recon.detach().sum() / loss.iwae_samples,
+                        terms.kl.detach().sum() / loss.iwae_samples])
+    return objective, sums
+
+
+def repeat_samples(images: torch.Tensor, loss: LossConfig) -> torch.Tensor:
+    """Each image `loss.iwae_samples` times in a row (image-major), for the iwae objective's draws."""
+    return images if loss.iwae_samples == 1 else images.repeat_interleave(loss.iwae_samples, dim=-4)
 
 
 class PlainStep:
@@ -110,6 +127,7 @@ class PlainStep:
         self.network = NoiseInput(model)
         self.config = config
         self.tc_of = train_size if config.loss.tc_weight != 1 else None
+        self.analytic_kl = config.prior.name == "standard_normal"
         self.device = device
         self.amp = amp
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=True)
@@ -120,10 +138,11 @@ class PlainStep:
 
     def train_step(self, images, images_dim, noise, noise_dim, weights: dict) -> torch.Tensor:
         self.network.train()
+        images = repeat_samples(images, self.config.loss)
         with autocast(self.device, self.amp):
             outputs = self.network(images, noise)
         loss, sums = _loss_and_sums(outputs, images, self.config.loss, {name: value[0] for name, value in weights.items()},
-                                    self.tc_of)
+                                    self.tc_of, self.analytic_kl)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.train.grad_clip > 0:
@@ -193,6 +212,7 @@ class StackedStep:
         self.clip = torch.tensor([clip if clip > 0 else math.inf for clip in clips],
                                  dtype=torch.float32, device=device)
         self.tc_of = train_size if any(config.loss.tc_weight != 1 for config in configs) else None
+        self.analytic_kl = self.config.prior.name == "standard_normal"  # the prior is part of the batch key
         self._step_fn = None
 
     def _adam(self, lrs: list[float], states: list[dict] | None) -> torch.optim.Optimizer:
@@ -222,7 +242,9 @@ class StackedStep:
         loss = self.config.loss  # the likelihood is part of the batch key: the same in every row
 
         def trial_loss(params, buffers, images, noise, weights):
-            return _loss_and_sums(self._forward(params, buffers, images, noise), images, loss, weights, self.tc_of)
+            images = repeat_samples(images, loss)
+            return _loss_and_sums(self._forward(params, buffers, images, noise), images, loss, weights, self.tc_of,
+                                  self.analytic_kl)
 
         return grad_and_value(trial_loss, has_aux=True)
 
