@@ -44,6 +44,18 @@ def tiny_data():
     return load_data(config.data, resolve_device(config.device), config.train.batch_size)
 
 
+def assert_batched_as_alone(configs, keys, rel=SOLO_MATCH) -> list:
+    """Train `configs` one by one and then together in one batch; each batched trial ends with
+    the `keys` metrics it ends with alone. Returns the solo results."""
+    data = load_data(configs[0].data, torch.device("cpu"), configs[0].train.batch_size)
+    alone = [train(config, data=data) for config in configs]
+    batched = run_trials([TrialSpec(config) for config in configs], data=data)
+    for single, together in zip(alone, batched):
+        for key in keys:
+            assert together.metrics[key] == pytest.approx(single.metrics[key], rel=rel), key
+    return alone
+
+
 def history_steps(client, run_id, key):
     return [metric.step for metric in client.get_metric_history(run_id, key)]
 

@@ -195,20 +195,13 @@ def test_the_iwae_objective_at_one_sample_is_the_elbo_and_tighter_with_more():
 
 def test_iwae_trials_train_in_a_batch_as_they_do_alone(tracking_uri):
     from conftest import TINY_RUN
-    from vae_lab.data.datasets import load_data
-    from vae_lab.train import train
-    from vae_lab.training.run import run_trials
-    from vae_lab.training.trial import TrialSpec
+    from test_batched import assert_batched_as_alone
 
     configs = [build_config(None, [*TINY_RUN, f"tracking.uri={tracking_uri}", "train.epochs=2", "eval.enabled=false",
                                    "tracking.log_model=false", "tracking.log_images=false", "data.binarize=dynamic",
                                    "loss.objective=iwae", "loss.iwae_samples=5", f"train.seed={seed}"])
                for seed in (0, 1)]
-    data = load_data(configs[0].data, torch.device("cpu"), configs[0].train.batch_size)
-    alone = [train(config, data=data) for config in configs]
-    batched = run_trials([TrialSpec(config) for config in configs], data=data)
-    for single, together in zip(alone, batched):
-        for key in ("train/loss", "val/loss", "val/elbo", "test/loss"):
-            assert together.metrics[key] == pytest.approx(single.metrics[key], rel=1e-3), key
+    alone = assert_batched_as_alone(configs, ("train/loss", "val/loss", "val/elbo", "test/loss"))
+    for single in alone:
         # the IWAE bound is tighter than the ELBO beside it on the same draws: a lower training loss
         assert single.metrics["train/loss"] < single.metrics["train/recon"] + single.metrics["train/kl"]

@@ -9,16 +9,14 @@ from mlflow.tracking import MlflowClient
 from torch import distributions as D
 
 from conftest import TINY_RUN
+from test_batched import assert_batched_as_alone
 from vae_lab import names
 from vae_lab.config import ConfigError, ModelConfig, PriorConfig, build_config
-from vae_lab.data.datasets import load_data
 from vae_lab.models.autoencoders import build_model
 from vae_lab.models.posterior import Posterior
 from vae_lab.models.priors import Prior, StandardNormal, kl_to_standard_normal
 from vae_lab.tracking.logged import load_logged_model
 from vae_lab.train import train
-from vae_lab.training.run import run_trials
-from vae_lab.training.trial import TrialSpec
 
 LATENT = 3
 
@@ -99,12 +97,7 @@ def test_vampprior_trials_in_a_batch_match_alone(tracking_uri):
                                    "prior.components=8", "train.epochs=2", "eval.enabled=false",
                                    "tracking.log_model=false", "tracking.log_images=false", f"loss.kl_weight={weight}"])
                for weight in (0.5, 2.0)]
-    data = load_data(configs[0].data, torch.device("cpu"), configs[0].train.batch_size)
-    alone = [train(config, data=data) for config in configs]
-    batched = run_trials([TrialSpec(config) for config in configs], data=data)
-    for single, together in zip(alone, batched):
-        for key in ("val/loss", "val/kl", "test/loss"):
-            assert together.metrics[key] == pytest.approx(single.metrics[key], rel=1e-3), key
+    alone = assert_batched_as_alone(configs, ("val/loss", "val/kl", "test/loss"))
     assert alone[0].metrics["val/kl"] != pytest.approx(alone[1].metrics["val/kl"], rel=1e-2)
 
 
