@@ -23,7 +23,8 @@ from vae_lab.evaluation.metrics import COLLAPSE_KL_NATS
 
 from . import stats
 from .runs import display_param, parse_param
-from .tables import VAE_FAMILIES, pareto_front
+from .runs import is_vae_family, variational_rows
+from .tables import pareto_front
 
 NAMES = {names.VAL_RECON: "validation reconstruction loss (val/recon)", names.VAL_ELBO: "validation ELBO (val/elbo)"}
 
@@ -159,7 +160,7 @@ def kl_weight_findings(summary: pd.DataFrame, runs: pd.DataFrame, config_params:
         return []
     sentences = []
     for family, settings, group in _groups(summary, config_params, "loss.kl_weight"):
-        if family not in VAE_FAMILIES or group[kl].isna().any():
+        if group[kl].isna().any() or not is_vae_family(str(family), True):
             continue
         base = group.iloc[0]
         for _, row in group.iloc[1:].iterrows():
@@ -204,7 +205,7 @@ def family_findings(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     its seed-paired 95% interval excludes zero."""
     sentences = []
     for metric, higher_better, families in (
-            (names.VAL_ELBO, True, [f for f in summary["family"].unique() if f in VAE_FAMILIES]),
+            (names.VAL_ELBO, True, list(runs.loc[variational_rows(runs), "family"].unique())),
             (names.VAL_RECON, False, list(summary["family"].unique()))):
         column = f"{metric} mean"
         if column not in summary or len(families) < 2:
@@ -285,7 +286,7 @@ def pca_baseline_findings(summary: pd.DataFrame) -> list[str]:
 
 
 def collapse_findings(runs: pd.DataFrame) -> list[str]:
-    vaes = runs[runs["family"].isin(VAE_FAMILIES)]
+    vaes = runs[variational_rows(runs)]
     if vaes.empty or "tags.posterior_collapse" not in vaes:
         return []
     flags = vaes["tags.posterior_collapse"].dropna()
@@ -327,14 +328,14 @@ def iwae_findings(runs: pd.DataFrame) -> list[str]:
         span = _number(values.iloc[0]) if len(values) == 1 else f"{_number(values.min())} to {_number(values.max())}"
         sentences.append(f"eval/nll_iwae (importance-weighted -log p(x), {how}) was computed on the test split for "
                          f"{len(computed)} run(s): {span} nats/image (the table gives it per configuration).")
-    vaes = runs[runs["family"].isin(VAE_FAMILIES) & ~runs.index.isin(computed.index)]
+    vaes = runs[variational_rows(runs) & ~runs.index.isin(computed.index)]
     if len(vaes):
         reasons = vaes.get("tags.nll_iwae", pd.Series(index=vaes.index, dtype=object)).fillna(
             "not computed: the run has no eval/nll_iwae (evaluation off or an older run)")
         for reason, group in vaes.groupby(reasons):
             sentences.append(f"eval/nll_iwae was not computed for {len(group)} VAE run(s): "
                              f"{reason.removeprefix('not computed: ')}.")
-    aes = runs[~runs["family"].isin(VAE_FAMILIES)]
+    aes = runs[~variational_rows(runs)]
     if len(aes):
         sentences.append(f"eval/nll_iwae does not apply to the {len(aes)} plain autoencoder run(s): "
                          "they define no likelihood p(x).")

@@ -20,6 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from vae_lab.config import parse_yaml
 from vae_lab import names
+from vae_lab.models.registry import MODEL_FAMILIES
 from vae_lab.tracking.studies import newest_study, study_parents
 from vae_lab.tracking.uris import missing_store
 from vae_lab.names import ROLE_TAG, STUDY_NAME_TAG
@@ -282,3 +283,21 @@ def paired_params(study_yaml: str | None) -> list[str]:
     except Exception:  # a hand-written or damaged study.yaml: no pairs
         return []
     return sorted({key for point in points if isinstance(point, dict) for key in point})
+
+
+def is_vae_family(family: str, logged_a_kl: bool) -> bool:
+    """Is `family` (a run's model tag) a VAE? A registered family says so itself; a user's class
+    named by path (tagged with its class name) is one if its runs logged a KL."""
+    if family in MODEL_FAMILIES.names():
+        return bool(getattr(MODEL_FAMILIES.resolve(family), "variational", False))
+    return logged_a_kl
+
+
+def variational_rows(runs: pd.DataFrame) -> pd.Series:
+    """Which runs trained a VAE (`is_vae_family`)."""
+    logged = pd.Series(False, index=runs.index)
+    for name in (names.TRAIN_KL, names.VAL_KL):
+        if f"metrics.{name}" in runs:
+            logged |= runs[f"metrics.{name}"].notna()
+    return pd.Series([is_vae_family(str(family), bool(kl)) for family, kl in zip(runs["family"], logged)],
+                     index=runs.index, dtype=bool)

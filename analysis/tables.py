@@ -13,16 +13,14 @@ import numpy as np
 import pandas as pd
 
 from vae_lab import names
-from vae_lab.config import VAE_MODELS
 
 from . import stats
-from .runs import SEED_PARAM, display_param, parse_param
+from .runs import SEED_PARAM, display_param, is_vae_family, parse_param
 
 VAL_METRICS = [*names.split_metrics(names.VAL, variational=True), names.VAL_RECON_PLUS_KL]
 TEST_METRICS = list(names.split_metrics(names.TEST, variational=True))
 EVAL_ORDER = [names.EVAL_NLL_IWAE, names.EVAL_MSE, names.EVAL_PCA_MSE, names.EVAL_PROBE, names.EVAL_KNN,
               names.EVAL_ACTIVE_UNITS, names.EVAL_ACTIVE_FRACTION]
-VAE_FAMILIES = VAE_MODELS  # the model families with a KL term
 
 
 def metric_names(runs: pd.DataFrame) -> list[str]:
@@ -65,7 +63,7 @@ def _sortable(column: pd.Series) -> pd.Series:
     return numbers if numbers.notna().all() else column.astype(str)
 
 
-def ranking_metric(family: str, objectives: list[tuple[str, str]], available: set[str]) -> tuple[str, str] | None:
+def ranking_metric(variational: bool, objectives: list[tuple[str, str]], available: set[str]) -> tuple[str, str] | None:
     """The metric and direction that picks a family's best configuration, or None.
 
     A single-objective study ranks by its objective. Otherwise (several objectives, or none):
@@ -76,9 +74,9 @@ def ranking_metric(family: str, objectives: list[tuple[str, str]], available: se
     """
     if len(objectives) == 1 and names.is_selectable(objectives[0][0]) and objectives[0][0] in available:
         return objectives[0]
-    if family in VAE_FAMILIES and names.VAL_ELBO in available:
+    if variational and names.VAL_ELBO in available:
         return names.VAL_ELBO, "maximize"
-    if family in VAE_FAMILIES and names.VAL_RECON_PLUS_KL in available:
+    if variational and names.VAL_RECON_PLUS_KL in available:
         return names.VAL_RECON_PLUS_KL, "minimize"
     if names.VAL_RECON in available:
         return names.VAL_RECON, "minimize"
@@ -97,7 +95,7 @@ def mark_best(summary: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Da
     for family, group in summary.groupby("family", sort=False):
         available = {column[:-len(" mean")] for column in group.columns
                      if column.endswith(" mean") and group[column].notna().any()}
-        ranking = ranking_metric(family, objectives, available)
+        ranking = ranking_metric(is_vae_family(str(family), names.VAL_KL in available), objectives, available)
         if ranking is None:
             continue
         metric, direction = ranking

@@ -19,7 +19,7 @@ import sys
 
 from _common import machine_line, set_threads
 
-from vae_lab.config import MODELS, build_config  # noqa: E402
+from vae_lab.config import build_config  # noqa: E402
 from vae_lab.data.datasets import load_data  # noqa: E402
 from vae_lab.training.device import resolve_device  # noqa: E402
 from vae_lab.train import train  # noqa: E402
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--data", default="mnist5k", help="a data.name (fashion-mnist for 60,000 images)")
-    parser.add_argument("--families", default=",".join(MODELS), help="comma-separated model names")
+    parser.add_argument("--families", default="ae,linear_vae,conv_ae,conv_vae", help="comma-separated model names")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on the CPU; 0 = default")
     args = parser.parse_args(argv)
     set_threads(args.threads)

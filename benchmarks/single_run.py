@@ -173,7 +173,7 @@ import torch, mlflow, vae_lab.train, vae_lab.training.run, vae_lab.tracking.trac
 mark("import (torch, mlflow, vae_lab)")
 from vae_lab.config import load_config
 from vae_lab.data.datasets import load_data
-from vae_lab.models.autoencoders import build_model
+from vae_lab.models.components import build_model
 from vae_lab.training.device import effective_amp, resolve_device, seed_everything
 from vae_lab.training.loop import Engine
 from vae_lab.training.trial import Trial, TrialSpec

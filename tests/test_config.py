@@ -1,6 +1,14 @@
 import pytest
 
 from vae_lab.config import ConfigError, Config, build_config, load_config, parse_yaml
+from vae_lab.models.components import check
+
+
+def checked(overrides):
+    """A config as an entry point takes it: its values, then its components."""
+    config = build_config(overrides=overrides)
+    check(config)
+    return config
 
 
 def test_defaults_build_and_flatten_to_dotted_keys():
@@ -53,7 +61,7 @@ def test_int_is_accepted_for_float_and_list_from_scalar():
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(override, words):
     with pytest.raises(ConfigError) as error:
-        build_config(overrides=[override])
+        checked([override])
     message = str(error.value)
     assert "\n" not in message
     for word in words:
@@ -69,7 +77,7 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
 
 def test_cube_latent_needs_a_conv_model():
     with pytest.raises(ConfigError, match="latent_layout"):
-        build_config(overrides=["model.latent_layout=cube", "model.name=linear_vae"])
+        checked(["model.latent_layout=cube", "model.name=linear_vae"])
 
 
 def test_shipped_run_configs_load():
@@ -78,12 +86,13 @@ def test_shipped_run_configs_load():
     files = sorted((Path(__file__).parents[1] / "experiments" / "runs").glob("*.yaml"))
     assert len(files) >= 6
     for path in files:
-        assert isinstance(load_config(path), Config)
+        config = load_config(path)
+        check(config)
 
 
 def test_gated_activation_is_for_mlp_models():
-    with pytest.raises(ConfigError, match="model.activation=gated is for the MLP models"):
-        build_config(overrides=["model.name=conv_vae", "model.activation=gated"])
+    with pytest.raises(ConfigError, match="model.activation='gated' is not used by model.name=conv_vae"):
+        checked(["model.name=conv_vae", "model.activation=gated"])
 
 
 def test_a_likelihood_is_normalized_for_gaussian_or_binary_pixels():

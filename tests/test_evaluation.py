@@ -7,7 +7,7 @@ from vae_lab.data.datasets import load_data
 from vae_lab.evaluation.metrics import active_units, evaluate_model, iwae_nll, pca_mse_per_pixel, probe_accuracies
 from vae_lab.models.losses import reconstruction_nll
 from vae_lab.models.priors import kl_to_standard_normal
-from vae_lab.models.autoencoders import build_model
+from vae_lab.models.components import build_model
 
 
 @pytest.fixture(scope="module")

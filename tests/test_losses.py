@@ -8,6 +8,7 @@ from vae_lab.config import ConfigError, build_config
 from vae_lab.models.losses import kl_weight_at, loss_terms, reconstruction_nll
 from vae_lab.models.priors import kl_to_standard_normal
 from vae_lab.models.autoencoders import Posterior
+from vae_lab.models.components import check
 
 
 def test_bce_with_logits_equals_bce_on_sigmoid():
@@ -100,7 +101,7 @@ def test_free_bits_leave_dimensions_below_the_floor_alone_and_report_the_true_kl
 @pytest.mark.parametrize("overrides, expected", [
     (["loss.free_bits=-0.1"], "loss.free_bits must be zero or positive"),
     (["loss.free_bits=.inf"], "loss.free_bits must be zero or positive"),
-    (["model.name=ae", "loss.free_bits=0.5"], "loss.free_bits needs a KL term"),
+    (["model.name=ae", "loss.free_bits=0.5"], "loss.free_bits needs a VAE"),
     (["loss.kl_schedule=cyclical", "loss.kl_cycles=0"], "needs loss.kl_cycles of 1 or more"),
     (["loss.kl_schedule=cyclical", "loss.kl_cycle_ratio=1.5"], "loss.kl_cycle_ratio"),
     (["loss.kl_schedule=linear"], "give it 1 or more steps"),
@@ -108,13 +109,13 @@ def test_free_bits_leave_dimensions_below_the_floor_alone_and_report_the_true_kl
     (["loss.tc_weight=-1"], "loss.tc_weight must be zero or positive"),
     (["loss.objective=iwae", "loss.iwae_samples=0"], "loss.iwae_samples must be 1 or more"),
     (["loss.iwae_samples=5"], "is for loss.objective=iwae"),
-    (["model.name=ae", "loss.objective=iwae"], "a bound on a VAE's likelihood"),
+    (["model.name=ae", "loss.objective=iwae"], "loss.objective=iwae needs a VAE"),
     (["loss.objective=iwae", "loss.free_bits=0.5"], "takes neither loss.free_bits"),
-    (["model.name=conv_ae", "loss.tc_weight=6"], "loss.tc_weight weighs the total correlation"),
+    (["model.name=conv_ae", "loss.tc_weight=6"], "loss.tc_weight needs a VAE"),
 ])
 def test_bad_schedule_or_free_bits_is_one_line(overrides, expected):
     with pytest.raises(ConfigError, match=expected):
-        build_config(None, ["model.name=linear_vae", *overrides])
+        check(build_config(None, ["model.name=linear_vae", *overrides]))
 
 
 def test_loss_is_batch_mean_of_recon_plus_weighted_kl():
@@ -128,7 +129,7 @@ def test_loss_is_batch_mean_of_recon_plus_weighted_kl():
 def test_losses_stay_fp32_under_bf16_autocast():
     """The step runs the model under autocast; the loss and KL it optimizes are fp32."""
     from vae_lab.config import ModelConfig
-    from vae_lab.models.autoencoders import build_model
+    from vae_lab.models.components import build_model
     from vae_lab.training.steps import NoiseInput, autocast
 
     model = build_model(ModelConfig(name="linear_vae", latent_dim=4, hidden_dims=[32]), (1, 28, 28))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vae_lab.config import ModelConfig
-from vae_lab.models.autoencoders import build_model
+from vae_lab.models.components import build_model
 
 
 @pytest.mark.parametrize("name", ["ae", "linear_vae", "conv_ae", "conv_vae"])

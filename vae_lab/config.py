@@ -81,9 +81,10 @@ def load_yaml_mapping(path: str | Path) -> dict:
 # ----------------------------------------------------------------------------- sections
 
 DATASETS = ("mnist5k", "mnist", "fashion-mnist", "kmnist", "digits")
-MODELS = ("ae", "linear_vae", "conv_ae", "conv_vae")
-VAE_MODELS = ("linear_vae", "conv_vae")
-CONV_MODELS = ("conv_ae", "conv_vae")
+# Keys that name a component (`vae_lab.components`): a registered name, package.module:Class, or
+# path/to/file.py:Class, a relative path being relative to the file that names it (`anchor_references`).
+COMPONENT_KEYS = ("model.name", "prior.name")
+OPTIONS_KEYS = ("model.options", "prior.options")  # a component's own constructor arguments
 
 
 @dataclass
@@ -103,14 +104,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The model family (`vae_lab.models.components`: ae, linear_vae, conv_ae, conv_vae, or your
+    own class) and its constructor's arguments: the keys below that its signature names, and
+    `options` for the rest."""
     name: str = "linear_vae"
     latent_dim: int = 20
     hidden_dims: list[int] = field(default_factory=lambda: [400])  # MLP models
     conv_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # conv models
     latent_layout: str = "vector"  # conv models: "cube" keeps a C x H x W latent
     activation: str = "relu"  # MLP hidden layers: relu, or gated (h = (W x + b) * sigmoid(V x + c))
+    options: dict[str, Any] = field(default_factory=dict)  # a family's own arguments, e.g. model.options.blocks=2
 
-    choices = {"name": MODELS, "latent_layout": ("vector", "cube"), "activation": ("relu", "gated")}
+    choices = {"latent_layout": ("vector", "cube"), "activation": ("relu", "gated")}
 
 
 @dataclass
@@ -123,8 +128,7 @@ class PriorConfig:
     # at 0, where hardtanh passes no gradient)
     init_mean: float = 0.05
     init_std: float = 0.01
-
-    choices = {"name": ("standard_normal", "mog", "vampprior")}
+    options: dict[str, Any] = field(default_factory=dict)  # a prior's own arguments
 
 
 DEFAULT_GAUSSIAN_STD = 1 / math.sqrt(2)  # keeps the summed squared error as the data term
@@ -209,10 +213,6 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @property
-    def is_vae(self) -> bool:
-        return self.model.name in VAE_MODELS
-
-    @property
     def likelihood_is_normalized(self) -> bool:
         """Is the reconstruction term a log-likelihood (so that recon + KL is an ELBO)? Gaussian
         (with its constant) always; Bernoulli only on binary pixels."""
@@ -237,13 +237,57 @@ def _section_fields(obj) -> dict[str, dataclasses.Field]:
 
 
 def allowed_keys() -> list[str]:
-    """Every dotted key a config accepts."""
+    """Every dotted key a config accepts, besides a component's options (`is_config_key`)."""
     return list(Config().flat().keys())
+
+
+def is_config_key(key: str) -> bool:
+    """Is `key` a dotted key a config accepts (`allowed_keys`, or `model.options.<name>` and the like)?"""
+    return key in allowed_keys() or any(
+        key.startswith(prefix + ".") and len(key) > len(prefix) + 1 for prefix in OPTIONS_KEYS)
+
+
+# ----------------------------------------------------------------------------- component references
+
+_FILE_REFERENCE = re.compile(r"^(?P<path>.+\.py):(?P<attribute>[A-Za-z_][A-Za-z0-9_.]*)$")
+
+
+def file_reference(name: str) -> tuple[Path, str] | None:
+    """(path, attribute) of a `path/to/file.py:Class` reference, else None."""
+    match = _FILE_REFERENCE.match(name) if isinstance(name, str) else None
+    return (Path(match["path"]).expanduser(), match["attribute"]) if match else None
+
+
+def anchor_file_reference(name: Any, base_dir: str | Path) -> Any:
+    """A `file.py:Class` reference with a relative path, made absolute against `base_dir`;
+    anything else unchanged."""
+    found = file_reference(name)
+    if found is None or found[0].is_absolute():
+        return name
+    return f"{(Path(base_dir) / found[0]).resolve()}:{found[1]}"
+
+
+def anchor_references(mapping: dict, base_dir: str | Path) -> dict:
+    """`mapping` (nested sections or dotted keys) with its component file references anchored at
+    `base_dir`, the folder of the config or study file it came from."""
+    anchored = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and f"{key}.name" in COMPONENT_KEYS:
+            value = {**value, "name": anchor_file_reference(value.get("name"), base_dir)} if "name" in value else value
+        elif key in COMPONENT_KEYS:
+            value = ([anchor_file_reference(item, base_dir) for item in value] if isinstance(value, list)
+                     else anchor_file_reference(value, base_dir))
+        anchored[key] = value
+    return anchored
 
 
 def _coerce(value: Any, expected: Any, key: str) -> Any:
     """Check `value` against the annotated type; return it converted (int -> float)."""
     origin = typing.get_origin(expected)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of names to values, got {value!r}")
+        return {str(name): item for name, item in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(expected)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -292,7 +336,15 @@ def _set(target, key_path: list[str], value: Any, full_key: str) -> None:
         _set(current, key_path[1:], value, full_key)
         return
     if len(key_path) > 1:
-        raise ConfigError(f"unknown key {full_key!r}: {name!r} is a value, not a section")
+        if typing.get_origin(hints[name]) is not dict:
+            raise ConfigError(f"unknown key {full_key!r}: {name!r} is a value, not a section")
+        mapping = current
+        for part in key_path[1:-1]:  # model.options.a.b=1 sets options["a"]["b"]
+            if not isinstance(mapping.setdefault(part, {}), dict):
+                raise ConfigError(f"{full_key}: {part!r} already holds a value, not a mapping")
+            mapping = mapping[part]
+        mapping[key_path[-1]] = value
+        return
     value = _coerce(value, hints[name], full_key)
     allowed = getattr(target, "choices", {}).get(name)
     if allowed is not None and value not in allowed:
@@ -324,8 +376,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` texts; a component file named here is relative to the working folder."""
     for text in overrides:
         key, value = parse_override(text)
+        if key in COMPONENT_KEYS:
+            value = anchor_file_reference(value, Path.cwd())
         _set(config, key.split("."), value, key)
     return config
 
@@ -381,17 +436,12 @@ def validate(config: Config) -> Config:
                           "leaves no validation split; set data.val_size (e.g. 0.1) or the patience to 0")
     if config.data.resize and config.data.resize < 8:
         raise ConfigError(f"data.resize must be 0 (native size) or at least 8, got {config.data.resize}")
-    if config.model.activation == "gated" and config.model.name in CONV_MODELS:
-        raise ConfigError(f"model.activation=gated is for the MLP models (ae, linear_vae), got {config.model.name}")
-    if config.model.latent_layout == "cube" and config.model.name not in CONV_MODELS:
-        raise ConfigError(
-            f"model.latent_layout=cube needs a conv model (conv_ae, conv_vae), got {config.model.name}"
-        )
     return config
 
 
 def _check_kl_schedule(config: Config) -> None:
-    """The schedule's own keys, and free bits only where there is a KL. A config from before
+    """The schedule's and the objective's own keys (what needs a VAE or a prior with a closed-form KL
+    is `vae_lab.models.components.check`'s business). A config from before
     `loss.kl_schedule` that sets `loss.kl_warmup_steps` is read as the linear schedule it meant."""
     loss = config.loss
     if loss.kl_schedule == "constant" and loss.kl_warmup_steps > 0:
@@ -404,35 +454,20 @@ def _check_kl_schedule(config: Config) -> None:
         if not 0 < loss.kl_cycle_ratio <= 1:
             raise ConfigError(f"loss.kl_cycle_ratio is the part of each cycle spent ramping up: in (0, 1], "
                               f"got {loss.kl_cycle_ratio}")
-    if loss.free_bits > 0 and config.model.name not in VAE_MODELS:
-        raise ConfigError(f"loss.free_bits needs a KL term: a VAE ({', '.join(VAE_MODELS)}), "
-                          f"got model.name={config.model.name}")
     if loss.iwae_samples < 1:
         raise ConfigError(f"loss.iwae_samples must be 1 or more, got {loss.iwae_samples}")
     if loss.objective == "iwae":
-        if config.model.name not in VAE_MODELS:
-            raise ConfigError(f"loss.objective=iwae is a bound on a VAE's likelihood ({', '.join(VAE_MODELS)}); "
-                              f"got model.name={config.model.name}")
         if loss.free_bits > 0 or loss.tc_weight != 1:
             raise ConfigError("loss.objective=iwae weighs whole samples: it takes neither loss.free_bits nor "
                               "loss.tc_weight (allowed with the elbo objective)")
     elif loss.iwae_samples != 1:
         raise ConfigError(f"loss.iwae_samples={loss.iwae_samples} is for loss.objective=iwae; the objective is "
                           f"{loss.objective}")
-    if loss.tc_weight != 1 and config.model.name not in VAE_MODELS:
-        raise ConfigError(f"loss.tc_weight weighs the total correlation of a VAE's posterior "
-                          f"({', '.join(VAE_MODELS)}); got model.name={config.model.name}")
     prior = config.prior
-    if prior.name != "standard_normal" and config.model.name not in VAE_MODELS:
-        raise ConfigError(f"prior.name={prior.name} needs a VAE ({', '.join(VAE_MODELS)}): an AE has no prior; "
-                          f"got model.name={config.model.name}")
     if prior.components < 0:
         raise ConfigError(f"prior.components must be 1 or more (0 = the prior's default), got {prior.components}")
     if not (math.isfinite(prior.init_mean) and math.isfinite(prior.init_std) and prior.init_std >= 0):
         raise ConfigError("prior.init_mean must be a finite number and prior.init_std a finite number >= 0")
-    if loss.free_bits > 0 and prior.name != "standard_normal":
-        raise ConfigError(f"loss.free_bits clamps the KL of each latent dimension, which only the standard normal "
-                          f"prior has in closed form; got prior.name={prior.name}")
 
 
 def build_config(
@@ -448,7 +483,7 @@ def build_config(
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file (if any), then dotted overrides; validated."""
-    mapping = load_yaml_mapping(path) if path else {}
+    mapping = anchor_references(load_yaml_mapping(path), Path(path).parent) if path else {}
     return build_config(mapping, overrides)
 
 

@@ -55,12 +55,13 @@ IWAE_METRIC = EVAL_NLL_IWAE
 KNOWN_METRICS = ALWAYS_LOGGED + VAL_LOGGED + VAE_LOGGED + EVAL_LOGGED + EVAL_VAE_LOGGED + (IWAE_METRIC,)
 
 
-def metrics_logged(config) -> set[str]:
-    """The metric names a finished run with this config (a `vae_lab.config.Config`) has."""
+def metrics_logged(config, variational: bool) -> set[str]:
+    """The metric names a finished run with this config (a `vae_lab.config.Config`) has, its
+    model `variational` (`vae_lab.models.components.is_variational`) or not."""
     metrics = set(ALWAYS_LOGGED)
     if config.data.val_size > 0:
         metrics.update(VAL_LOGGED)
-    vae = config.is_vae
+    vae = variational
     if vae:
         metrics.update(name for name in VAE_LOGGED
                        if (config.data.val_size > 0 or not name.startswith("val/"))
@@ -124,6 +125,7 @@ DATASET_CONTEXTS = {"train": "train", "val": "validation", "test": "test"}  # sp
 
 # artifacts of a run
 CONFIG_ARTIFACT = "config.yaml"  # the run's whole config (what --resume and vae_lab.evaluate rebuild it from)
+COMPONENTS_ARTIFACT_DIR = "components"  # the source files of a run's own components (file.py:Class)
 MODEL_ARTIFACT = "model"  # the MLflow pytorch model (pickle format: keeps encode/decode/sample)
 STATE_DICT_ARTIFACT = "model_state/state_dict.pt"  # the plain state dict, read with weights_only=True
 CHECKPOINT_DIR = "checkpoint"  # a running trial's training state (two slots); removed when it finishes

@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     from vae_lab.data.datasets import DataUnavailable, load_data
+    from vae_lab.models.components import check as check_components
     from vae_lab.tracking.errors import store_patience_seconds
     from vae_lab.training.device import resolve_device
 
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             config, resume = resumable_run(args.resume, args.config, args.overrides)
         else:
             config = load_config(args.config, args.overrides)
+        check_components(config)
         device = resolve_device(config.device)
         data = load_data(config.data, device, config.train.batch_size)
     except (ConfigError, DataUnavailable) as error:

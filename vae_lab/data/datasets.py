@@ -296,6 +296,12 @@ def carve_validation(images: np.ndarray, labels: np.ndarray, val_size: float, ba
     return images[kept], labels[kept], images[held_out], labels[held_out]
 
 
+def image_shape_of(config: DataConfig) -> tuple[int, int, int]:
+    """The (C, H, W) of the images `config` loads, without loading them."""
+    size = config.resize or (8 if config.name == "digits" else 28)
+    return (config.channels, size, size)
+
+
 def load_data(config: DataConfig, device: torch.device | str = "cpu", batch_size: int = 1) -> ImageData:
     """Load `config.name` as tensors on `device`; raise DataUnavailable when it is not here,
     SplitTooSmall when `data.val_size` leaves less than `batch_size` training images."""

@@ -29,7 +29,7 @@ from vae_lab import names
 from vae_lab.config import Config
 from vae_lab.data.datasets import ImageData
 from vae_lab.models.losses import DEFAULT_GAUSSIAN_STD, reconstruction_nll
-from vae_lab.models.priors import gaussian_log_density, kl_to_standard_normal
+from vae_lab.models.priors import StandardNormal, gaussian_log_density, kl_to_standard_normal
 from vae_lab.models.autoencoders import Autoencoder
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -238,7 +238,7 @@ def evaluate_model(model: Autoencoder, data: ImageData, config: Config,
             collapsed = float(result.kl_per_dim.sum()) < COLLAPSE_KL_NATS or units == 0
         else:  # a prior without a per-dimension KL: no latent dimension moves with the data
             collapsed = units == 0
-        if model.prior.analytic_kl:  # the standard normal: its marginals are known
+        if isinstance(model.prior, StandardNormal):  # its marginals are known
             points = min(DECOMPOSITION_POINTS, test_means.shape[0])
             metrics.update(kl_decomposition(torch.from_numpy(test_means[:points]),
                                             torch.cat(test_logvars)[:points], torch.Generator().manual_seed(seed)))

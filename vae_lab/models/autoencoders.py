@@ -1,13 +1,17 @@
-"""The four model families behind one interface.
+"""The four built-in model families, and the interface every family (yours too) has.
 
-    posterior = model.encode(x)            # Posterior(mean, logvar); an AE's logvar is None
+    posterior = model.encode(x)            # Posterior(mean, logvar) [B, D] each; an AE's logvar is None
     z = model.reparameterize(posterior)    # a sample (the mean for an AE)
     logits = model.decode(z)               # [B, C, H, W] logits; sigmoid gives pixel means
     samples = model.sample(n)              # decoded draws from the model's prior, as logits
     kl = model.kl_terms(posterior, z)      # the KL to its prior (`vae_lab.models.priors`)
 
-`linear_vae`/`ae` are MLPs over the flattened image (`hidden_dims`), `conv_vae`/`conv_ae`
-stack stride-2 convolutions (`conv_channels`) and mirror them with transposed ones.
+A family subclasses `Autoencoder`, says whether it is `variational`, and implements `decode`
+and either `encode_stats` (the encoder's [B, 2D] output, mean then log-variance; [B, D] for an
+AE) or `encode` itself. Its constructor takes `image_shape` and `latent_dim` and whatever else
+it names (`vae_lab.models.components.build_model`). `linear_vae`/`ae` are MLPs over the
+flattened image (`hidden_dims`), `conv_vae`/`conv_ae` stack stride-2 convolutions
+(`conv_channels`) and mirror them with transposed ones.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vae_lab.config import CONV_MODELS, VAE_MODELS, ModelConfig, PriorConfig
 from vae_lab.models.posterior import Posterior
-from vae_lab.models.priors import Prior, StandardNormal, build_prior
+from vae_lab.models.priors import Prior, StandardNormal
+from vae_lab.models.registry import register_model
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -33,22 +37,25 @@ class ModelOutput:
 
 
 class Autoencoder(nn.Module):
-    """Shared behaviour; subclasses build `encoder_body`, `to_stats`, `decoder`. `prior` is p(z)
-    (N(0, I) unless given; an AE's is only where `sample` draws from)."""
+    """Shared behaviour of every family (the module's doc has the interface). `prior` is p(z):
+    N(0, I) until `build_model` gives a VAE the configured one; an AE's is only where `sample`
+    draws from."""
 
-    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, variational: bool,
-                 prior: Prior | None = None):
+    variational = True  # a VAE: encode gives a log-variance, the loss has a KL to the prior
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, prior: Prior | None = None):
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
-        self.variational = variational
         self.prior = prior if prior is not None else StandardNormal(latent_dim)
 
-    def _stats(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def encode_stats(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's output for images `x` [B, C, H, W] in [0, 1]: [B, 2D], the posterior's
+        means then log-variances (a VAE), or [B, D] codes (an AE)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither encode nor encode_stats")
 
     def encode(self, x: torch.Tensor) -> Posterior:
-        stats = self._stats(x)
+        stats = self.encode_stats(x)
         if not self.variational:
             return Posterior(stats, None)
         mean, logvar = stats.chunk(2, dim=1)
@@ -62,7 +69,9 @@ class Autoencoder(nn.Module):
         return posterior.sample(noise)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Latents [B, D] to per-pixel Bernoulli logits (or Gaussian means before the sigmoid)
+        [B, C, H, W]; `torch.sigmoid` of them is the image."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement decode")
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> ModelOutput:
         posterior = self.encode(x)
@@ -112,15 +121,14 @@ def _mlp(sizes: list[int], activation: str = "relu") -> nn.Sequential:
 class MLPAutoencoder(Autoencoder):
     """`ae` / `linear_vae`: pixels -> hidden_dims -> latent -> reversed hidden_dims -> pixels."""
 
-    def __init__(self, image_shape, latent_dim: int, hidden_dims: list[int], variational: bool,
-                 activation: str = "relu", prior: Prior | None = None):
-        super().__init__(image_shape, latent_dim, variational, prior)
+    def __init__(self, image_shape, latent_dim: int, hidden_dims: list[int] = (400,), activation: str = "relu"):
+        super().__init__(image_shape, latent_dim)
         pixels = math.prod(image_shape)
-        stats_size = 2 * latent_dim if variational else latent_dim
+        stats_size = 2 * latent_dim if self.variational else latent_dim
         self.encoder = _mlp([pixels, *hidden_dims, stats_size], activation)
         self.decoder = _mlp([latent_dim, *reversed(hidden_dims), pixels], activation)
 
-    def _stats(self, x):
+    def encode_stats(self, x):
         return self.encoder(x.flatten(1))
 
     def decode(self, z):
@@ -166,9 +174,10 @@ class ConvAutoencoder(Autoencoder):
     `latent_dim` must then be a multiple of the last feature map's H*W.
     """
 
-    def __init__(self, image_shape, latent_dim: int, conv_channels: list[int],
-                 variational: bool, latent_layout: str = "vector", prior: Prior | None = None):
-        super().__init__(image_shape, latent_dim, variational, prior)
+    def __init__(self, image_shape, latent_dim: int, conv_channels: list[int] = (32, 64, 64),
+                 latent_layout: str = "vector"):
+        super().__init__(image_shape, latent_dim)
+        variational = self.variational
         in_channels, height, width = image_shape
         sizes = [(height, width)]
         for _ in conv_channels:
@@ -214,7 +223,7 @@ class ConvAutoencoder(Autoencoder):
             current = target
         self.decoder = nn.Sequential(*decoder)
 
-    def _stats(self, x):
+    def encode_stats(self, x):
         features = self.encoder(x)
         if self.latent_cube is None:
             return self.to_stats(features.flatten(1))
@@ -232,16 +241,21 @@ class ConvAutoencoder(Autoencoder):
         return self.decoder(features)
 
 
-def build_model(config: ModelConfig, image_shape: tuple[int, int, int],
-                prior: PriorConfig | None = None) -> Autoencoder:
-    """The model `config` names, with the prior `prior` names (N(0, I) when None). The prior is
-    built after the networks, so a standard-normal model's weights are those of earlier vae_labs."""
-    variational = config.name in VAE_MODELS
-    if config.name in CONV_MODELS:
-        model = ConvAutoencoder(image_shape, config.latent_dim, config.conv_channels,
-                                variational, config.latent_layout)
-    else:
-        model = MLPAutoencoder(image_shape, config.latent_dim, config.hidden_dims, variational, config.activation)
-    if prior is not None and variational:
-        model.prior = build_prior(prior, tuple(image_shape), config.latent_dim)
-    return model
+@register_model("ae")
+class MLPAE(MLPAutoencoder):
+    variational = False
+
+
+@register_model("linear_vae")
+class MLPVAE(MLPAutoencoder):
+    variational = True
+
+
+@register_model("conv_ae")
+class ConvAE(ConvAutoencoder):
+    variational = False
+
+
+@register_model("conv_vae")
+class ConvVAE(ConvAutoencoder):
+    variational = True

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from vae_lab.models.posterior import Posterior
+from vae_lab.models.registry import register_prior
 
 LOG_2PI = math.log(2 * math.pi)
-DEFAULT_COMPONENTS = {"mog": 10, "vampprior": 500}  # prior.components=0; 500 pseudo-inputs as in the VampPrior paper
+MOG_COMPONENTS, VAMPPRIOR_COMPONENTS = 10, 500  # prior.components=0; 500 pseudo-inputs as in the VampPrior paper
 
 
 def gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,7 @@ class Prior(nn.Module):
         return "analytic" if self.analytic_kl else "monte carlo, one sample (log q(z|x) - log p(z))"
 
 
+@register_prior("standard_normal")
 class StandardNormal(Prior):
     """N(0, I): no parameters, the KL in closed form."""
 
@@ -85,13 +87,15 @@ class StandardNormal(Prior):
         return kl_to_standard_normal(Posterior(posterior.mean.float(), posterior.logvar.float()))
 
 
+@register_prior("mog")
 class MixtureOfGaussians(Prior):
     """A mixture of K learned diagonal Gaussians with learned weights. The means start as
     N(0, I) draws (taken from the model's seeded initialization), the variances at 1, the
     weights equal."""
 
-    def __init__(self, latent_dim: int, components: int):
+    def __init__(self, latent_dim: int, components: int = 0):
         super().__init__()
+        components = components or MOG_COMPONENTS
         self.means = nn.Parameter(torch.randn(components, latent_dim))
         self.logvars = nn.Parameter(torch.zeros(components, latent_dim))
         self.logits = nn.Parameter(torch.zeros(components))
@@ -108,13 +112,16 @@ class MixtureOfGaussians(Prior):
         return self.means[picks] + noise * torch.exp(0.5 * self.logvars[picks])
 
 
+@register_prior("vampprior")
 class VampPrior(Prior):
     """Tomczak & Welling 2018: p(z) = (1/K) Σ_k q(z | u_k), the model's own encoder at K learned
     pseudo-inputs u_k. As in their code, u_k = hardtanh_[0,1](w_k) with w_k drawn from
     N(`init_mean`, `init_std`) (0.05, 0.01 there: `prior.init_mean`, `prior.init_std`)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], components: int, init_mean: float, init_std: float):
+    def __init__(self, image_shape: tuple[int, int, int], components: int = 0, init_mean: float = 0.05,
+                 init_std: float = 0.01):
         super().__init__()
+        components = components or VAMPPRIOR_COMPONENTS
         self.pseudo_weights = nn.Parameter(torch.randn(components, *image_shape) * init_std + init_mean)
 
     def pseudo_inputs(self) -> torch.Tensor:
@@ -134,16 +141,3 @@ class VampPrior(Prior):
         picks = torch.randint(components.mean.shape[0], (count,), generator=generator, device=device)
         noise = torch.randn((count, components.mean.shape[1]), generator=generator, device=device)
         return components.mean[picks] + noise * components.std[picks]
-
-
-PRIORS = ("standard_normal", "mog", "vampprior")
-
-
-def build_prior(config, image_shape: tuple[int, int, int], latent_dim: int) -> Prior:
-    """The prior `config` (a PriorConfig) names, for a model of this image shape and latent size."""
-    components = config.components or DEFAULT_COMPONENTS.get(config.name, 0)
-    if config.name == "mog":
-        return MixtureOfGaussians(latent_dim, components)
-    if config.name == "vampprior":
-        return VampPrior(image_shape, components, config.init_mean, config.init_std)
-    return StandardNormal(latent_dim)

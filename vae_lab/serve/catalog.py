@@ -11,7 +11,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from vae_lab import names
-from vae_lab.config import VAE_MODELS
 from vae_lab.data.datasets import DataUnavailable
 from vae_lab.names import STATE_DICT_ARTIFACT, TEST_LOSS, VAL_LOSS
 from vae_lab.serve.images import RequestError, ServedRun
@@ -87,7 +86,7 @@ def describe_run(run: Run, experiment_names: dict[str, str]) -> dict:
         "model": model,
         "dataset": tags.get(names.DATASET_TAG) or params.get("data.name"),
         "latent_dim": int(latent_dim) if latent_dim is not None else None,
-        "kl_weight": float(kl_weight) if kl_weight is not None and model in VAE_MODELS else None,
+        "kl_weight": float(kl_weight) if kl_weight is not None and names.TRAIN_KL in run.data.metrics else None,
         "val_loss": finite_metric(run, VAL_LOSS),  # what --experiment chooses on
         "test_loss": finite_metric(run, TEST_LOSS),  # reported, never chosen on
         "start_time": run.info.start_time,

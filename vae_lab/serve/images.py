@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torchvision.utils import make_grid, save_image
 
+from vae_lab.components import short_name
 from vae_lab.config import Config, DataConfig
 from vae_lab.data.datasets import ImageData, load_data
 from vae_lab.models.autoencoders import Autoencoder
@@ -106,7 +107,7 @@ class ServedRun:
     def describe(self) -> dict:
         return {
             "run_id": self.run_id,
-            "model": self.config.model.name,
+            "model": short_name(self.config.model.name),
             "variational": self.model.variational,
             "latent_dim": self.model.latent_dim,
             "image_shape": list(self.model.image_shape),

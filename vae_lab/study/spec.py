@@ -27,14 +27,17 @@ from typing import Any, Iterator
 import yaml
 
 from vae_lab import names
+from vae_lab.models.components import check as check_components, is_variational
 from vae_lab.tracking.uris import redact
 from vae_lab.config import (
     Config,
     ConfigError,
     allowed_keys,
+    anchor_references,
     apply_mapping,
     build_config,
     flatten,
+    is_config_key,
     load_yaml_mapping,
     parse_override,
     validate,
@@ -137,7 +140,9 @@ class StudySpec:
         config = apply_mapping(build_config(self.base), {**defaults, **assignment})
         if extra:
             apply_mapping(config, dict(parse_override(text) for text in extra))
-        return validate(config)
+        validate(config)
+        check_components(config)
+        return config
 
     def grid_axes(self) -> dict[str, tuple]:
         return {key: (spec.values if isinstance(spec, Choices) else tuple(spec.grid_values()))
@@ -238,10 +243,28 @@ def _batch_trials(value: Any) -> str | int:
 
 
 def load_study_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
-    document = load_yaml_mapping(path)
+    """The study file at `path` with `overrides`; a component's file named in the study file is
+    relative to it, one named in an override relative to the working folder."""
+    document = anchor_study_references(load_yaml_mapping(path), Path(path).parent)
     for text in overrides or []:
         _set_dotted(document, *parse_override(text))
-    return parse_study(document, default_name=Path(path).stem)
+    return parse_study(anchor_study_references(document, Path.cwd()), default_name=Path(path).stem)
+
+
+def anchor_study_references(document: dict, base_dir: Path) -> dict:
+    """The document with every component file it names (in base, search_space and its points)
+    made absolute against `base_dir` (`vae_lab.config.anchor_references`)."""
+    anchored = dict(document)
+    if isinstance(document.get("base"), dict):
+        anchored["base"] = anchor_references(document["base"], base_dir)
+    space = document.get("search_space")
+    if isinstance(space, dict):
+        space = anchor_references(space, base_dir)
+        if isinstance(space.get(POINTS_KEY), list):
+            space[POINTS_KEY] = [anchor_references(point, base_dir) if isinstance(point, dict) else point
+                                 for point in space[POINTS_KEY]]
+        anchored["search_space"] = space
+    return anchored
 
 
 def parse_study(document: dict, default_name: str = "study") -> StudySpec:
@@ -360,7 +383,7 @@ def _search_space(document: dict, sampler: str) -> tuple[dict, list, list]:
     for key, value in document.items():
         key = str(key)
         if key == POINTS_KEY:
-            points = _points(value, config_keys)
+            points = _points(value)
         elif key == SEEDS_KEY:
             if not isinstance(value, list) or not value or not all(
                     isinstance(seed, int) and not isinstance(seed, bool) for seed in value):
@@ -368,9 +391,10 @@ def _search_space(document: dict, sampler: str) -> tuple[dict, list, list]:
             if len(set(value)) < len(value):
                 raise ConfigError(f"search_space.seeds lists a seed twice: {value}")
             seeds = list(value)
-        elif key not in config_keys:
+        elif not is_config_key(key):
             raise ConfigError(f"unknown key 'search_space.{key}'; allowed: points, seeds, or a config key "
-                              f"such as model.latent_dim (all: {', '.join(sorted(config_keys))})")
+                              f"such as model.latent_dim or model.options.<name> (all: "
+                              f"{', '.join(sorted(config_keys))})")
         else:
             space[key] = _param_spec(key, value, sampler)
     for point in points:
@@ -382,7 +406,7 @@ def _search_space(document: dict, sampler: str) -> tuple[dict, list, list]:
     return space, points, seeds
 
 
-def _points(value: Any, config_keys: set[str]) -> list[dict]:
+def _points(value: Any) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise ConfigError("search_space.points must be a non-empty list of assignments, "
                           "e.g. [{model.hidden_dims: [32], model.latent_dim: 4}, ...]")
@@ -391,9 +415,10 @@ def _points(value: Any, config_keys: set[str]) -> list[dict]:
         if not isinstance(point, dict) or not point:
             raise ConfigError(f"search_space.points[{index}] must be a mapping of config keys to values, got {point!r}")
         for key in point:
-            if key not in config_keys:
+            if not is_config_key(str(key)):
                 raise ConfigError(f"unknown key {key!r} in search_space.points[{index}]; "
-                                  f"allowed: {', '.join(sorted(config_keys))}")
+                                  f"allowed: {', '.join(sorted(allowed_keys()))}, or a component's "
+                                  "model.options.<name>")
         points.append({str(key): item for key, item in point.items()})
     if len({json.dumps(point, sort_keys=True) for point in points}) < len(points):
         raise ConfigError("search_space.points lists the same point twice")
@@ -463,7 +488,8 @@ def _check_trial_configs(spec: StudySpec) -> None:
         except ConfigError as error:
             where = ", ".join(f"{key}={value}" for key, value in assignment.items()) or "base"
             raise ConfigError(f"search_space ({where}): {error}") from None
-        missing = [str(o.metric) for o in spec.objectives if o.metric not in names.metrics_logged(config)]
+        missing = [str(o.metric) for o in spec.objectives
+                   if o.metric not in names.metrics_logged(config, is_variational(config))]
         if missing:
             raise ConfigError(
                 f"objective {missing[0]} is not logged by model.name={config.model.name} "

@@ -9,9 +9,11 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from vae_lab.config import Config, config_from_flat, flatten, parse_yaml
-from vae_lab.models.autoencoders import build_model
-from vae_lab.names import CONFIG_ARTIFACT, STATE_DICT_ARTIFACT
+from vae_lab.components import load_file_module
+from vae_lab.config import COMPONENT_KEYS, Config, ConfigError, config_from_flat, file_reference, flatten, parse_yaml
+from vae_lab.models.components import build_model
+from vae_lab.models.registry import MODEL_FAMILIES, PRIORS
+from vae_lab.names import COMPONENTS_ARTIFACT_DIR, CONFIG_ARTIFACT, STATE_DICT_ARTIFACT
 from vae_lab.tracking.uris import resolve_tracking_uri
 
 
@@ -31,7 +33,32 @@ def load_run_config(client: MlflowClient, run_id: str) -> Config:
         path = client.download_artifacts(run_id, CONFIG_ARTIFACT, folder)
         flat = flatten(parse_yaml(Path(path).read_text()))
         flat.setdefault("data.val_size", 0)
+        pin_logged_components(client, run_id, flat)
         return config_from_flat(flat)
+
+
+def pin_logged_components(client: MlflowClient, run_id: str, flat: dict) -> None:
+    """A `file.py:Class` component means, from now on in this process, the copy of the file the
+    run logged (the code it trained with), wherever the file is now or whatever it holds."""
+    registries = {"model.name": MODEL_FAMILIES, "prior.name": PRIORS}
+    for key in COMPONENT_KEYS:
+        reference = flat.get(key)
+        found = file_reference(reference) if isinstance(reference, str) else None
+        if found is None:
+            continue
+        path, attribute = found
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                logged = Path(client.download_artifacts(run_id, f"{COMPONENTS_ARTIFACT_DIR}/{path.name}", folder))
+            except (mlflow.exceptions.MlflowException, OSError):
+                continue  # not logged (or unreachable): the file itself is used, if it is there
+            module = load_file_module(logged)
+        component = module
+        for part in attribute.split("."):
+            component = getattr(component, part, None)
+        if component is None:
+            raise ConfigError(f"run {run_id}'s logged {path.name} has no {attribute}")
+        registries[key].pin(reference, component)
 
 
 def load_logged_model(run_id: str, tracking_uri: str | None = None,

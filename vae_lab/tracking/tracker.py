@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from vae_lab import names
+from vae_lab.components import component_files, short_name
 from vae_lab.config import Config
 from vae_lab.names import CHECKPOINT_DIR, CONFIG_ARTIFACT, MODEL_ARTIFACT
 from vae_lab.tracking import mlflow_compat
@@ -67,19 +68,21 @@ class RunTracker:
         client = MlflowClient(tracking_uri=tracking_uri)
         experiment_id = get_or_create_experiment(client, config.tracking.experiment, tracking_uri)
         all_tags = environment_tags(device)
-        all_tags.update({names.MODEL_TAG: config.model.name, names.DATASET_TAG: config.data.name})
+        all_tags.update({names.MODEL_TAG: short_name(config.model.name), names.DATASET_TAG: config.data.name})
         all_tags.update(tags or {})
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         # MLflow draws its random names from `random`, which the run has just seeded: every run would
         # get the same name. os.urandom is not seeded.
-        name = run_name or config.tracking.run_name or f"{config.model.name}-{uuid.uuid4().hex[:6]}"
+        name = run_name or config.tracking.run_name or f"{short_name(config.model.name)}-{uuid.uuid4().hex[:6]}"
         run = client.create_run(experiment_id, run_name=name, tags=all_tags)
         tracker = cls(client, tracking_uri, run.info.run_id, experiment_id)
         recorded = config_for_the_record(config)
         tracker.log_params(recorded.flat())
         # what `--resume`, a study's next worker and vae_lab.evaluate rebuild the run from
         client.log_text(tracker.run_id, recorded.to_yaml(), CONFIG_ARTIFACT)
+        for path in component_files(config):  # the code a user's component ran, kept with the run
+            client.log_artifact(tracker.run_id, str(path), names.COMPONENTS_ARTIFACT_DIR)
         tracker.monitor_system(config.tracking.system_metrics_every)
         return tracker
 

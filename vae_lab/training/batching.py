@@ -24,7 +24,8 @@ import torch
 
 from vae_lab.config import Config
 from vae_lab.training.device import resolve_device
-from vae_lab.models.autoencoders import build_model
+from vae_lab.data.datasets import image_shape_of
+from vae_lab.models.components import build_model
 
 # Config keys that may differ between trials trained together.
 PER_TRIAL_KEYS = ("loss.kl_weight", "loss.kl_schedule", "loss.kl_warmup_steps", "loss.kl_cycles",
@@ -54,16 +55,11 @@ def batch_key(config: Config) -> Hashable:
     ))
 
 
-def _image_shape(config: Config) -> tuple[int, int, int]:
-    size = config.data.resize or (8 if config.data.name == "digits" else 28)
-    return (config.data.channels, size, size)
-
-
 def estimate_trial_bytes(config: Config) -> int:
     """A rough upper bound of one trial's memory in a batch: parameters with gradient and Adam
     state (x6: param, grad, clipped grad, two moments, headroom), plus every module's output for
     one batch (x3: forward, saved for backward, gradient), in float32."""
-    image_shape = _image_shape(config)
+    image_shape = image_shape_of(config.data)
     model = build_model(config.model, image_shape, config.prior).to("meta")  # sizes only, no arithmetic
     with torch.device("meta"):
         outputs = []

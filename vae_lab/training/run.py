@@ -19,7 +19,7 @@ from typing import Sequence
 from vae_lab import names
 from vae_lab.config import ConfigError
 from vae_lab.data.datasets import ImageData
-from vae_lab.models.autoencoders import build_model
+from vae_lab.models.components import build_model
 from vae_lab.training.batching import PER_TRIAL_KEYS, batch_key
 from vae_lab.training.device import effective_amp, resolve_device, seed_everything
 from vae_lab.training.loop import Engine

@@ -32,8 +32,9 @@ from torch import nn
 
 from vae_lab.config import Config, LossConfig
 from vae_lab.models.losses import iwae_loss, loss_terms, total_correlation_mws
-from vae_lab.models.priors import gaussian_log_density, standard_normal_log_density
-from vae_lab.models.autoencoders import Autoencoder, build_model
+from vae_lab.models.priors import StandardNormal, gaussian_log_density, standard_normal_log_density
+from vae_lab.models.autoencoders import Autoencoder
+from vae_lab.models.components import build_model
 
 CLIP_EPS = 1e-6  # clip_grad_norm_'s
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -93,8 +94,10 @@ def _loss_and_sums(outputs, images, loss: LossConfig, weights: dict, tc_of: int 
     """The loss of one trial and its [loss·B, recon, kl] sums (recon and kl summed over every
     sample: with the iwae objective, the ELBO's parts beside its bound). `tc_of`: the training
     set's size when some trial of the step weighs the total correlation (else None: no TC
-    term). `analytic_kl`: the model's `kl_terms` are the closed form (the iwae objective then
-    estimates the KL at each sample itself)."""
+    term). `analytic_kl`: the prior is N(0, I) and the model's `kl_terms` its closed form (the
+    iwae objective then estimates the KL at each sample itself); otherwise they are the one-sample
+    estimate log q(z|x) - log p(z) (`vae_lab.models.components.check` keeps other closed-form
+    priors away from the iwae objective)."""
     logits, *stats = outputs
     kl_terms = stats[2] if len(stats) > 2 else None
     tc = None
@@ -127,7 +130,7 @@ class PlainStep:
         self.network = NoiseInput(model)
         self.config = config
         self.tc_of = train_size if config.loss.tc_weight != 1 else None
-        self.analytic_kl = config.prior.name == "standard_normal"
+        self.analytic_kl = isinstance(model.prior, StandardNormal)
         self.device = device
         self.amp = amp
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=True)
@@ -212,7 +215,7 @@ class StackedStep:
         self.clip = torch.tensor([clip if clip > 0 else math.inf for clip in clips],
                                  dtype=torch.float32, device=device)
         self.tc_of = train_size if any(config.loss.tc_weight != 1 for config in configs) else None
-        self.analytic_kl = self.config.prior.name == "standard_normal"  # the prior is part of the batch key
+        self.analytic_kl = isinstance(models[0].prior, StandardNormal)  # the prior is part of the batch key
         self._step_fn = None
 
     def _adam(self, lrs: list[float], states: list[dict] | None) -> torch.optim.Optimizer:

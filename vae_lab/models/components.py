@@ -1,0 +1,208 @@
+"""A config's model family and prior: found (`vae_lab.models.registry`), checked, built.
+
+    check(config)                       # ConfigError (one line) for anything a run would trip on
+    model = build_model(config.model, image_shape, config.prior)
+
+A family is constructed with keyword arguments: `image_shape` (C, H, W) and `latent_dim`,
+each other `model.*` key its constructor names (hidden_dims, conv_channels, latent_layout,
+activation), and `model.options`. A prior likewise, from `latent_dim`, `image_shape`, the
+`prior.*` keys it names (components, init_mean, init_std) and `prior.options`. `check` holds
+both against the signatures, then builds the model on the meta device (no memory, no
+arithmetic) and runs it on two images to see that what comes back has the interface's
+shapes, so a mistake in a user's class is one line before anything is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+
+import torch
+
+from vae_lab.components import check_options, constructor_parameters, short_name
+from vae_lab.config import Config, ConfigError, ModelConfig, PriorConfig
+from vae_lab.data.datasets import image_shape_of
+from vae_lab.models.autoencoders import Autoencoder
+from vae_lab.models.priors import Prior, StandardNormal
+from vae_lab.models.registry import MODEL_FAMILIES, PRIORS
+
+SUPPLIED = ("image_shape", "latent_dim")  # what vae_lab itself gives every family and prior
+# model.* keys a study may set once for several families (seed000/default.yaml sweep model.name):
+# a family that does not take them ignores them. Any other model.* key at a value other than its
+# default is refused by a family that does not take it (model.latent_layout=cube for an MLP).
+SHARED_BY_SOME = ("hidden_dims", "conv_channels")
+STANDARD_PRIOR = "standard_normal"
+
+
+def model_family(name: str) -> type[Autoencoder]:
+    family = MODEL_FAMILIES.resolve(name)
+    if not (inspect.isclass(family) and issubclass(family, Autoencoder)):
+        raise ConfigError(f"model.name={name!r} is {_what(family)}, not a model family: a subclass of "
+                          "vae_lab.models.Autoencoder (the README's 'Your own components')")
+    return family
+
+
+def prior_class(name: str) -> type[Prior]:
+    prior = PRIORS.resolve(name)
+    if not (inspect.isclass(prior) and issubclass(prior, Prior)):
+        raise ConfigError(f"prior.name={name!r} is {_what(prior)}, not a prior: a subclass of vae_lab.models.Prior "
+                          "(the README's 'Your own components')")
+    return prior
+
+
+def _what(thing) -> str:
+    return f"the class {thing.__name__}" if inspect.isclass(thing) else f"a {type(thing).__name__}"
+
+
+def is_variational(config: Config) -> bool:
+    """Has the config's model a posterior with a variance, a prior and a KL?"""
+    return bool(model_family(config.model.name).variational)
+
+
+def _section_arguments(section, component, skip: tuple[str, ...]) -> dict:
+    """The section's own keys (not `name`, `options` or `skip`) that `component`'s constructor names."""
+    parameters, _ = constructor_parameters(component)
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+            if f.name not in ("name", "options", *skip) and f.name in parameters}
+
+
+def model_arguments(config: ModelConfig, family: type) -> dict:
+    return {**_section_arguments(config, family, ("latent_dim",)), **config.options}
+
+
+def prior_arguments(config: PriorConfig, prior: type) -> dict:
+    return {**_section_arguments(config, prior, ()), **config.options}
+
+
+def _refuse_unused(section, component, label: str, prefix: str, exempt: tuple[str, ...]) -> None:
+    parameters, takes_any = constructor_parameters(component)
+    defaults = type(section)()
+    for f in dataclasses.fields(section):
+        if (f.name in ("name", "options", "latent_dim", *exempt) or f.name in parameters or takes_any
+                or getattr(section, f.name) == getattr(defaults, f.name)):
+            continue
+        raise ConfigError(f"{prefix}.{f.name}={getattr(section, f.name)!r} is not used by {prefix}.name={label}, "
+                          f"whose constructor does not take {f.name}")
+
+
+def build_prior(config: PriorConfig, image_shape: tuple[int, int, int], latent_dim: int) -> Prior:
+    prior = prior_class(config.name)
+    parameters, takes_any = constructor_parameters(prior)
+    supplied = {key: value for key, value in (("image_shape", tuple(image_shape)), ("latent_dim", latent_dim))
+                if key in parameters or takes_any}
+    return prior(**supplied, **prior_arguments(config, prior))
+
+
+def build_model(config: ModelConfig, image_shape: tuple[int, int, int],
+                prior: PriorConfig | None = None) -> Autoencoder:
+    """The model `config` names, with the prior `prior` names (N(0, I) when None). The prior is
+    built after the networks, so a standard-normal model's weights are those of earlier vae_labs."""
+    family = model_family(config.name)
+    model = family(image_shape=tuple(image_shape), latent_dim=config.latent_dim, **model_arguments(config, family))
+    if prior is not None and family.variational:
+        model.prior = build_prior(prior, tuple(image_shape), config.latent_dim)
+    return model
+
+
+def check(config: Config) -> None:
+    """Everything about the config's components that a run would otherwise find out late."""
+    family = model_family(config.model.name)
+    label = short_name(config.model.name)
+    check_options(family, label, "model", (*SUPPLIED, *model_arguments(config.model, family).keys()
+                                           - config.model.options.keys()), config.model.options)
+    _refuse_unused(config.model, family, config.model.name, "model", SHARED_BY_SOME)
+    loss, variational = config.loss, bool(family.variational)
+    if not variational:
+        needs_kl = [text for text, applies in (
+            (f"prior.name={config.prior.name}", config.prior.name != STANDARD_PRIOR),
+            ("loss.free_bits", loss.free_bits > 0), ("loss.objective=iwae", loss.objective == "iwae"),
+            ("loss.tc_weight", loss.tc_weight != 1)) if applies]
+        if needs_kl:
+            raise ConfigError(f"{needs_kl[0]} needs a VAE (a family with a prior and a KL): model.name={label} "
+                              f"is an autoencoder (an AE has no prior); VAEs registered: {', '.join(_registered_vaes())}")
+    else:
+        prior = prior_class(config.prior.name)
+        check_options(prior, short_name(config.prior.name), "prior",
+                      (*SUPPLIED, *prior_arguments(config.prior, prior).keys() - config.prior.options.keys()),
+                      config.prior.options)
+        _refuse_unused(config.prior, prior, config.prior.name, "prior", ())
+        if loss.objective == "iwae" and prior.analytic_kl and not issubclass(prior, StandardNormal):
+            raise ConfigError(f"loss.objective=iwae weighs each sample by log q(z|x) - log p(z); prior.name="
+                              f"{config.prior.name} gives its KL in closed form (analytic_kl), which the bound cannot "
+                              f"use; allowed: {STANDARD_PRIOR} or a prior with analytic_kl = False")
+        if loss.free_bits > 0 and not prior.analytic_kl:
+            raise ConfigError(f"loss.free_bits clamps the KL of each latent dimension, which a prior has only in closed "
+                              f"form (analytic_kl); prior.name={config.prior.name} has none (use {STANDARD_PRIOR})")
+    _try_a_batch(json.dumps({"model": dataclasses.asdict(config.model), "prior": dataclasses.asdict(config.prior),
+                             "image_shape": image_shape_of(config.data)}, sort_keys=True, default=str))
+
+
+def _registered_vaes() -> list[str]:
+    return [name for name in MODEL_FAMILIES.names()
+            if getattr(MODEL_FAMILIES.resolve(name), "variational", False)]
+
+
+@functools.lru_cache(maxsize=256)
+def _try_a_batch(key: str) -> None:
+    """Build the model on the meta device and hold what it returns for two images against the
+    interface; on the CPU (without touching the global random state) if an operation has no
+    meta kernel."""
+    described = json.loads(key)
+    model_config, prior_config = ModelConfig(**described["model"]), PriorConfig(**described["prior"])
+    image_shape = tuple(described["image_shape"])
+    try:
+        with torch.device("meta"):
+            _exercise(model_config, prior_config, image_shape, on_meta=True)
+    except _NoMetaKernel:
+        with torch.random.fork_rng(devices=[]):
+            _exercise(model_config, prior_config, image_shape, on_meta=False)
+
+
+class _NoMetaKernel(Exception):
+    pass
+
+
+def _exercise(model_config: ModelConfig, prior_config: PriorConfig, image_shape: tuple[int, ...],
+              on_meta: bool) -> None:
+    name, count, latent = model_config.name, 2, model_config.latent_dim
+    step = "building it"
+    try:
+        model = build_model(model_config, image_shape, prior_config)
+        step = "encode"
+        images = torch.zeros(count, *image_shape)
+        posterior = model.encode(images)
+        _expect(name, "encode(x).mean", posterior.mean, (count, latent))
+        if model.variational:
+            if posterior.logvar is None:
+                raise ConfigError(f"model.name={name!r} is variational but encode(x).logvar is None")
+            _expect(name, "encode(x).logvar", posterior.logvar, (count, latent))
+        step = "decode"
+        z = model.reparameterize(posterior)
+        _expect(name, "decode(z)", model.decode(z), (count, *image_shape))
+        if model.variational:
+            step = "the prior's kl_terms"
+            kl = model.kl_terms(posterior, z)
+            if tuple(kl.shape) not in ((count, latent), (count, 1)):
+                raise ConfigError(f"prior.name={prior_config.name!r}: kl_terms gave shape {list(kl.shape)}; "
+                                  f"expected [{count}, {latent}] (per dimension) or [{count}, 1] (estimated)")
+            step = "the prior's log_prob"
+            _expect(prior_config.name, "log_prob(z)", model.log_prior(z), (count,), key="prior.name")
+            step = "sample"
+            _expect(name, "sample(n) (decoded prior draws)", model.sample(count), (count, *image_shape))
+    except ConfigError:
+        raise
+    except Exception as error:  # a user's class failing on two images: one line, not a traceback
+        if on_meta and isinstance(error, (NotImplementedError, RuntimeError)) and "meta" in str(error).lower():
+            raise _NoMetaKernel from error
+        text = str(error).strip().splitlines()
+        raise ConfigError(f"model.name={name!r} failed in {step} on a batch of {count} images of shape "
+                          f"{list(image_shape)} ({type(error).__name__}: {text[0] if text else ''})") from None
+
+
+def _expect(name: str, what: str, tensor, shape: tuple, key: str = "model.name") -> None:
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(shape):
+        got = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ConfigError(f"{key}={name!r}: {what} gave {got}; the interface wants {list(shape)} "
+                          "(the README's 'Your own components')")
