@@ -238,3 +238,45 @@ def test_the_example_through_a_study_a_kill_the_report_evaluate_and_serve(tmp_pa
     assert info["model"] == "ResidualVAE" and info["variational"] is True
     response = http.get(f"/api/runs/{killed_run}/prior.png?seed=0")
     assert response.status_code == 200 and response.mimetype == "image/png"
+
+
+RENYI = Path(__file__).parents[1] / "experiments" / "components" / "renyi_objective.py"
+
+
+def test_a_users_objective_is_found_checked_and_matches_what_it_generalizes():
+    """The example Rényi bound at α = 0 is the IWAE bound, on the same draws; its options are
+    checked like a model's; it trains (one short run, batched with a second α)."""
+    from vae_lab.models.components import build_objective
+    from vae_lab.models.objectives import Draws
+
+    name = f"{RENYI}:RenyiBound"
+    config = build_config(overrides=[f"loss.objective={name}", "loss.iwae_samples=4", "loss.options.alpha=0.0"])
+    check(config)
+    renyi, iwae = build_objective(config.loss), build_objective(build_config(
+        overrides=["loss.objective=iwae", "loss.iwae_samples=4"]).loss)
+    generator = torch.Generator().manual_seed(0)
+    recon, ratio = torch.rand(12, generator=generator) * 50, torch.randn(12, generator=generator) * 3
+    draws = Draws(recon, ratio, recon.mean(), 4, lambda: ratio)
+    torch.testing.assert_close(renyi(draws, 1.0), iwae(draws, 1.0))
+    assert renyi.draws_per_image == 4
+    for overrides, expected in [
+        (["loss.options.beta=2"], "loss.options.beta is not an option of RenyiBound; allowed: loss.options.alpha"),
+        (["loss.options.alpha=1.0"], "could not be built (ValueError: alpha = 1 is the ELBO"),
+        (["loss.free_bits=0.5"], "takes neither loss.free_bits"),
+        (["model.name=ae"], "needs a VAE"),
+    ]:
+        with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            check(build_config(overrides=[f"loss.objective={name}", *overrides]))
+    with pytest.raises(ConfigError, match="loss.iwae_samples=3 is for loss.objective=iwae"):
+        check(build_config(overrides=["loss.iwae_samples=3"]))  # the ELBO takes no draws
+
+
+def test_a_users_objective_trains_in_a_batch_as_alone(tracking_uri):
+    from test_batched import assert_batched_as_alone
+
+    configs = [build_config(None, [*TINY_RUN, f"tracking.uri={tracking_uri}", f"loss.objective={RENYI}:RenyiBound",
+                                   "loss.iwae_samples=3", "loss.options.alpha=0.5", "train.epochs=2",
+                                   "eval.enabled=false", "tracking.log_model=false", "tracking.log_images=false",
+                                   f"loss.kl_weight={weight}"]) for weight in (0.5, 1.0)]
+    alone = assert_batched_as_alone(configs, ("val/loss", "val/kl", "train/loss", "test/loss"))
+    assert alone[0].metrics["val/kl"] != pytest.approx(alone[1].metrics["val/kl"], rel=1e-3)

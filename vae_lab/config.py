@@ -83,8 +83,8 @@ def load_yaml_mapping(path: str | Path) -> dict:
 DATASETS = ("mnist5k", "mnist", "fashion-mnist", "kmnist", "digits")
 # Keys that name a component (`vae_lab.components`): a registered name, package.module:Class, or
 # path/to/file.py:Class, a relative path being relative to the file that names it (`anchor_references`).
-COMPONENT_KEYS = ("model.name", "prior.name")
-OPTIONS_KEYS = ("model.options", "prior.options")  # a component's own constructor arguments
+COMPONENT_KEYS = ("model.name", "prior.name", "loss.objective")
+OPTIONS_KEYS = ("model.options", "prior.options", "loss.options")  # a component's own constructor arguments
 
 
 @dataclass
@@ -137,7 +137,7 @@ DEFAULT_GAUSSIAN_STD = 1 / math.sqrt(2)  # keeps the summed squared error as the
 @dataclass
 class LossConfig:
     likelihood: str = "bernoulli"
-    objective: str = "elbo"  # elbo | iwae (Burda et al. 2016: the bound of iwae_samples importance samples)
+    objective: str = "elbo"  # elbo | iwae (Burda et al. 2016: the bound of iwae_samples importance samples) | yours
     iwae_samples: int = 1  # k of the iwae objective; k = 1 is the ELBO with a one-sample KL
     kl_weight: float = 1.0  # β: the KL's weight once the schedule has ramped up
     kl_schedule: str = "constant"  # constant | linear (over kl_warmup_steps) | cyclical (kl_cycles, kl_cycle_ratio)
@@ -147,9 +147,9 @@ class LossConfig:
     free_bits: float = 0.0  # nats per latent dimension below which its KL is not pushed down (Kingma et al. 2016)
     tc_weight: float = 1.0  # β-TCVAE (Chen et al. 2018): the total correlation's weight; 1 = the plain ELBO
     gaussian_std: float = DEFAULT_GAUSSIAN_STD  # sigma of the gaussian likelihood
+    options: dict[str, Any] = field(default_factory=dict)  # your objective's own arguments
 
-    choices = {"likelihood": ("bernoulli", "gaussian"), "objective": ("elbo", "iwae"),
-               "kl_schedule": ("constant", "linear", "cyclical")}
+    choices = {"likelihood": ("bernoulli", "gaussian"), "kl_schedule": ("constant", "linear", "cyclical")}
 
 
 @dataclass
@@ -456,13 +456,6 @@ def _check_kl_schedule(config: Config) -> None:
                               f"got {loss.kl_cycle_ratio}")
     if loss.iwae_samples < 1:
         raise ConfigError(f"loss.iwae_samples must be 1 or more, got {loss.iwae_samples}")
-    if loss.objective == "iwae":
-        if loss.free_bits > 0 or loss.tc_weight != 1:
-            raise ConfigError("loss.objective=iwae weighs whole samples: it takes neither loss.free_bits nor "
-                              "loss.tc_weight (allowed with the elbo objective)")
-    elif loss.iwae_samples != 1:
-        raise ConfigError(f"loss.iwae_samples={loss.iwae_samples} is for loss.objective=iwae; the objective is "
-                          f"{loss.objective}")
     prior = config.prior
     if prior.components < 0:
         raise ConfigError(f"prior.components must be 1 or more (0 = the prior's default), got {prior.components}")

@@ -1,12 +1,14 @@
-"""A config's model family and prior: found (`vae_lab.models.registry`), checked, built.
+"""A config's model family, prior and objective: found (`vae_lab.models.registry`), checked, built.
 
     check(config)                       # ConfigError (one line) for anything a run would trip on
     model = build_model(config.model, image_shape, config.prior)
+    objective = build_objective(config.loss)
 
 A family is constructed with keyword arguments: `image_shape` (C, H, W) and `latent_dim`,
 each other `model.*` key its constructor names (hidden_dims, conv_channels, latent_layout,
 activation), and `model.options`. A prior likewise, from `latent_dim`, `image_shape`, the
-`prior.*` keys it names (components, init_mean, init_std) and `prior.options`. `check` holds
+`prior.*` keys it names (components, init_mean, init_std) and `prior.options`; an objective
+from the `loss.*` keys it names (iwae_samples) and `loss.options`. `check` holds
 both against the signatures, then builds the model on the meta device (no memory, no
 arithmetic) and runs it on two images to see that what comes back has the interface's
 shapes, so a mistake in a user's class is one line before anything is created.
@@ -24,9 +26,11 @@ import torch
 from vae_lab.components import check_options, constructor_parameters, short_name
 from vae_lab.config import Config, ConfigError, ModelConfig, PriorConfig
 from vae_lab.data.datasets import image_shape_of
+from vae_lab.config import LossConfig
 from vae_lab.models.autoencoders import Autoencoder
+from vae_lab.models.objectives import Objective
 from vae_lab.models.priors import Prior, StandardNormal
-from vae_lab.models.registry import MODEL_FAMILIES, PRIORS
+from vae_lab.models.registry import MODEL_FAMILIES, OBJECTIVES, PRIORS
 
 SUPPLIED = ("image_shape", "latent_dim")  # what vae_lab itself gives every family and prior
 # model.* keys a study may set once for several families (seed000/default.yaml sweep model.name):
@@ -50,6 +54,23 @@ def prior_class(name: str) -> type[Prior]:
         raise ConfigError(f"prior.name={name!r} is {_what(prior)}, not a prior: a subclass of vae_lab.models.Prior "
                           "(the README's 'Your own components')")
     return prior
+
+
+def objective_class(name: str) -> type[Objective]:
+    objective = OBJECTIVES.resolve(name)
+    if not (inspect.isclass(objective) and issubclass(objective, Objective)):
+        raise ConfigError(f"loss.objective={name!r} is {_what(objective)}, not an objective: a subclass of "
+                          "vae_lab.models.Objective (the README's 'Your own components')")
+    return objective
+
+
+def objective_arguments(config: LossConfig, objective: type) -> dict:
+    return {**_section_arguments(config, objective, ()), **config.options}
+
+
+def build_objective(config: LossConfig) -> Objective:
+    objective = objective_class(config.objective)
+    return objective(**objective_arguments(config, objective))
 
 
 def _what(thing) -> str:
@@ -114,10 +135,20 @@ def check(config: Config) -> None:
                                            - config.model.options.keys()), config.model.options)
     _refuse_unused(config.model, family, config.model.name, "model", SHARED_BY_SOME)
     loss, variational = config.loss, bool(family.variational)
+    objective = objective_class(loss.objective)
+    objective_label = short_name(loss.objective)
+    check_options(objective, objective_label, "loss", objective_arguments(loss, objective).keys()
+                  - loss.options.keys(), loss.options)
+    if loss.iwae_samples != 1 and "iwae_samples" not in constructor_parameters(objective)[0]:
+        raise ConfigError(f"loss.iwae_samples={loss.iwae_samples} is for loss.objective=iwae (an objective that takes "
+                          f"iwae_samples); the objective is {objective_label}")
+    if not objective.shapes_the_elbo and (loss.free_bits > 0 or loss.tc_weight != 1):
+        raise ConfigError(f"loss.objective={objective_label} weighs whole samples: it takes neither loss.free_bits nor "
+                          "loss.tc_weight (allowed with the elbo objective)")
     if not variational:
         needs_kl = [text for text, applies in (
             (f"prior.name={config.prior.name}", config.prior.name != STANDARD_PRIOR),
-            ("loss.free_bits", loss.free_bits > 0), ("loss.objective=iwae", loss.objective == "iwae"),
+            ("loss.free_bits", loss.free_bits > 0), (f"loss.objective={objective_label}", objective.needs_a_kl),
             ("loss.tc_weight", loss.tc_weight != 1)) if applies]
         if needs_kl:
             raise ConfigError(f"{needs_kl[0]} needs a VAE (a family with a prior and a KL): model.name={label} "
@@ -128,13 +159,18 @@ def check(config: Config) -> None:
                       (*SUPPLIED, *prior_arguments(config.prior, prior).keys() - config.prior.options.keys()),
                       config.prior.options)
         _refuse_unused(config.prior, prior, config.prior.name, "prior", ())
-        if loss.objective == "iwae" and prior.analytic_kl and not issubclass(prior, StandardNormal):
-            raise ConfigError(f"loss.objective=iwae weighs each sample by log q(z|x) - log p(z); prior.name="
+        if not objective.shapes_the_elbo and prior.analytic_kl and not issubclass(prior, StandardNormal):
+            raise ConfigError(f"loss.objective={objective_label} weighs each sample by log q(z|x) - log p(z); prior.name="
                               f"{config.prior.name} gives its KL in closed form (analytic_kl), which the bound cannot "
                               f"use; allowed: {STANDARD_PRIOR} or a prior with analytic_kl = False")
         if loss.free_bits > 0 and not prior.analytic_kl:
             raise ConfigError(f"loss.free_bits clamps the KL of each latent dimension, which a prior has only in closed "
                               f"form (analytic_kl); prior.name={config.prior.name} has none (use {STANDARD_PRIOR})")
+    try:
+        build_objective(loss)
+    except Exception as error:  # the objective's own check of its options
+        raise ConfigError(f"loss.objective={objective_label} could not be built ({type(error).__name__}: "
+                          f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
     _try_a_batch(json.dumps({"model": dataclasses.asdict(config.model), "prior": dataclasses.asdict(config.prior),
                              "image_shape": image_shape_of(config.data)}, sort_keys=True, default=str))
 

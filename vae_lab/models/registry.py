@@ -1,4 +1,5 @@
-"""The registries of model families and priors. Ours register here exactly as a user's would:
+"""The registries of model families, priors and training objectives. Ours register exactly as a
+user's would:
 
     from vae_lab.models import Autoencoder, register_model
 
@@ -13,6 +14,8 @@ from vae_lab.components import Registry
 
 MODEL_FAMILIES = Registry("model", "model.name")
 PRIORS = Registry("prior", "prior.name")
+OBJECTIVES = Registry("objective", "loss.objective")
 
 register_model = MODEL_FAMILIES.register
 register_prior = PRIORS.register
+register_objective = OBJECTIVES.register

@@ -146,7 +146,7 @@ class Engine:
                         return
                 images, images_dim = gather([next(streams[seed])[0] for seed in self.seeds], self.slot)
                 noise, noise_dim = draw_noise([noise_generators[seed] for seed in self.seeds], self.slot,
-                                              images.shape[-4] * self.config.loss.iwae_samples, self.latent_dim,
+                                              images.shape[-4] * self.step_impl.objective.draws_per_image, self.latent_dim,
                                               self.variational, self.device, self.noise_dtype)
                 running += self.step_impl.train_step(images, images_dim, noise, noise_dim,
                                                      {**self.weights, "kl_weight": self.kl_weights()})

@@ -31,10 +31,11 @@ import torch
 from torch import nn
 
 from vae_lab.config import Config, LossConfig
-from vae_lab.models.losses import iwae_loss, loss_terms, total_correlation_mws
+from vae_lab.models.losses import loss_terms, total_correlation_mws
 from vae_lab.models.priors import StandardNormal, gaussian_log_density, standard_normal_log_density
 from vae_lab.models.autoencoders import Autoencoder
-from vae_lab.models.components import build_model
+from vae_lab.models.components import build_model, build_objective
+from vae_lab.models.objectives import Draws, Objective
 
 CLIP_EPS = 1e-6  # clip_grad_norm_'s
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -90,14 +91,14 @@ def loss_weights(configs: list[Config], device) -> dict[str, torch.Tensor]:
 
 
 def _loss_and_sums(outputs, images, loss: LossConfig, weights: dict, tc_of: int | None,
-                   analytic_kl: bool = True):
-    """The loss of one trial and its [loss·B, recon, kl] sums (recon and kl summed over every
-    sample: with the iwae objective, the ELBO's parts beside its bound). `tc_of`: the training
-    set's size when some trial of the step weighs the total correlation (else None: no TC
-    term). `analytic_kl`: the prior is N(0, I) and the model's `kl_terms` its closed form (the
-    iwae objective then estimates the KL at each sample itself); otherwise they are the one-sample
-    estimate log q(z|x) - log p(z) (`vae_lab.models.components.check` keeps other closed-form
-    priors away from the iwae objective)."""
+                   analytic_kl: bool, objective: Objective):
+    """The loss of one trial (`objective`'s) and its [loss·B, recon, kl] sums (recon and kl summed
+    over every draw and divided by the draws per image: with the iwae objective, the ELBO's parts
+    beside its bound). `tc_of`: the training set's size when some trial of the step weighs the
+    total correlation (else None: no TC term). `analytic_kl`: the prior is N(0, I) and the model's
+    `kl_terms` its closed form (a draw's log q(z|x) - log p(z) is then computed here); otherwise
+    they are that one-sample estimate already (`vae_lab.models.components.check` keeps other
+    closed-form priors away from objectives that weigh single draws)."""
     logits, *stats = outputs
     kl_terms = stats[2] if len(stats) > 2 else None
     tc = None
@@ -105,21 +106,20 @@ def _loss_and_sums(outputs, images, loss: LossConfig, weights: dict, tc_of: int 
         tc = total_correlation_mws(stats[3].float(), stats[0].float(), stats[1].float(), tc_of)
     terms = loss_terms(logits, images, kl_terms, loss.likelihood, weights["kl_weight"], loss.gaussian_std,
                        weights["free_bits"], tc, weights["tc_weight"])
-    objective = terms.loss
-    if loss.objective == "iwae":
-        mean, logvar, z = (stats[0].float(), stats[1].float(), stats[3].float())
-        log_ratio = (gaussian_log_density(z, mean, logvar) - standard_normal_log_density(z) if analytic_kl
-                     else kl_terms.float().sum(-1))
-        objective = iwae_loss(terms.recon, log_ratio, loss.iwae_samples, weights["kl_weight"])
-    images_seen = images.shape[0] // loss.iwae_samples
-    sums = torch.stack([objective.detach() * images_seen, terms.recon.detach().sum() / loss.iwae_samples,
-                        terms.kl.detach().sum() / loss.iwae_samples])
-    return objective, sums
 
+    def log_ratio():
+        if kl_terms is None:
+            raise ValueError("an autoencoder has no log q(z|x) - log p(z)")
+        if analytic_kl:
+            z, mean, logvar = stats[3].float(), stats[0].float(), stats[1].float()
+            return gaussian_log_density(z, mean, logvar) - standard_normal_log_density(z)
+        return kl_terms.float().sum(-1)
 
-def repeat_samples(images: torch.Tensor, loss: LossConfig) -> torch.Tensor:
-    """Each image `loss.iwae_samples` times in a row (image-major), for the iwae objective's draws."""
-    return images if loss.iwae_samples == 1 else images.repeat_interleave(loss.iwae_samples, dim=-4)
+    draws = objective.draws_per_image
+    value = objective(Draws(terms.recon, terms.kl, terms.loss, draws, log_ratio), weights["kl_weight"])
+    sums = torch.stack([value.detach() * (images.shape[0] // draws), terms.recon.detach().sum() / draws,
+                        terms.kl.detach().sum() / draws])
+    return value, sums
 
 
 class PlainStep:
@@ -131,6 +131,7 @@ class PlainStep:
         self.config = config
         self.tc_of = train_size if config.loss.tc_weight != 1 else None
         self.analytic_kl = isinstance(model.prior, StandardNormal)
+        self.objective = build_objective(config.loss)
         self.device = device
         self.amp = amp
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=True)
@@ -141,11 +142,11 @@ class PlainStep:
 
     def train_step(self, images, images_dim, noise, noise_dim, weights: dict) -> torch.Tensor:
         self.network.train()
-        images = repeat_samples(images, self.config.loss)
+        images = self.objective.repeat(images)
         with autocast(self.device, self.amp):
             outputs = self.network(images, noise)
         loss, sums = _loss_and_sums(outputs, images, self.config.loss, {name: value[0] for name, value in weights.items()},
-                                    self.tc_of, self.analytic_kl)
+                                    self.tc_of, self.analytic_kl, self.objective)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.train.grad_clip > 0:
@@ -216,6 +217,7 @@ class StackedStep:
                                  dtype=torch.float32, device=device)
         self.tc_of = train_size if any(config.loss.tc_weight != 1 for config in configs) else None
         self.analytic_kl = isinstance(models[0].prior, StandardNormal)  # the prior is part of the batch key
+        self.objective = build_objective(self.config.loss)  # so is the objective
         self._step_fn = None
 
     def _adam(self, lrs: list[float], states: list[dict] | None) -> torch.optim.Optimizer:
@@ -245,9 +247,9 @@ class StackedStep:
         loss = self.config.loss  # the likelihood is part of the batch key: the same in every row
 
         def trial_loss(params, buffers, images, noise, weights):
-            images = repeat_samples(images, loss)
+            images = self.objective.repeat(images)
             return _loss_and_sums(self._forward(params, buffers, images, noise), images, loss, weights, self.tc_of,
-                                  self.analytic_kl)
+                                  self.analytic_kl, self.objective)
 
         return grad_and_value(trial_loss, has_aux=True)
 
