@@ -37,6 +37,8 @@ SUPPLIED = ("image_shape", "latent_dim")  # what vae_lab itself gives every fami
 # a family that does not take them ignores them. Any other model.* key at a value other than its
 # default is refused by a family that does not take it (model.latent_layout=cube for an MLP).
 SHARED_BY_SOME = ("hidden_dims", "conv_channels")
+# prior.* keys likewise (prior.name: [standard_normal, mog] with prior.components: 100 is one study)
+PRIOR_SHARED_BY_SOME = ("components", "init_mean", "init_std")
 STANDARD_PRIOR = "standard_normal"
 
 
@@ -127,8 +129,24 @@ def build_model(config: ModelConfig, image_shape: tuple[int, int, int],
     return model
 
 
+_PASSED: set[str] = set()  # what `check` has passed in this process (a study checks each grid point)
+
+
+def _what_check_reads(config: Config) -> str:
+    loss = config.loss
+    return repr((dataclasses.astuple(config.model), dataclasses.astuple(config.prior), image_shape_of(config.data),
+                 loss.objective, loss.iwae_samples, loss.options, loss.free_bits > 0, loss.tc_weight != 1))
+
+
 def check(config: Config) -> None:
     """Everything about the config's components that a run would otherwise find out late."""
+    key = _what_check_reads(config)
+    if key not in _PASSED:
+        _check(config)
+        _PASSED.add(key)
+
+
+def _check(config: Config) -> None:
     family = model_family(config.model.name)
     label = short_name(config.model.name)
     check_options(family, label, "model", (*SUPPLIED, *model_arguments(config.model, family).keys()
@@ -158,7 +176,7 @@ def check(config: Config) -> None:
         check_options(prior, short_name(config.prior.name), "prior",
                       (*SUPPLIED, *prior_arguments(config.prior, prior).keys() - config.prior.options.keys()),
                       config.prior.options)
-        _refuse_unused(config.prior, prior, config.prior.name, "prior", ())
+        _refuse_unused(config.prior, prior, config.prior.name, "prior", PRIOR_SHARED_BY_SOME)
         if not objective.shapes_the_elbo and prior.analytic_kl and not issubclass(prior, StandardNormal):
             raise ConfigError(f"loss.objective={objective_label} weighs each sample by log q(z|x) - log p(z); prior.name="
                               f"{config.prior.name} gives its KL in closed form (analytic_kl), which the bound cannot "
