@@ -165,6 +165,16 @@ def test_a_class_that_breaks_the_interface_stops_the_run_before_anything_is_crea
     assert not (tmp_path / "store").exists()  # nothing created
 
 
+def test_each_prior_names_itself_for_the_page():
+    labels = {}
+    for overrides in (["prior.name=standard_normal"], ["prior.name=mog", "prior.components=7"],
+                      ["prior.name=vampprior", "prior.components=9"]):
+        config = build_config(overrides=overrides)
+        labels[config.prior.name] = build_model(config.model, (1, 28, 28), config.prior).prior.label
+    assert labels == {"standard_normal": "N(0, I)", "mog": "mixture-of-7-Gaussians",
+                      "vampprior": "VampPrior (9 pseudo-inputs)"}
+
+
 def test_a_users_prior_trains_with_the_model_and_is_checked_like_ours(tmp_path):
     (tmp_path / "student.py").write_text(STUDENT_PRIOR)
     name = f"{tmp_path / 'student.py'}:StudentT"
@@ -172,7 +182,7 @@ def test_a_users_prior_trains_with_the_model_and_is_checked_like_ours(tmp_path):
                                      "model.latent_dim=3"])
     check(config)
     model = build_model(config.model, (1, 28, 28), config.prior)
-    assert model.prior.degrees == 5.0 and not model.prior.analytic_kl
+    assert model.prior.degrees == 5.0 and not model.prior.analytic_kl and model.prior.label == "StudentT"
     z = torch.randn(4, 3)
     expected = torch.distributions.StudentT(5.0).log_prob(z).sum(-1)
     torch.testing.assert_close(model.log_prior(z), expected)
@@ -235,7 +245,7 @@ def test_the_example_through_a_study_a_kill_the_report_evaluate_and_serve(tmp_pa
         assert client.get_run(run_id).data.tags["nll_iwae"].startswith("3 samples")
     http = create_app(tracking_uri, default_run_id=killed_run).test_client()
     info = http.get(f"/api/runs/{killed_run}").get_json()
-    assert info["model"] == "ResidualVAE" and info["variational"] is True
+    assert info["model"] == "ResidualVAE" and info["variational"] is True and info["prior"] == "N(0, I)"
     response = http.get(f"/api/runs/{killed_run}/prior.png?seed=0")
     assert response.status_code == 200 and response.mimetype == "image/png"
 

@@ -62,6 +62,11 @@ class Prior(nn.Module):
         return (log_q - self.log_prob(z.float(), model)).unsqueeze(-1)
 
     @property
+    def label(self) -> str:
+        """What to call this prior on a page ("the N(0, I) prior")."""
+        return type(self).__name__
+
+    @property
     def estimator(self) -> str:
         return "analytic" if self.analytic_kl else "monte carlo, one sample (log q(z|x) - log p(z))"
 
@@ -75,6 +80,10 @@ class StandardNormal(Prior):
     def __init__(self, latent_dim: int):
         super().__init__()
         self.latent_dim = latent_dim
+
+    @property
+    def label(self):
+        return "N(0, I)"
 
     def log_prob(self, z, model=None):
         return standard_normal_log_density(z)
@@ -100,6 +109,10 @@ class MixtureOfGaussians(Prior):
         self.logvars = nn.Parameter(torch.zeros(components, latent_dim))
         self.logits = nn.Parameter(torch.zeros(components))
 
+    @property
+    def label(self):
+        return f"mixture-of-{self.means.shape[0]}-Gaussians"
+
     def log_prob(self, z, model=None):
         per_component = gaussian_log_density(z.unsqueeze(-2), self.means, self.logvars)  # [..., K]
         return torch.logsumexp(per_component + torch.log_softmax(self.logits, dim=-1), dim=-1)
@@ -123,6 +136,10 @@ class VampPrior(Prior):
         super().__init__()
         components = components or VAMPPRIOR_COMPONENTS
         self.pseudo_weights = nn.Parameter(torch.randn(components, *image_shape) * init_std + init_mean)
+
+    @property
+    def label(self):
+        return f"VampPrior ({self.pseudo_weights.shape[0]} pseudo-inputs)"
 
     def pseudo_inputs(self) -> torch.Tensor:
         return torch.nn.functional.hardtanh(self.pseudo_weights, 0.0, 1.0)

@@ -109,6 +109,7 @@ class ServedRun:
             "run_id": self.run_id,
             "model": short_name(self.config.model.name),
             "variational": self.model.variational,
+            "prior": self.model.prior.label,
             "latent_dim": self.model.latent_dim,
             "image_shape": list(self.model.image_shape),
             "class_names": list(self.data.class_names),

@@ -113,7 +113,7 @@ async function generate() {
 async function samplePrior() {
   const count = $("prior-count").value;
   const seed = await showImage($("prior"), runUrl("prior.png", { count }));
-  $("prior-caption").textContent = `${count} decoded draws from the N(0, I) prior. Seed ${seed}.`;
+  $("prior-caption").textContent = `${count} decoded draws from the ${current.prior || "N(0, I)"} prior. Seed ${seed}.`;
 }
 
 // ------------------------------------------------------------------ the 2-D latent plane
