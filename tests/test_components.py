@@ -290,3 +290,34 @@ def test_a_users_objective_trains_in_a_batch_as_alone(tracking_uri):
                                    f"loss.kl_weight={weight}"]) for weight in (0.5, 1.0)]
     alone = assert_batched_as_alone(configs, ("val/loss", "val/kl", "train/loss", "test/loss"))
     assert alone[0].metrics["val/kl"] != pytest.approx(alone[1].metrics["val/kl"], rel=1e-3)
+
+
+def test_an_installed_package_registers_through_an_entry_point(tmp_path, monkeypatch):
+    """A distribution on sys.path that declares `[vae_lab.models] residual = ...` is found by name."""
+    package = tmp_path / "residual_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shutil.copy(EXAMPLE, package / "models.py")
+    info = tmp_path / "residual_pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: residual-pkg\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[vae_lab.models]\nresidual = residual_pkg.models:ResidualVAE\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "residual" in MODEL_FAMILIES.names()
+    config = build_config(overrides=["model.name=residual", "model.options.blocks=1"])
+    check(config)
+    assert type(build_model(config.model, (1, 28, 28), config.prior)).__name__ == "ResidualVAE"
+
+
+def test_a_study_whose_component_option_is_bad_stops_before_anything_is_created(tmp_path, tracking_uri, capsys):
+    shutil.copy(EXAMPLE, tmp_path / "residual_vae.py")
+    base = tiny_base(**{"model.name": "residual_vae.py:ResidualVAE"})
+    document = {"study": {"name": "bad_blocks", "sampler": "grid"}, "base": base,
+                "search_space": {"model.options.blocks": [1, -1]}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(document))
+    assert run(path, tracking_uri) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: search_space (model.options.blocks=-1): model.name=") and "\n" not in error
+    assert "blocks must be 0 or more" in error
+    assert not Path(tracking_uri.removeprefix("sqlite:///")).parent.exists()
