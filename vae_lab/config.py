@@ -199,6 +199,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     device: str = "auto"
+    # torch's CPU threads in each process; 0 = its share of the CPUs it may use (the affinity mask or
+    # SLURM_CPUS_PER_TASK, divided among this machine's --workers), unless OMP_NUM_THREADS says
+    threads: int = 0
 
     choices = {"device": ("auto", "cpu", "cuda")}
 
@@ -419,6 +422,7 @@ def validate(config: Config) -> Config:
         "train.checkpoint_every": config.train.checkpoint_every,
         "tracking.system_metrics_every": config.tracking.system_metrics_every,
         "tracking.latent_frames_every": config.tracking.latent_frames_every,
+        "threads": config.threads,
     }
     for key, value in non_negative.items():
         if not (value >= 0 and math.isfinite(value)):

@@ -104,6 +104,7 @@ BATCHED_TRIALS_TAG = "vae_lab.batched_trials"
 BEST_RUN_TAG = "vae_lab.best_run_id"
 FAILURE_REASON_TAG = "failure_reason"
 STOP_REASON_TAG = "vae_lab.stop_reason"  # "early_stopping" or "epochs"
+THREADS_TAG = "vae_lab.threads"  # torch's CPU threads in the run's process, and why that many
 PRECISION_TAG = "vae_lab.precision"  # what train.amp became on this device: "bf16 autocast" or "fp32"
 KL_ESTIMATOR_TAG = "vae_lab.kl_estimator"  # how */kl was computed: "analytic", or a one-sample Monte Carlo estimate
 RESUMED_FROM_TAG = "vae_lab.resumed_from_epoch"  # set when a run was continued from a checkpoint

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from vae_lab.data.datasets import DataUnavailable, load_data
     from vae_lab.models.components import check as check_components
     from vae_lab.tracking.errors import store_patience_seconds
-    from vae_lab.training.device import resolve_device
+    from vae_lab.training.device import apply_threads, plan_threads, resolve_device
 
     resume = None
     try:
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, args.overrides)
         check_components(config)
         device = resolve_device(config.device)
+        apply_threads(plan_threads(config.threads))
         data = load_data(config.data, device, config.train.batch_size)
     except (ConfigError, DataUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -35,7 +35,7 @@ from vae_lab.tracking.errors import StoreUnavailable, is_store_error
 from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
 from vae_lab.tracking.uris import redact, sqlite_path
 from vae_lab.tracking.provenance import source_tags
-from vae_lab.training.device import resolve_device
+from vae_lab.training.device import apply_threads, plan_threads, resolve_device
 
 READY_WAIT_SECONDS = 120
 
@@ -257,6 +257,7 @@ def worker_process(settings: SweepSettings, joined=None) -> None:
     from vae_lab.tracking.checks import short_http_retries
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    apply_threads(plan_threads(settings.spec.base_config().threads, settings.workers_here))
     short_http_retries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     signal.signal(signal.SIGTERM, raise_interrupted)
@@ -288,6 +289,8 @@ def run_study(settings: SweepSettings, workers: int = 1, data_cache: DataCache |
     takes them up."""
     data_cache = data_cache or DataCache()
     spec = settings.spec
+    settings = SweepSettings(**{**vars(settings), "workers_here": workers})
+    apply_threads(plan_threads(spec.base_config().threads, workers))
     first = spec.trial_config(next(spec.iter_grid_points()) if spec.is_grid else {})
     data_cache.get(first, resolve_device(first.device))  # a missing dataset fails here, before any store is touched
 

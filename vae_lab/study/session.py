@@ -24,6 +24,7 @@ class SweepSettings:
     storage_url: str
     progress: bool = True
     new_study: bool = False
+    workers_here: int = 1  # the --workers of the command on this machine: they share its CPUs
 
 
 @dataclass

@@ -172,7 +172,7 @@ class StudySpec:
     def fingerprint(self) -> dict:
         """What must stay the same for a stored study to be resumed with this file."""
         base = {key: value for key, value in self.base_config().flat().items()
-                if not key.startswith("tracking.") and key not in ("train.progress", "train.checkpoint_every", "device")}
+                if not key.startswith("tracking.") and key not in ("train.progress", "train.checkpoint_every", "device", "threads")}
         return {
             "sampler": self.sampler,
             "objectives": [str(objective) for objective in self.objectives],

@@ -39,7 +39,7 @@ from vae_lab.names import CHECKPOINT_DIR
 SLOTS = ("a.pt", "b.pt")
 MAGIC = "vae_lab-checkpoint"
 FORMAT = 2
-HOW_IT_RUNS = ("device", "train.progress", "tracking.uri")  # may change when a run continues
+HOW_IT_RUNS = ("device", "threads", "train.progress", "tracking.uri")  # may change when a run continues
 
 
 @dataclass

@@ -1,9 +1,12 @@
-"""Where and how a run computes: the device, the seeds, and whether bf16 autocast may run."""
+"""Where and how a run computes: the device, its CPU threads, the seeds, and whether bf16
+autocast may run."""
 
 from __future__ import annotations
 
+import os
 import random
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,66 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but this machine has no usable CUDA GPU; use device=auto or device=cpu")
     return torch.device(requested)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    threads: int
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.threads} ({self.why})"
+
+
+def usable_cpus() -> tuple[int, str]:
+    """How many CPUs this process may run on, and what says so: the affinity mask (what taskset,
+    cgroups' cpusets and Slurm's task binding set), lowered to $SLURM_CPUS_PER_TASK in a Slurm job."""
+    try:
+        cpus, source = len(os.sched_getaffinity(0)), "the CPU affinity mask"
+    except AttributeError:  # not Linux
+        cpus, source = os.cpu_count() or 1, "os.cpu_count()"
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and 0 < int(slurm) < cpus:
+        cpus, source = int(slurm), "SLURM_CPUS_PER_TASK"
+    return cpus, source
+
+
+def plan_threads(requested: int = 0, workers: int = 1) -> ThreadPlan:
+    """torch's intra-op threads for one of `workers` processes on this machine: `requested` (the
+    config's `threads`) if set, else $OMP_NUM_THREADS if set, else an equal share of the usable
+    CPUs, at least one. Every process taking every core makes two workers on two cores run four
+    spinning OpenMP threads: measured 1.9x slower than one worker (benchmarks/RESULTS.md §0j)."""
+    if requested > 0:
+        return ThreadPlan(requested, "threads")
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return ThreadPlan(int(omp), "OMP_NUM_THREADS")
+    cpus, source = usable_cpus()
+    share = max(1, cpus // max(1, workers))
+    return ThreadPlan(share, f"{cpus} CPUs by {source}" + (f" / {workers} workers" if workers > 1 else ""))
+
+
+_applied: ThreadPlan | None = None
+
+
+def apply_threads(plan: ThreadPlan) -> None:
+    """Set torch's intra-op threads (and its inter-op threads, where this process has not used
+    them yet: torch allows that once) to the plan; `applied_threads` reports it for the run's tag."""
+    global _applied
+    torch.set_num_threads(plan.threads)
+    try:
+        torch.set_num_interop_threads(plan.threads)
+    except RuntimeError:  # inter-op work already ran in this process: its pool stays as it is
+        pass
+    _applied = plan
+
+
+def applied_threads() -> str:
+    """What the run's tag records: the plan a command applied, else torch's own count."""
+    threads = torch.get_num_threads()
+    if _applied is not None and _applied.threads == threads:
+        return str(_applied)
+    return f"{threads} (torch's setting in this process)"
 
 
 def seed_everything(seed: int) -> None:

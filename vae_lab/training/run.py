@@ -21,7 +21,7 @@ from vae_lab.config import ConfigError
 from vae_lab.data.datasets import ImageData
 from vae_lab.models.components import build_model
 from vae_lab.training.batching import PER_TRIAL_KEYS, batch_key
-from vae_lab.training.device import effective_amp, resolve_device, seed_everything
+from vae_lab.training.device import applied_threads, effective_amp, resolve_device, seed_everything
 from vae_lab.training.loop import Engine
 from vae_lab.training.trial import RunResult, Trial, TrialEndCallback, TrialSpec
 
@@ -99,6 +99,8 @@ def start_tracking(trial: Trial, data: ImageData, device, parent_run_id: str | N
 
     spec = trial.spec
     run_tags = {names.PRECISION_TAG: "bf16 autocast" if amp else "fp32", **spec.tags}
+    if device.type == "cpu":
+        run_tags[names.THREADS_TAG] = applied_threads()
     if trial.model is not None and trial.model.variational:
         run_tags[names.KL_ESTIMATOR_TAG] = trial.model.prior.estimator
     if batched > 1:
