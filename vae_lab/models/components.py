@@ -42,28 +42,25 @@ PRIOR_SHARED_BY_SOME = ("components", "init_mean", "init_std")
 STANDARD_PRIOR = "standard_normal"
 
 
+def _component(registry, name: str, base: type, what: str) -> type:
+    """The class `name` names in `registry`, which must subclass `base`."""
+    component = registry.resolve(name)
+    if not (inspect.isclass(component) and issubclass(component, base)):
+        raise ConfigError(f"{registry.key}={name!r} is {_what(component)}, not {what}: a subclass of "
+                          f"vae_lab.models.{base.__name__} (the README's 'Your own components')")
+    return component
+
+
 def model_family(name: str) -> type[Autoencoder]:
-    family = MODEL_FAMILIES.resolve(name)
-    if not (inspect.isclass(family) and issubclass(family, Autoencoder)):
-        raise ConfigError(f"model.name={name!r} is {_what(family)}, not a model family: a subclass of "
-                          "vae_lab.models.Autoencoder (the README's 'Your own components')")
-    return family
+    return _component(MODEL_FAMILIES, name, Autoencoder, "a model family")
 
 
 def prior_class(name: str) -> type[Prior]:
-    prior = PRIORS.resolve(name)
-    if not (inspect.isclass(prior) and issubclass(prior, Prior)):
-        raise ConfigError(f"prior.name={name!r} is {_what(prior)}, not a prior: a subclass of vae_lab.models.Prior "
-                          "(the README's 'Your own components')")
-    return prior
+    return _component(PRIORS, name, Prior, "a prior")
 
 
 def objective_class(name: str) -> type[Objective]:
-    objective = OBJECTIVES.resolve(name)
-    if not (inspect.isclass(objective) and issubclass(objective, Objective)):
-        raise ConfigError(f"loss.objective={name!r} is {_what(objective)}, not an objective: a subclass of "
-                          "vae_lab.models.Objective (the README's 'Your own components')")
-    return objective
+    return _component(OBJECTIVES, name, Objective, "an objective")
 
 
 def objective_arguments(config: LossConfig, objective: type) -> dict:
