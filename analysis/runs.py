@@ -6,6 +6,7 @@ tag). Everything here reads from the tracking store; nothing comes from a traini
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,12 +286,20 @@ def paired_params(study_yaml: str | None) -> list[str]:
     return sorted({key for point in points if isinstance(point, dict) for key in point})
 
 
+@functools.lru_cache(maxsize=None)
+def _registered_as_variational(family: str) -> bool | None:
+    """What a registered family says of itself (None: not registered). Cached: listing the
+    registered names reads the installed packages' entry points."""
+    if family not in MODEL_FAMILIES.names():
+        return None
+    return bool(getattr(MODEL_FAMILIES.resolve(family), "variational", False))
+
+
 def is_vae_family(family: str, logged_a_kl: bool) -> bool:
     """Is `family` (a run's model tag) a VAE? A registered family says so itself; a user's class
     named by path (tagged with its class name) is one if its runs logged a KL."""
-    if family in MODEL_FAMILIES.names():
-        return bool(getattr(MODEL_FAMILIES.resolve(family), "variational", False))
-    return logged_a_kl
+    registered = _registered_as_variational(family)
+    return logged_a_kl if registered is None else registered
 
 
 def variational_rows(runs: pd.DataFrame) -> pd.Series:

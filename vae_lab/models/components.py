@@ -17,16 +17,13 @@ shapes, so a mistake in a user's class is one line before anything is created.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
-import json
 
 import torch
 
 from vae_lab.components import check_options, constructor_parameters, short_name
-from vae_lab.config import Config, ConfigError, ModelConfig, PriorConfig
+from vae_lab.config import Config, ConfigError, LossConfig, ModelConfig, PriorConfig
 from vae_lab.data.datasets import image_shape_of
-from vae_lab.config import LossConfig
 from vae_lab.models.autoencoders import Autoencoder
 from vae_lab.models.objectives import Objective
 from vae_lab.models.priors import Prior, StandardNormal
@@ -36,9 +33,9 @@ SUPPLIED = ("image_shape", "latent_dim")  # what vae_lab itself gives every fami
 # model.* keys a study may set once for several families (seed000/default.yaml sweep model.name):
 # a family that does not take them ignores them. Any other model.* key at a value other than its
 # default is refused by a family that does not take it (model.latent_layout=cube for an MLP).
+# prior.* keys (components, init_mean, init_std) are likewise ignored by a prior that does not take
+# them: prior.name: [standard_normal, mog] with prior.components: 100 is one study.
 SHARED_BY_SOME = ("hidden_dims", "conv_channels")
-# prior.* keys likewise (prior.name: [standard_normal, mog] with prior.components: 100 is one study)
-PRIOR_SHARED_BY_SOME = ("components", "init_mean", "init_std")
 STANDARD_PRIOR = "standard_normal"
 
 
@@ -63,13 +60,9 @@ def objective_class(name: str) -> type[Objective]:
     return _component(OBJECTIVES, name, Objective, "an objective")
 
 
-def objective_arguments(config: LossConfig, objective: type) -> dict:
-    return {**_section_arguments(config, objective, ()), **config.options}
-
-
 def build_objective(config: LossConfig) -> Objective:
     objective = objective_class(config.objective)
-    return objective(**objective_arguments(config, objective))
+    return objective(**arguments(config, objective))
 
 
 def _what(thing) -> str:
@@ -81,26 +74,21 @@ def is_variational(config: Config) -> bool:
     return bool(model_family(config.model.name).variational)
 
 
-def _section_arguments(section, component, skip: tuple[str, ...]) -> dict:
-    """The section's own keys (not `name`, `options` or `skip`) that `component`'s constructor names."""
+def arguments(section, component) -> dict:
+    """What `component` is built with from its config section (model, prior or loss): the
+    section's keys its constructor names (not `name`, `options`, nor the `SUPPLIED` ones), then
+    the section's `options`."""
     parameters, _ = constructor_parameters(component)
-    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
-            if f.name not in ("name", "options", *skip) and f.name in parameters}
-
-
-def model_arguments(config: ModelConfig, family: type) -> dict:
-    return {**_section_arguments(config, family, ("latent_dim",)), **config.options}
-
-
-def prior_arguments(config: PriorConfig, prior: type) -> dict:
-    return {**_section_arguments(config, prior, ()), **config.options}
+    named = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+             if f.name not in ("name", "options", *SUPPLIED) and f.name in parameters}
+    return {**named, **section.options}
 
 
 def _refuse_unused(section, component, label: str, prefix: str, exempt: tuple[str, ...]) -> None:
     parameters, takes_any = constructor_parameters(component)
     defaults = type(section)()
     for f in dataclasses.fields(section):
-        if (f.name in ("name", "options", "latent_dim", *exempt) or f.name in parameters or takes_any
+        if (f.name in ("name", "options", *SUPPLIED, *exempt) or f.name in parameters or takes_any
                 or getattr(section, f.name) == getattr(defaults, f.name)):
             continue
         raise ConfigError(f"{prefix}.{f.name}={getattr(section, f.name)!r} is not used by {prefix}.name={label}, "
@@ -112,7 +100,7 @@ def build_prior(config: PriorConfig, image_shape: tuple[int, int, int], latent_d
     parameters, takes_any = constructor_parameters(prior)
     supplied = {key: value for key, value in (("image_shape", tuple(image_shape)), ("latent_dim", latent_dim))
                 if key in parameters or takes_any}
-    return prior(**supplied, **prior_arguments(config, prior))
+    return prior(**supplied, **arguments(config, prior))
 
 
 def build_model(config: ModelConfig, image_shape: tuple[int, int, int],
@@ -120,7 +108,7 @@ def build_model(config: ModelConfig, image_shape: tuple[int, int, int],
     """The model `config` names, with the prior `prior` names (N(0, I) when None). The prior is
     built after the networks, so a standard-normal model's weights are those of earlier vae_labs."""
     family = model_family(config.name)
-    model = family(image_shape=tuple(image_shape), latent_dim=config.latent_dim, **model_arguments(config, family))
+    model = family(image_shape=tuple(image_shape), latent_dim=config.latent_dim, **arguments(config, family))
     if prior is not None and family.variational:
         model.prior = build_prior(prior, tuple(image_shape), config.latent_dim)
     return model
@@ -146,13 +134,13 @@ def check(config: Config) -> None:
 def _check(config: Config) -> None:
     family = model_family(config.model.name)
     label = short_name(config.model.name)
-    check_options(family, label, "model", (*SUPPLIED, *model_arguments(config.model, family).keys()
+    check_options(family, label, "model", (*SUPPLIED, *arguments(config.model, family).keys()
                                            - config.model.options.keys()), config.model.options)
     _refuse_unused(config.model, family, config.model.name, "model", SHARED_BY_SOME)
     loss, variational = config.loss, bool(family.variational)
     objective = objective_class(loss.objective)
     objective_label = short_name(loss.objective)
-    check_options(objective, objective_label, "loss", objective_arguments(loss, objective).keys()
+    check_options(objective, objective_label, "loss", arguments(loss, objective).keys()
                   - loss.options.keys(), loss.options)
     if loss.iwae_samples != 1 and "iwae_samples" not in constructor_parameters(objective)[0]:
         raise ConfigError(f"loss.iwae_samples={loss.iwae_samples} is for loss.objective=iwae (an objective that takes "
@@ -171,9 +159,8 @@ def _check(config: Config) -> None:
     else:
         prior = prior_class(config.prior.name)
         check_options(prior, short_name(config.prior.name), "prior",
-                      (*SUPPLIED, *prior_arguments(config.prior, prior).keys() - config.prior.options.keys()),
+                      (*SUPPLIED, *arguments(config.prior, prior).keys() - config.prior.options.keys()),
                       config.prior.options)
-        _refuse_unused(config.prior, prior, config.prior.name, "prior", PRIOR_SHARED_BY_SOME)
         if not objective.shapes_the_elbo and prior.analytic_kl and not issubclass(prior, StandardNormal):
             raise ConfigError(f"loss.objective={objective_label} weighs each sample by log q(z|x) - log p(z); prior.name="
                               f"{config.prior.name} gives its KL in closed form (analytic_kl), which the bound cannot "
@@ -186,8 +173,7 @@ def _check(config: Config) -> None:
     except Exception as error:  # the objective's own check of its options
         raise ConfigError(f"loss.objective={objective_label} could not be built ({type(error).__name__}: "
                           f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
-    _try_a_batch(json.dumps({"model": dataclasses.asdict(config.model), "prior": dataclasses.asdict(config.prior),
-                             "image_shape": image_shape_of(config.data)}, sort_keys=True, default=str))
+    _try_a_batch(config.model, config.prior, image_shape_of(config.data))
 
 
 def _registered_vaes() -> list[str]:
@@ -195,14 +181,10 @@ def _registered_vaes() -> list[str]:
             if getattr(MODEL_FAMILIES.resolve(name), "variational", False)]
 
 
-@functools.lru_cache(maxsize=256)
-def _try_a_batch(key: str) -> None:
+def _try_a_batch(model_config: ModelConfig, prior_config: PriorConfig, image_shape: tuple[int, int, int]) -> None:
     """Build the model on the meta device and hold what it returns for two images against the
     interface; on the CPU (without touching the global random state) if an operation has no
     meta kernel."""
-    described = json.loads(key)
-    model_config, prior_config = ModelConfig(**described["model"]), PriorConfig(**described["prior"])
-    image_shape = tuple(described["image_shape"])
     try:
         with torch.device("meta"):
             _exercise(model_config, prior_config, image_shape, on_meta=True)
