@@ -3,6 +3,7 @@
     python benchmarks/sweep.py                     # 10 epochs (the seed's), device=auto
     python benchmarks/sweep.py --epochs 3 --threads 1 --amp
     python benchmarks/sweep.py --sweep free_bits   # 8 values of loss.free_bits (kl_weight 1) instead
+    python benchmarks/sweep.py --study experiments/default.yaml   # a whole study: where its time goes
 
 Seed 001's MLP VAE (32 px, 1024-128-64-32 encoder, latent 2, Gaussian likelihood, Adam 5e-4,
 batch 64; experiments/runs/seed001_linear_vae.yaml) at 8 KL weights, tracked in a temporary
@@ -14,6 +15,12 @@ batched / single trial (goal: <= 3x on a 2-core CPU, <= 1.5x on a GPU), the spli
 batched time into the shared training pass and the per-trial rest (run creation, per-epoch
 test evaluation, eval/* metrics, images, model logging), and how far each trial's batched
 test loss is from its one-by-one twin (same seed, same data order: should be ~0).
+
+With `--study FILE` it runs that study instead (`python -m vae_lab.sweep FILE`, in this process,
+on a temporary store) and breaks each batch down: its shared training pass, the rest of its
+epochs (val/*, checkpoints, latent frames), and its trials' end-of-run work stage by stage
+(`vae_lab.training.finalize.END_OF_RUN_SECONDS`). Goal (issue 22): each trial's end-of-run work
+at most 20% of its share of its batch's training pass.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from _common import machine_line, ratio, set_threads, temporary_store
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+import vae_lab.study.trials  # noqa: E402
+from vae_lab.training.finalize import END_OF_RUN_SECONDS  # noqa: E402
 from vae_lab.training.run import run_trials  # noqa: E402
 from vae_lab.training.trial import TrialSpec  # noqa: E402
 from vae_lab.config import load_config  # noqa: E402
@@ -74,10 +83,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (train.amp=true) in both modes")
     parser.add_argument("--sweep", default="kl_weight", choices=sorted(SWEEPS), help="the swept loss key")
+    parser.add_argument("--study", type=Path, help="break this study file's run down instead")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     device = resolve_device(args.device)
     print(machine_line(device))
+    if args.study:
+        return study_breakdown(args.study)
 
     with temporary_store() as uri:
         prepare_store(uri)
@@ -137,6 +149,51 @@ def main(argv=None) -> int:
     print(f"one-by-one / batched  {ratio(one_by_one, batched_total)}")
     print(f"largest test/loss gap batched vs alone: {max(gaps):.1e} (criterion 1%)" if gaps else "no trial finished")
     return 0
+
+
+def study_breakdown(study_file: Path) -> int:
+    """Run a whole study and print where each batch's time went."""
+    from vae_lab.sweep import main as sweep_main
+
+    batches = []
+
+    def timed_run_trials(specs, **kwargs):
+        before, started = END_OF_RUN_SECONDS.copy(), time.perf_counter()
+        outcomes = run_trials(specs, **kwargs)
+        batches.append({"model": specs[0].config.model.name, "trials": len(specs),
+                        "seconds": time.perf_counter() - started, "end": END_OF_RUN_SECONDS - before,
+                        "run_ids": [outcome.run_id for outcome in outcomes if hasattr(outcome, "run_id")]})
+        return outcomes
+
+    vae_lab.study.trials.run_trials = timed_run_trials
+    with temporary_store() as uri:
+        started = time.perf_counter()
+        code = sweep_main([str(study_file), "--tracking-uri", uri])
+        total = time.perf_counter() - started
+        client = MlflowClient(uri)
+        for batch in batches:
+            batch["training"] = sum(metric.value for metric in client.get_metric_history(
+                batch["run_ids"][0], "train/epoch_seconds")) if batch["run_ids"] else float("nan")
+    stages = sorted({stage for batch in batches for stage in batch["end"]}, key=lambda stage: -sum(
+        batch["end"][stage] for batch in batches))
+    print(f"\n{study_file.name}: {total:.1f} s in all (exit {code}); per batch, seconds:")
+    print(f"{'batch':>12s} {'K':>2s} {'pass':>6s} {'share':>6s} {'rest':>6s} {'end/trial':>9s} {'end/share':>9s}  "
+          + "  ".join(f"{stage}" for stage in stages))
+    worst = 0.0
+    for batch in batches:
+        trials = batch["trials"]
+        end = sum(batch["end"].values())
+        share = batch["training"] / trials
+        rest = batch["seconds"] - batch["training"] - end
+        worst = max(worst, end / trials / share)
+        print(f"{batch['model']:>12s} {trials:2d} {batch['training']:6.2f} {share:6.2f} {rest:6.2f} "
+              f"{end / trials:9.2f} {end / trials / share:8.0%}  "
+              + "  ".join(f"{batch['end'][stage] / trials:{len(stage)}.3f}" for stage in stages))
+    training = sum(batch["training"] for batch in batches)
+    end = sum(sum(batch["end"].values()) for batch in batches)
+    print(f"all batches: training passes {training:.1f} s, end-of-run work {end:.1f} s ({end / training:.0%} of "
+          f"training; worst batch {worst:.0%} of a trial's share; goal <= 20%)")
+    return code
 
 
 if __name__ == "__main__":

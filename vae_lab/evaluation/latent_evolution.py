@@ -7,8 +7,9 @@ trial it trains. At the end the frames become one animated GIF, points coloured 
 put and the picture shows the codes moving, not the projection. At most MAX_FRAMES frames are
 kept (evenly spaced, the first and last always), so a long run makes a GIF of bounded size.
 
-Frames are drawn straight into pixel arrays (no matplotlib): a frame costs well under a
-millisecond, so the animation adds little to a run (benchmarks/RESULTS.md).
+Frames are drawn straight into palette-indexed pixel arrays (no matplotlib, and no colour
+quantization when the GIF is written: the palette is the classes' colours), so the animation
+adds little to a run (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ FRAME_MS = 120
 # matplotlib's tab10, so classes have the colours of the other latent plots
 TAB10 = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
                   [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]], dtype=np.uint8)
+# the frames' palette: background, frame outline, caption text, then the ten class colours
+BACKGROUND, OUTLINE, TEXT, FIRST_CLASS = 0, 1, 2, 3
+PALETTE = np.concatenate([np.array([[255, 255, 255], [200, 200, 200], [60, 60, 60]], dtype=np.uint8), TAB10])
 
 
 def frame_images(data) -> tuple[torch.Tensor, np.ndarray]:
@@ -70,19 +74,20 @@ def _projection(last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _draw(points: np.ndarray, labels: np.ndarray, low: np.ndarray, high: np.ndarray, caption: str) -> Image.Image:
-    canvas = np.full((FRAME_SIZE, FRAME_SIZE, 3), 255, dtype=np.uint8)
+    canvas = np.full((FRAME_SIZE, FRAME_SIZE), BACKGROUND, dtype=np.uint8)
     inner = FRAME_SIZE - 2 * MARGIN
     scaled = (points - low) / np.maximum(high - low, 1e-9)
     xs = (MARGIN + scaled[:, 0] * (inner - 1)).round().astype(int)
     ys = (FRAME_SIZE - 1 - MARGIN - scaled[:, 1] * (inner - 1)).round().astype(int)
-    colours = TAB10[labels % len(TAB10)]
+    colours = FIRST_CLASS + labels % len(TAB10)
     for dx in (-1, 0, 1):  # 3x3 dots
         for dy in (-1, 0, 1):
             canvas[np.clip(ys + dy, 0, FRAME_SIZE - 1), np.clip(xs + dx, 0, FRAME_SIZE - 1)] = colours
-    image = Image.fromarray(canvas)
+    image = Image.fromarray(canvas, mode="P")
+    image.putpalette(PALETTE.tobytes())
     draw = ImageDraw.Draw(image)
-    draw.rectangle([MARGIN - 4, MARGIN - 4, FRAME_SIZE - MARGIN + 3, FRAME_SIZE - MARGIN + 3], outline=(200, 200, 200))
-    draw.text((MARGIN, 1), caption, fill=(60, 60, 60))
+    draw.rectangle([MARGIN - 4, MARGIN - 4, FRAME_SIZE - MARGIN + 3, FRAME_SIZE - MARGIN + 3], outline=OUTLINE)
+    draw.text((MARGIN, 1), caption, fill=TEXT)
     return image
 
 

@@ -89,12 +89,15 @@ def kl_decomposition(means: torch.Tensor, logvars: torch.Tensor, generator: torc
     noise = torch.randn(means.shape, generator=generator, device=generator.device if generator else None)
     z = means + noise.to(means) * torch.exp(0.5 * logvars)
     log_conditional = gaussian_log_density(z, means, logvars)  # [N]
+    # every image's posterior as [D, N], so the sums over images run along contiguous memory
+    means_t, inverse_std_t = means.T.contiguous(), torch.exp(-0.5 * logvars).T.contiguous()
+    offset_t = (-0.5 * (math.log(2 * math.pi) + logvars)).T.contiguous()
     log_aggregate, log_marginals = [], []
     for start in range(0, count, chunk):
-        rows = z[start:start + chunk].unsqueeze(1)  # [c, 1, D] against every image's posterior [N, D]
-        per_dim = -0.5 * (math.log(2 * math.pi) + logvars + (rows - means).square() / logvars.exp())  # [c, N, D]
-        log_aggregate.append(torch.logsumexp(per_dim.sum(-1), dim=1) - math.log(count))
-        log_marginals.append(torch.logsumexp(per_dim, dim=1) - math.log(count))
+        rows = z[start:start + chunk].unsqueeze(2)  # [c, D, 1]
+        per_dim = offset_t - 0.5 * ((rows - means_t) * inverse_std_t).square()  # [c, D, N]: log q(z_cd | x_n)
+        log_aggregate.append(torch.logsumexp(per_dim.sum(1), dim=1) - math.log(count))
+        log_marginals.append(torch.logsumexp(per_dim, dim=2) - math.log(count))
     log_aggregate, log_marginals = torch.cat(log_aggregate), torch.cat(log_marginals)  # [N], [N, D]
     log_prior_marginals = -0.5 * (math.log(2 * math.pi) + z.square())  # [N, D]
     return {names.EVAL_MUTUAL_INFO: float((log_conditional - log_aggregate).mean()),

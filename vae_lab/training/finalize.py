@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -11,6 +14,19 @@ from vae_lab.config import Config
 from vae_lab.data.datasets import ImageData
 from vae_lab.evaluation import latent_evolution
 from vae_lab.models.autoencoders import Autoencoder
+
+# Seconds this process spent on each stage of its runs' ends, summed over runs: what
+# benchmarks/sweep.py and benchmarks/single_run.py break the end of a run down by.
+END_OF_RUN_SECONDS: collections.Counter = collections.Counter()
+
+
+@contextlib.contextmanager
+def end_of_run_stage(name: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        END_OF_RUN_SECONDS[name] += time.perf_counter() - started
 
 
 def finalize_run(model: Autoencoder, data: ImageData, config: Config, device: torch.device,
@@ -24,18 +40,24 @@ def finalize_run(model: Autoencoder, data: ImageData, config: Config, device: to
     from vae_lab.evaluation.metrics import evaluate_model
 
     metrics = dict(metrics)
-    evaluation = evaluate_model(model, data, config, device) if config.eval.enabled else None
+    with end_of_run_stage("eval/*"):
+        evaluation = evaluate_model(model, data, config, device) if config.eval.enabled else None
     if evaluation is not None:
         metrics.update(evaluation.metrics)
         tracker.log_metrics(evaluation.metrics, step=0)
         tracker.set_tags(evaluation.tags)
     if config.tracking.enabled:
         with tempfile.TemporaryDirectory() as folder:
-            write_run_artifacts(model, data, config, Path(folder), evaluation, images=config.tracking.log_images)
+            with end_of_run_stage("images and latents"):
+                write_run_artifacts(model, data, config, Path(folder), evaluation, images=config.tracking.log_images)
             if latent_frames is not None:
-                latent_evolution.save_evolution(*latent_frames, Path(folder) / "latents" / "evolution.gif")
-            tracker.log_artifacts(Path(folder))
+                with end_of_run_stage("latents/evolution.gif"):
+                    latent_evolution.save_evolution(*latent_frames, Path(folder) / "latents" / "evolution.gif")
+            with end_of_run_stage("artifact upload"):
+                tracker.log_artifacts(Path(folder))
         if config.tracking.log_model:
-            tracker.finish_with_model(model)
-    tracker.end("FINISHED")
+            with end_of_run_stage("model"):
+                tracker.finish_with_model(model)
+    with end_of_run_stage("run end"):
+        tracker.end("FINISHED")
     return metrics

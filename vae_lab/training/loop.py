@@ -38,7 +38,7 @@ from vae_lab.evaluation import latent_evolution
 from vae_lab.models.autoencoders import Autoencoder
 from vae_lab.models.losses import kl_ramp, kl_weight_at, schedule_columns
 from vae_lab.training.checkpoints import Checkpoint, save_checkpoint
-from vae_lab.training.finalize import finalize_run
+from vae_lab.training.finalize import end_of_run_stage, finalize_run
 from vae_lab.training.scoring import (
     NOISE_SEED_OFFSET,
     ORDER_SEED_OFFSET,
@@ -343,13 +343,8 @@ class Engine:
                 self.step_impl.load_state(row, trial.best_state)
             trial.best_state = None
         models = [self.step_impl.model(row) for row in rows]
-        if len(done) == len(self.trials):  # everyone left is done: one shared test pass
-            all_test = evaluate_split(self.step_impl.forward, self.data, "test", self.configs, self.variational,
-                                      self.latent_dim, self.device, self.noise_dtype)
-        else:
-            all_test = [evaluate_split(plain_forward(model, self.amp, self.device), self.data, "test",
-                                       [trial.config], self.variational, self.latent_dim, self.device,
-                                       self.noise_dtype)[0] for trial, model in zip(done, models)]
+        with end_of_run_stage("test/*"):
+            all_test = self._score_test(done, models)
         for trial, model, test in zip(done, models, all_test):
             try:
                 outcome = self._finalize_trial(trial, model, test)
@@ -357,6 +352,15 @@ class Engine:
                 trial.tracker.end(run_status_for(error), reason=f"{type(error).__name__}: {error}")
                 outcome = error
             self._ended(trial, outcome)
+
+    def _score_test(self, done: list[Trial], models: list[Autoencoder]) -> list[dict[str, float]]:
+        """test/* of these trials: one shared pass when everyone left is done, else one each."""
+        if len(done) == len(self.trials):
+            return evaluate_split(self.step_impl.forward, self.data, "test", self.configs, self.variational,
+                                  self.latent_dim, self.device, self.noise_dtype)
+        return [evaluate_split(plain_forward(model, self.amp, self.device), self.data, "test", [trial.config],
+                               self.variational, self.latent_dim, self.device, self.noise_dtype)[0]
+                for trial, model in zip(done, models)]
 
     def _finalize_trial(self, trial: Trial, model: Autoencoder, test: dict[str, float]) -> RunResult:
         check_finite(test, trial.last_step, trial.epochs_trained)
