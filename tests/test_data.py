@@ -79,3 +79,26 @@ def test_missing_offline_dataset_says_how_to_get_it(tmp_path):
     with pytest.raises(DataUnavailable) as error:
         load_data(DataConfig(name="kmnist", root=str(tmp_path), download=False))
     assert "kmnist" in str(error.value) and "download" in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["mnist5k", "digits"])
+def test_an_embedded_split_is_kept_whole_in_the_cache_and_read_back_unchanged(name, tmp_path, monkeypatch):
+    from vae_lab.data import datasets
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parsed = datasets._parse_mnist5k() if name == "mnist5k" else datasets._parse_digits()
+    datasets._read_embedded.cache_clear()
+    try:
+        first = datasets._read_embedded(name)
+        cached = list((tmp_path / ".cache" / "vae_lab").iterdir())
+        assert len(cached) == 1 and cached[0].name.startswith(f"{name}-split-")  # no draft left beside it
+        datasets._read_embedded.cache_clear()
+        again = datasets._read_embedded(name)  # from the file
+        cached[0].write_bytes(cached[0].read_bytes()[:100])  # torn by something else: parsed again
+        datasets._read_embedded.cache_clear()
+        repaired = datasets._read_embedded(name)
+    finally:
+        datasets._read_embedded.cache_clear()
+    for arrays in (first, again, repaired):
+        assert all(np.array_equal(got, want) and got.dtype == want.dtype for got, want in zip(arrays, parsed))
+    assert np.load(cached[0])["train_x"].shape == parsed[0].shape  # rewritten whole

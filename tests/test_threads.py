@@ -1,16 +1,24 @@
 """Each process takes its share of the CPUs it may use (issue 22, part 1): the affinity mask or
-Slurm's CPUs per task, divided among this machine's --workers; `threads` or OMP_NUM_THREADS
-override it; the run records what ran."""
+Slurm's CPUs per task, divided among this machine's --workers still training; `threads` or
+OMP_NUM_THREADS override it; the run records what ran. Several workers take a grid's costliest
+batch first."""
 
 import os
 import subprocess
 
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_RUN
-from test_sweep import PYTHON, subprocess_env
+from test_sweep import PYTHON, subprocess_env, write_study
 from vae_lab import names
-from vae_lab.training.device import plan_threads, usable_cpus
+from vae_lab.study.claims import ask_trials
+from vae_lab.study.runner import open_session, start_worker
+from vae_lab.study.session import SweepSettings
+from vae_lab.study.spec import load_study_spec
+from vae_lab.study.storage import assignment_of
+from vae_lab.training import device
+from vae_lab.training.device import apply_threads, plan_threads, rebalance_threads, share_with, usable_cpus
 
 
 def test_the_share_follows_the_affinity_mask_slurm_and_the_workers(monkeypatch):
@@ -46,3 +54,47 @@ def test_a_negative_thread_count_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: threads must be zero or positive, got -1"
     assert not (tmp_path / "m.db").exists()
+
+
+def test_a_worker_takes_the_cpus_of_the_workers_that_ran_out_of_trials(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr(device, "_applied", None)
+    cpus, before = usable_cpus()[0], torch.get_num_threads()
+    busy = [1, 1]  # what workers.Helpers shares between processes: a flag per worker
+    try:
+        apply_threads(plan_threads(workers=2))
+        share_with(lambda: sum(busy))
+        rebalance_threads()
+        assert torch.get_num_threads() == max(1, cpus // 2)
+        assert device.applied_threads().endswith("; more as the other workers run out of trials")
+        busy[1] = 0  # the other worker has nothing left to train
+        rebalance_threads()
+        assert torch.get_num_threads() == cpus
+        assert "shared by the 1 still training" in device.applied_threads()
+        apply_threads(plan_threads(requested=1))  # a count the user set is kept
+        rebalance_threads()
+        assert torch.get_num_threads() == 1
+    finally:
+        share_with(None)
+        torch.set_num_threads(before)
+
+
+def test_workers_sharing_a_machine_take_the_costliest_batch_first(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_study(tmp_path / "lpt.yaml", "lpt", {"model.name": ["ae", "conv_vae"], "seeds": [0, 1]})
+    spec = load_study_spec(path, [])
+    settings = SweepSettings(spec=spec, tracking_uri=uri, storage_url=f"journal:///{tmp_path / 'optuna.journal'}",
+                             progress=False, workers_here=2)
+    session = open_session(settings)
+    first, second = start_worker(session), start_worker(session)
+    claimed_first, claimed_second = ask_trials(first, count=16), ask_trials(second, count=16)
+
+    def models(trials):
+        return [assignment_of(trial)["model.name"] for trial in trials]
+    # the grid lists the AE first; the conv batch costs more to train, so it goes first
+    assert models(claimed_first) == ["conv_vae", "conv_vae"]
+    assert models(claimed_second) == ["ae", "ae"]
+    assert ask_trials(first, count=16) == []
+    alone = SweepSettings(**{**vars(settings), "workers_here": 1, "new_study": True})
+    assert models(ask_trials(start_worker(open_session(alone)), count=16)) == ["ae", "ae"]  # grid order

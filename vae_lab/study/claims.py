@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from vae_lab.study import storage as store
-from vae_lab.training.batching import batch_key
+from vae_lab.training.batching import batch_key, relative_cost
 from vae_lab.study.spec import StudySpec, point_key
 from vae_lab.study.space import encode
 from vae_lab.study.session import Session
@@ -86,7 +86,10 @@ def ask_trials(worker: Worker, count: int = 1) -> list[optuna.Trial]:
     """Claim up to `count` trials to run now; [] when the study has nothing left for us.
 
     With count > 1 (batched trials), a grid claims only points that can train in one batch
-    with the first one it claims, so other workers keep the rest.
+    with the first one it claims, so other workers keep the rest. When this machine runs
+    several workers, a grid's first claim takes the costliest batch still waiting (longest
+    first: the workers then finish together, rather than one training the largest batch alone
+    at the end).
     """
     claimed: list[optuna.Trial] = []
     session, spec = worker.session, worker.spec
@@ -98,9 +101,14 @@ def ask_trials(worker: Worker, count: int = 1) -> list[optuna.Trial]:
         if worker.deadline is not None and time.time() > worker.deadline:
             break
         if spec.is_grid:
-            wanted = None if first_key is None else (
-                lambda waiting: batch_key_of_point(worker, waiting.user_attrs.get(store.ASSIGNMENT_ATTR)) == first_key)
+            target = first_key
+            if target is None and session.settings.workers_here > 1:
+                target = costliest_waiting_batch(worker)
+            wanted = None if target is None else (
+                lambda waiting: batch_key_of_point(worker, waiting.user_attrs.get(store.ASSIGNMENT_ATTR)) == target)
             trial = store.pop_waiting_trial(session.study, session.storage, wanted, on_claim=claim)
+            if trial is None and target is not None and first_key is None:
+                continue  # another worker took that batch first: choose again
             if trial is None and not claimed and enqueue_missing_points(session.study, spec, retry_failed=False):
                 continue  # the queue ran dry: the next slice of the grid
             if trial is None:
@@ -124,6 +132,22 @@ def ask_trials(worker: Worker, count: int = 1) -> list[optuna.Trial]:
         worker.my_trials.add(trial.number)
         claimed.append(trial)
     return claimed
+
+
+def costliest_waiting_batch(worker: Worker):
+    """The batch key of the waiting grid points that cost the most to train (None: none waits)."""
+    keys = set()
+    for waiting in worker.session.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        assignment = waiting.user_attrs.get(store.ASSIGNMENT_ATTR)
+        key = batch_key_of_point(worker, assignment)
+        if key is not None and key not in worker.batch_costs:
+            try:
+                worker.batch_costs[key] = relative_cost(worker.spec.trial_config(json.loads(assignment or "{}")))
+            except Exception:  # a point that cannot be built fails when it runs
+                worker.batch_costs[key] = 0.0
+        keys.add(key)
+    keys.discard(None)
+    return max(keys, key=worker.batch_costs.__getitem__, default=None)
 
 
 def batch_key_of_point(worker: Worker, assignment_json: str | None):

@@ -35,7 +35,7 @@ from vae_lab.tracking.errors import StoreUnavailable, is_store_error
 from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
 from vae_lab.tracking.uris import redact, sqlite_path
 from vae_lab.tracking.provenance import source_tags
-from vae_lab.training.device import apply_threads, plan_threads, resolve_device
+from vae_lab.training.device import apply_threads, plan_threads, resolve_device, share_with
 
 READY_WAIT_SECONDS = 120
 
@@ -249,15 +249,18 @@ def raise_interrupted(signum, frame):
     raise Interrupted(f"signal {signum}")
 
 
-def worker_process(settings: SweepSettings, joined=None) -> None:
+def worker_process(settings: SweepSettings, joined=None, busy=None, slot: int = 0) -> None:
     """Entry point of an extra `--workers` process (spawned; quiet); sets the event `joined`
-    once it has opened the study."""
+    once it has opened the study, and clears its flag `busy[slot]` (see `workers.Helpers`)
+    when the study has nothing left for it."""
     import os
 
     from vae_lab.tracking.checks import short_http_retries
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     apply_threads(plan_threads(settings.spec.base_config().threads, settings.workers_here))
+    if busy is not None:
+        share_with(lambda: sum(busy))
     short_http_retries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     signal.signal(signal.SIGTERM, raise_interrupted)
@@ -270,6 +273,18 @@ def worker_process(settings: SweepSettings, joined=None) -> None:
         pass
     except StoreUnavailable:  # the command's own worker meets the same store and says so, once
         raise SystemExit(1) from None
+    finally:
+        if busy is not None:
+            busy[slot] = 0  # its CPUs go to the workers still training (device.share_with)
+
+
+def import_end_of_run_modules() -> None:
+    """What the end of this process's first run would import (matplotlib, torchvision; about 2 s),
+    and the FLOP counter that orders a grid's batches for several workers."""
+    import torch.utils.flop_counter  # noqa: F401
+
+    import vae_lab.evaluation.artifacts  # noqa: F401
+    import vae_lab.evaluation.metrics  # noqa: F401
 
 
 @dataclass
@@ -297,18 +312,23 @@ def run_study(settings: SweepSettings, workers: int = 1, data_cache: DataCache |
     session = open_session(settings, data_cache)
     helpers = Helpers(worker_process, SweepSettings(**{**vars(settings), "progress": False, "new_study": False}),
                       workers - 1)
+    share_with(lambda: sum(helpers.busy))
     bar = TrialsBar(session, enabled=settings.progress)
     interrupted = False
     try:
+        if workers > 1:
+            import_end_of_run_modules()  # on this core, while the helpers import torch on the others
         helpers.wait_until_joined()
         worker = start_worker(session)
         while True:
             work(worker, progress=settings.progress and workers == 1, bar=bar)
+            helpers.busy[0] = 0
             crashed = helpers.newly_crashed()
             for helper in crashed:
                 tqdm.write(f"worker process {helper.pid} stopped with exit code {helper.exitcode}: "
                            "its trials are failed and queued again")
             if crashed:
+                helpers.busy[0] = 1  # this worker takes their trials up
                 for line in repair_stale_trials(session, worker.my_trials):
                     tqdm.write(line)
                 continue
@@ -328,5 +348,6 @@ def run_study(settings: SweepSettings, workers: int = 1, data_cache: DataCache |
     finally:
         bar.refresh()
         bar.close()
+    share_with(None)
     summary = finish_parent(session, interrupted)
     return StudyRun(session, summary, interrupted, len(helpers.crashed), unfinished(session))

@@ -47,6 +47,7 @@ class Worker:
     session: Session
     my_trials: set[int] = field(default_factory=set)  # trials it claimed (never stale to itself)
     point_batch_keys: dict = field(default_factory=dict)  # grid point -> batch key, cached
+    batch_costs: dict = field(default_factory=dict)  # batch key -> batching.relative_cost, cached
     deadline: float | None = None  # study.timeout, from when this worker started
     failures: int = 0  # trials that failed for good (not stopped from outside)
     store_down: BaseException | None = None  # the store error that ended a trial: this worker stops
@@ -198,17 +199,20 @@ class Heartbeat:
 class Helpers:
     """The extra worker processes of `--workers N` (spawned), and which of them crashed.
 
-    Each gets `(settings, joined)` and sets the event `joined` once it has opened the study;
+    Each gets `(settings, joined, busy, slot)` and sets the event `joined` once it has opened the study;
     `wait_until_joined` lets the command start its own worker with them rather than before them
-    (a short study would otherwise be over before a helper had imported torch)."""
+    (a short study would otherwise be over before a helper had imported torch). `busy` holds a
+    flag per worker of this machine (slot 0 the command's own, then one per helper), cleared
+    when the study has no trial left for it or it crashed; their sum sizes the threads."""
 
     def __init__(self, target, settings, count: int):
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
         self.joined = [context.Event() for _ in range(count)]
-        self.processes = [context.Process(target=target, args=(settings, joined), daemon=False)
-                          for joined in self.joined]
+        self.busy = context.Array("b", [1] * (count + 1), lock=False)  # one byte each: written whole
+        self.processes = [context.Process(target=target, args=(settings, joined, self.busy, slot), daemon=False)
+                          for slot, joined in enumerate(self.joined, start=1)]
         self.crashed: list = []
         for process in self.processes:
             process.start()
@@ -229,6 +233,8 @@ class Helpers:
         new = [process for process in self.processes if not process.is_alive() and process.exitcode not in (0, None)
                and process not in self.crashed]
         self.crashed.extend(new)
+        for process in new:  # killed before it could clear its flag
+            self.busy[self.processes.index(process) + 1] = 0
         return new
 
     def wait(self, timeout: float) -> None:

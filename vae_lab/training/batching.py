@@ -72,6 +72,19 @@ def estimate_trial_bytes(config: Config) -> int:
     return 4 * (6 * parameters + 3 * sum(outputs))
 
 
+def relative_cost(config: Config) -> float:
+    """What training one trial of `config` costs next to the other points of a study, for
+    ordering only: one image's forward FLOPs (counted on the meta device, no arithmetic) times
+    its epochs and its training-images cap."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image_shape = image_shape_of(config.data)
+    model = build_model(config.model, image_shape, config.prior).to("meta")
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *image_shape, device="meta"))
+    return float(counter.get_total_flops()) * config.train.epochs * (config.data.train_limit or 1)
+
+
 def _memory_cap(config: Config, device: torch.device) -> int:
     per_trial = max(1, estimate_trial_bytes(config))
     if device.type == "cuda":

@@ -8,6 +8,7 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ def resolve_device(requested: str) -> torch.device:
 class ThreadPlan:
     threads: int
     why: str
+    shared_by: int = 0  # the workers whose equal shares of the CPUs these are; 0: a count the user set
 
     def __str__(self) -> str:
         return f"{self.threads} ({self.why})"
@@ -57,10 +59,12 @@ def plan_threads(requested: int = 0, workers: int = 1) -> ThreadPlan:
         return ThreadPlan(int(omp), "OMP_NUM_THREADS")
     cpus, source = usable_cpus()
     share = max(1, cpus // max(1, workers))
-    return ThreadPlan(share, f"{cpus} CPUs by {source}" + (f" / {workers} workers" if workers > 1 else ""))
+    return ThreadPlan(share, f"{cpus} CPUs by {source}" + (f" / {workers} workers" if workers > 1 else ""),
+                      shared_by=max(1, workers))
 
 
 _applied: ThreadPlan | None = None
+_busy_workers: Callable[[], int] | None = None  # how many of this machine's workers still train
 
 
 def apply_threads(plan: ThreadPlan) -> None:
@@ -75,11 +79,32 @@ def apply_threads(plan: ThreadPlan) -> None:
     _applied = plan
 
 
+def share_with(busy_workers: Callable[[], int] | None) -> None:
+    """Size this process's threads by `busy_workers()`, the workers on this machine that still
+    have trials to train, rather than by all of them: when the others run out of work (a study's
+    last, largest batch), `rebalance_threads` gives their CPUs to the ones still training."""
+    global _busy_workers
+    _busy_workers = busy_workers
+
+
+def rebalance_threads() -> None:
+    """Between training steps: take this process's share of the CPUs again, when the plan was
+    a share and the number of busy workers changed."""
+    if _applied is None or not _applied.shared_by or _busy_workers is None:
+        return
+    threads = plan_threads(0, max(1, _busy_workers())).threads
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
 def applied_threads() -> str:
     """What the run's tag records: the plan a command applied, else torch's own count."""
     threads = torch.get_num_threads()
+    growing = _applied is not None and _applied.shared_by > 1 and _busy_workers is not None
     if _applied is not None and _applied.threads == threads:
-        return str(_applied)
+        return f"{_applied}; more as the other workers run out of trials" if growing else str(_applied)
+    if growing:
+        return f"{threads} ({_applied.why}, shared by the {_busy_workers()} still training)"
     return f"{threads} (torch's setting in this process)"
 
 

@@ -38,6 +38,7 @@ from vae_lab.evaluation import latent_evolution
 from vae_lab.models.autoencoders import Autoencoder
 from vae_lab.models.losses import kl_ramp, kl_weight_at, schedule_columns
 from vae_lab.training.checkpoints import Checkpoint, save_checkpoint
+from vae_lab.training.device import rebalance_threads
 from vae_lab.training.finalize import end_of_run_stage, finalize_run
 from vae_lab.training.scoring import (
     NOISE_SEED_OFFSET,
@@ -144,6 +145,7 @@ class Engine:
                     if not self.trials:
                         bar.close()
                         return
+                rebalance_threads()  # the CPUs of this machine's workers that ran out of trials
                 images, images_dim = gather([next(streams[seed])[0] for seed in self.seeds], self.slot)
                 noise, noise_dim = draw_noise([noise_generators[seed] for seed in self.seeds], self.slot,
                                               images.shape[-4] * self.step_impl.objective.draws_per_image, self.latent_dim,
