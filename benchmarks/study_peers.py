@@ -2,6 +2,7 @@
 
     python benchmarks/study_peers.py                 # each twice, best-of wall time
     python benchmarks/study_peers.py --repeats 1
+    python benchmarks/study_peers.py --checkout /tmp/before   # also time another checkout's vae_lab
 
 The study (experiments/default.yaml): AE, MLP VAE and conv VAE (latent 16, hidden [256], conv
 channels [16, 32, 32]) x seeds 0, 1, 2 on mnist5k (its fixed 4,000/1,000 split, 10% of the
@@ -124,9 +125,9 @@ print("best", study.best_params, round(study.best_value, 2))
 '''
 
 
-def timed(command: list[str], env: dict) -> float:
+def timed(command: list[str], env: dict, cwd: Path | None = None) -> float:
     started = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=cwd)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"{command[:3]} failed:\n{result.stderr[-3000:]}")
@@ -136,23 +137,27 @@ def timed(command: list[str], env: dict) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side; the best is kept")
+    parser.add_argument("--checkout", type=Path, help="also time the vae_lab of this checkout (run from it)")
     args = parser.parse_args(argv)
     print(machine_line(torch.device("cpu")))
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1"}
-    seconds: dict[str, list[float]] = {"by hand": [], "vae_lab": []}
+    checkouts = {"vae_lab": REPO, **({f"vae_lab at {args.checkout}": args.checkout} if args.checkout else {})}
+    seconds: dict[str, list[float]] = {"by hand": [], **{side: [] for side in checkouts}}
     for repeat in range(args.repeats):
         for side in seconds:
             with tempfile.TemporaryDirectory(prefix="vae_lab_bench_") as folder:
                 uri = f"sqlite:///{Path(folder) / 'mlflow.db'}"
-                command = ([sys.executable, "-c", HAND_WRITTEN, uri] if side == "by hand" else
-                           [sys.executable, "-m", "vae_lab.sweep", str(REPO / "experiments" / "default.yaml"),
-                            "--tracking-uri", uri])
-                seconds[side].append(timed(command, {**env, "HOME": os.environ.get("HOME", folder)}))
+                if side == "by hand":
+                    seconds[side].append(timed([sys.executable, "-c", HAND_WRITTEN, uri], env))
+                else:  # `python -m` from the checkout imports that checkout's vae_lab
+                    seconds[side].append(timed([sys.executable, "-m", "vae_lab.sweep", "experiments/default.yaml",
+                                                "--tracking-uri", uri], env, cwd=checkouts[side]))
             print(f"  run {repeat + 1}: {side:8s} {seconds[side][-1]:6.1f} s", flush=True)
     best = {side: min(values) for side, values in seconds.items()}
-    print(f"\ndefault study, 9 trials, best of {args.repeats}: by hand {best['by hand']:.1f} s, "
-          f"vae_lab {best['vae_lab']:.1f} s")
-    print(f"by hand / vae_lab  {ratio(best['by hand'], best['vae_lab'])}   goal >= 2x")
+    print(f"\ndefault study, 9 trials, best of {args.repeats}: "
+          + ", ".join(f"{side} {value:.1f} s" for side, value in best.items()))
+    for side in checkouts:
+        print(f"by hand / {side}  {ratio(best['by hand'], best[side])}   goal >= 2x")
     return 0
 
 

@@ -3,6 +3,7 @@ Slurm's CPUs per task, divided among this machine's --workers still training; `t
 OMP_NUM_THREADS override it; the run records what ran. Several workers take a grid's costliest
 batch first."""
 
+import dataclasses
 import os
 import subprocess
 
@@ -12,11 +13,13 @@ from mlflow.tracking import MlflowClient
 from conftest import TINY_RUN
 from test_sweep import PYTHON, subprocess_env, write_study
 from vae_lab import names
+from vae_lab.config import build_config
 from vae_lab.study.claims import ask_trials
 from vae_lab.study.runner import open_session, start_worker
 from vae_lab.study.session import SweepSettings
 from vae_lab.study.spec import load_study_spec
 from vae_lab.study.storage import assignment_of
+from vae_lab.training.batching import plan_batches, stacking_pays
 from vae_lab.training import device
 from vae_lab.training.device import apply_threads, plan_threads, rebalance_threads, share_with, usable_cpus
 
@@ -81,20 +84,33 @@ def test_a_worker_takes_the_cpus_of_the_workers_that_ran_out_of_trials(monkeypat
 
 
 def test_workers_sharing_a_machine_take_the_costliest_batch_first(tmp_path):
+    """On the CPU the conv VAE trains one by one (stacking_pays) and costs the most: workers
+    sharing a machine take its trials one at a time, first; the AEs go as one batch."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    path = write_study(tmp_path / "lpt.yaml", "lpt", {"model.name": ["ae", "conv_vae"], "seeds": [0, 1]})
+    path = write_study(tmp_path / "lpt.yaml", "lpt", {"model.name": ["ae", "conv_vae"], "seeds": [0, 1]},
+                       device="cpu")
     spec = load_study_spec(path, [])
     settings = SweepSettings(spec=spec, tracking_uri=uri, storage_url=f"journal:///{tmp_path / 'optuna.journal'}",
                              progress=False, workers_here=2)
     session = open_session(settings)
     first, second = start_worker(session), start_worker(session)
-    claimed_first, claimed_second = ask_trials(first, count=16), ask_trials(second, count=16)
 
     def models(trials):
         return [assignment_of(trial)["model.name"] for trial in trials]
     # the grid lists the AE first; the conv batch costs more to train, so it goes first
-    assert models(claimed_first) == ["conv_vae", "conv_vae"]
-    assert models(claimed_second) == ["ae", "ae"]
-    assert ask_trials(first, count=16) == []
+    assert models(ask_trials(first, count=16)) == ["conv_vae"]
+    assert models(ask_trials(second, count=16)) == ["conv_vae"]
+    assert models(ask_trials(first, count=16)) == ["ae", "ae"]
+    assert ask_trials(second, count=16) == []
     alone = SweepSettings(**{**vars(settings), "workers_here": 1, "new_study": True})
     assert models(ask_trials(start_worker(open_session(alone)), count=16)) == ["ae", "ae"]  # grid order
+
+
+def test_convolutions_train_one_by_one_on_the_cpu_and_mlps_stacked():
+    conv, mlp = (build_config(None, [*TINY_RUN, "device=cpu", f"model.name={name}", f"train.seed={seed}"])
+                 for name, seed in (("conv_vae", 0), ("linear_vae", 0)))
+    assert not stacking_pays(conv) and stacking_pays(mlp)
+    seeds = [dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+             for config in (conv, mlp) for seed in (0, 1, 2)]
+    assert plan_batches(seeds, "auto") == [[0], [1], [2], [3, 4, 5]]
+    assert plan_batches(seeds, 3) == [[0, 1, 2], [3, 4, 5]]  # a cap the study sets is kept

@@ -181,16 +181,36 @@ def _registered_vaes() -> list[str]:
             if getattr(MODEL_FAMILIES.resolve(name), "variational", False)]
 
 
-def _try_a_batch(model_config: ModelConfig, prior_config: PriorConfig, image_shape: tuple[int, int, int]) -> None:
-    """Build the model on the meta device and hold what it returns for two images against the
-    interface; on the CPU (without touching the global random state) if an operation has no
-    meta kernel."""
+SMALL_MODEL_PARAMETERS = 5_000_000
+
+
+def probe_device(model_config: ModelConfig, prior_config: PriorConfig, image_shape: tuple[int, ...]) -> str:
+    """Where to run a model's few probing images (the interface check, size and cost estimates):
+    "cpu" for a model of at most SMALL_MODEL_PARAMETERS (milliseconds of arithmetic; a process's
+    first operation on the meta device imports about a second of torch), else "meta" (sizes
+    only). Probing on the CPU happens under `torch.random.fork_rng`, leaving the global random
+    state as it was."""
     try:
         with torch.device("meta"):
-            _exercise(model_config, prior_config, image_shape, on_meta=True)
-    except _NoMetaKernel:
-        with torch.random.fork_rng(devices=[]):
-            _exercise(model_config, prior_config, image_shape, on_meta=False)
+            parameters = sum(parameter.numel() for parameter in
+                             build_model(model_config, image_shape, prior_config).parameters())
+    except Exception:  # the probe itself will say what is wrong
+        return "cpu"
+    return "cpu" if parameters <= SMALL_MODEL_PARAMETERS else "meta"
+
+
+def _try_a_batch(model_config: ModelConfig, prior_config: PriorConfig, image_shape: tuple[int, int, int]) -> None:
+    """Build the model and hold what it returns for two images against the interface, where
+    `probe_device` says, and on the CPU after all if an operation has no meta kernel."""
+    if probe_device(model_config, prior_config, image_shape) == "meta":
+        try:
+            with torch.device("meta"):
+                _exercise(model_config, prior_config, image_shape, on_meta=True)
+            return
+        except _NoMetaKernel:
+            pass
+    with torch.random.fork_rng(devices=[]):
+        _exercise(model_config, prior_config, image_shape, on_meta=False)
 
 
 class _NoMetaKernel(Exception):

@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from vae_lab.study import storage as store
-from vae_lab.training.batching import batch_key, relative_cost
+from vae_lab.training.batching import batch_key, relative_cost, stacking_pays
 from vae_lab.study.spec import StudySpec, point_key
 from vae_lab.study.space import encode
 from vae_lab.study.session import Session
@@ -119,6 +119,8 @@ def ask_trials(worker: Worker, count: int = 1) -> list[optuna.Trial]:
                 continue
             if first_key is None and count > 1:
                 first_key = batch_key_of_point(worker, trial.user_attrs.get(store.ASSIGNMENT_ATTR))
+                if spec.batch_trials == "auto" and not trains_stacked(worker, trial):
+                    count = 1  # trained one by one anyway: the other workers may take the rest
         else:
             trial = store.pop_waiting_trial(session.study, session.storage, on_claim=claim)  # retries of stopped trials first
             if trial is None:
@@ -148,6 +150,14 @@ def costliest_waiting_batch(worker: Worker):
         keys.add(key)
     keys.discard(None)
     return max(keys, key=worker.batch_costs.__getitem__, default=None)
+
+
+def trains_stacked(worker: Worker, trial: optuna.Trial) -> bool:
+    """Whether a grid point's batch would train stacked (`batching.stacking_pays`)."""
+    try:
+        return stacking_pays(worker.spec.trial_config(store.assignment_of(trial)))
+    except Exception:  # an invalid point fails when it runs, alone
+        return False
 
 
 def batch_key_of_point(worker: Worker, assignment_json: str | None):

@@ -17,6 +17,7 @@ summation order (tests/test_batched.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Hashable, Sequence
 
@@ -25,7 +26,7 @@ import torch
 from vae_lab.config import Config
 from vae_lab.training.device import resolve_device
 from vae_lab.data.datasets import image_shape_of
-from vae_lab.models.components import build_model
+from vae_lab.models.components import build_model, probe_device
 
 # Config keys that may differ between trials trained together.
 PER_TRIAL_KEYS = ("loss.kl_weight", "loss.kl_schedule", "loss.kl_warmup_steps", "loss.kl_cycles",
@@ -60,16 +61,44 @@ def estimate_trial_bytes(config: Config) -> int:
     state (x6: param, grad, clipped grad, two moments, headroom), plus every module's output for
     one batch (x3: forward, saved for backward, gradient), in float32."""
     image_shape = image_shape_of(config.data)
-    model = build_model(config.model, image_shape, config.prior).to("meta")  # sizes only, no arithmetic
-    with torch.device("meta"):
-        outputs = []
-        hooks = [module.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel()))
-                 for module in model.modules() if not list(module.children())]
-        model(torch.zeros(config.train.batch_size, *image_shape))
-    for hook in hooks:
-        hook.remove()
+    outputs = []
+    with _probing(config) as device:
+        model = build_model(config.model, image_shape, config.prior)
+        for module in model.modules():
+            if not list(module.children()):
+                module.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel()))
+        model(torch.zeros(config.train.batch_size, *image_shape, device=device))
     parameters = sum(parameter.numel() for parameter in model.parameters())
     return 4 * (6 * parameters + 3 * sum(outputs))
+
+
+@contextlib.contextmanager
+def _probing(config: Config):
+    """Build and run a model's probe where `probe_device` says, without gradients or touching
+    the global random state; yields the device."""
+    device = probe_device(config.model, config.prior, image_shape_of(config.data))
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), torch.device(device):
+        yield device
+
+
+CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+_stacking_pays: dict = {}
+
+
+def stacking_pays(config: Config) -> bool:
+    """Whether trials of this shape train faster stacked (one vmapped step for K) than one after
+    another on their device. Not on the CPU for a model with convolutions: torch runs vmapped
+    convolutions 1.45x (K=3) to 1.53x (K=8) slower there than the K models one by one, while
+    MLPs break even at K=3 and gain 1.38x at K=8 (benchmarks/RESULTS.md §0k)."""
+    if resolve_device(config.device).type != "cpu":
+        return True
+    key = batch_key(config)
+    if key not in _stacking_pays:
+        with torch.device("meta"):  # the modules only, no operation
+            model = build_model(config.model, image_shape_of(config.data), config.prior)
+        _stacking_pays[key] = not any(isinstance(module, CONVOLUTIONS) for module in model.modules())
+    return _stacking_pays[key]
 
 
 def relative_cost(config: Config) -> float:
@@ -79,9 +108,8 @@ def relative_cost(config: Config) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     image_shape = image_shape_of(config.data)
-    model = build_model(config.model, image_shape, config.prior).to("meta")
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *image_shape, device="meta"))
+    with _probing(config) as device, FlopCounterMode(display=False) as counter:
+        build_model(config.model, image_shape, config.prior)(torch.zeros(1, *image_shape, device=device))
     return float(counter.get_total_flops()) * config.train.epochs * (config.data.train_limit or 1)
 
 
@@ -100,8 +128,9 @@ def plan_batches(configs: Sequence[Config], max_batch: int | str = "auto") -> li
 
     `max_batch`: "off" (or 1) trains each config alone; an integer N caps a batch at N
     trials; "auto" caps it at 16 on the CPU, 64 on CUDA, and lower when the memory estimate
-    of `estimate_trial_bytes` says so. A group larger than the cap is split into batches of
-    near-equal size. Groups keep the order in which their first config appears.
+    of `estimate_trial_bytes` says so, and at 1 where stacking does not pay (`stacking_pays`).
+    A group larger than the cap is split into batches of near-equal size. Groups keep the order
+    in which their first config appears.
     """
     if max_batch == "off":
         max_batch = 1
@@ -116,7 +145,8 @@ def plan_batches(configs: Sequence[Config], max_batch: int | str = "auto") -> li
         if max_batch == "auto":
             config = configs[members[0]]
             device = resolve_device(config.device)
-            cap = min(DEFAULT_CAP.get(device.type, DEFAULT_CAP["cpu"]), _memory_cap(config, device))
+            cap = 1 if not stacking_pays(config) else min(DEFAULT_CAP.get(device.type, DEFAULT_CAP["cpu"]),
+                                                           _memory_cap(config, device))
         else:
             cap = max_batch
         count = math.ceil(len(members) / cap)
