@@ -29,6 +29,7 @@ class ThreadPlan:
     threads: int
     why: str
     shared_by: int = 0  # the workers whose equal shares of the CPUs these are; 0: a count the user set
+    cpus: int = 0  # the CPUs shared (for a share)
 
     def __str__(self) -> str:
         return f"{self.threads} ({self.why})"
@@ -60,7 +61,7 @@ def plan_threads(requested: int = 0, workers: int = 1) -> ThreadPlan:
     cpus, source = usable_cpus()
     share = max(1, cpus // max(1, workers))
     return ThreadPlan(share, f"{cpus} CPUs by {source}" + (f" / {workers} workers" if workers > 1 else ""),
-                      shared_by=max(1, workers))
+                      shared_by=max(1, workers), cpus=cpus)
 
 
 _applied: ThreadPlan | None = None
@@ -92,7 +93,7 @@ def rebalance_threads() -> None:
     a share and the number of busy workers changed."""
     if _applied is None or not _applied.shared_by or _busy_workers is None:
         return
-    threads = plan_threads(0, max(1, _busy_workers())).threads
+    threads = max(1, _applied.cpus // max(1, _busy_workers()))  # no syscall on the training path
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
 
