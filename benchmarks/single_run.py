@@ -195,7 +195,7 @@ from vae_lab.training.steps import plain_forward
 from vae_lab.evaluation.metrics import evaluate_model
 model = engine.step_impl.model(0)
 evaluate_split(plain_forward(model, engine.amp, device), data, "test", [config], model.variational,
-               model.latent_dim, device)
+               [model.latent_dim], device)
 evaluation = evaluate_model(model, data, config, device)
 mark("evaluation (test/*, eval/*)")
 import tempfile

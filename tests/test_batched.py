@@ -185,9 +185,10 @@ def test_batch_key_groups_what_can_train_together():
     base = build_config(None, TINY_RUN)
     for key, value in (("loss.kl_weight", 0.3), ("loss.kl_warmup_steps", 5), ("train.lr", 1e-2),
                        ("train.seed", 9), ("train.grad_clip", 1.0), ("tracking.run_name", "x"),
-                       ("eval.iwae_samples", 7), ("train.progress", True)):
+                       ("eval.iwae_samples", 7), ("train.progress", True),
+                       ("model.latent_dim", 3), ("model.hidden_dims", "[32]")):  # padded (test_padding.py)
         assert batch_key(build_config(None, [*TINY_RUN, f"{key}={value}"])) == batch_key(base), key
-    for override in ("model.hidden_dims=[32]", "model.latent_dim=3", "model.name=ae", "train.epochs=2",
+    for override in ("model.hidden_dims=[32,32]", "model.name=ae", "train.epochs=2",
                      "train.batch_size=32", "train.amp=true", "data.binarize=dynamic",
                      "loss.likelihood=gaussian", "data.resize=32"):
         assert batch_key(build_config(None, [*TINY_RUN, override])) != batch_key(base), override
@@ -196,7 +197,7 @@ def test_batch_key_groups_what_can_train_together():
 
 def test_plan_batches_caps_and_splits_evenly():
     small = [build_config(None, [*TINY_RUN, f"loss.kl_weight={0.1 * index}"]) for index in range(5)]
-    other = build_config(None, [*TINY_RUN, "model.latent_dim=3"])
+    other = build_config(None, [*TINY_RUN, "model.name=ae"])
     configs = [small[0], other, *small[1:]]
     assert plan_batches(configs, 2) == [[0, 2], [3, 4], [5], [1]]
     assert plan_batches(configs, "auto") == [[0, 2, 3, 4, 5], [1]]
@@ -214,8 +215,8 @@ def test_plan_batches_caps_and_splits_evenly():
 
 
 def test_trials_of_different_shapes_are_refused_together(tiny_data):
-    configs = [build_config(None, TINY_RUN), build_config(None, [*TINY_RUN, "model.latent_dim=3"])]
-    with pytest.raises(ValueError, match="model.latent_dim"):
+    configs = [build_config(None, TINY_RUN), build_config(None, [*TINY_RUN, "model.hidden_dims=[32,32]"])]
+    with pytest.raises(ValueError, match="model.hidden_dims"):
         run_trials(map(TrialSpec, configs), data=tiny_data)
 
 
@@ -262,7 +263,7 @@ def test_early_stopping_in_a_batch_finishes_that_trial_alone(tracking_uri):
     # the logged model is the best epoch's: scoring it again gives that epoch's val/loss
     model, config = load_logged_model(erratic.run_id, tracking_uri, map_location=device)
     again = evaluate_split(plain_forward(model.to(device), False, device), data, "val", [config],
-                           False, model.latent_dim, device)[0]
+                           False, [model.latent_dim], device)[0]
     assert again["val/loss"] == pytest.approx(min(per_epoch), rel=1e-5)
     # the steady trial went on alone, all 40 epochs, as it would have alone
     assert steady.metrics["train/stopped_epoch"] == 40

@@ -101,6 +101,7 @@ ROLE_TAG = "vae_lab.role"  # "study" on a parent run, "trial" on a child
 STUDY_NAME_TAG = "vae_lab.study_name"
 TRIAL_NUMBER_TAG = "vae_lab.trial_number"
 BATCHED_TRIALS_TAG = "vae_lab.batched_trials"
+PADDED_TO_TAG = "vae_lab.padded_to"  # a batch of several sizes: the widest, which each trial is held in
 BEST_RUN_TAG = "vae_lab.best_run_id"
 FAILURE_REASON_TAG = "failure_reason"
 STOP_REASON_TAG = "vae_lab.stop_reason"  # "early_stopping" or "epochs"

@@ -91,6 +91,16 @@ class Autoencoder(nn.Module):
     def log_prior(self, z: torch.Tensor) -> torch.Tensor:
         return self.prior.log_prob(z, self)
 
+    def positions_in(self, wider: "Autoencoder", name: str) -> tuple[torch.Tensor, ...]:
+        """Where this model's parameter (or buffer) `name` sits in the same tensor of `wider`, a
+        model of its family whose sizes (`model.latent_dim`, `model.hidden_dims`) are at least
+        this one's: one index tensor per dimension. Trials of different sizes train in one pass
+        as copies of the widest model holding each trial at these positions and zeros elsewhere
+        (`vae_lab.training.padding`). By default a tensor's entries lead every dimension; a
+        family that lays a dimension out otherwise overrides this (the MLPs' [mean, logvar])."""
+        shape = dict(self.named_parameters(), **dict(self.named_buffers()))[name].shape
+        return tuple(torch.arange(size) for size in shape)
+
 
 class GatedDense(nn.Module):
     """A gated dense layer (Dauphin et al. 2017; Tomczak & Welling's VampPrior code):
@@ -130,6 +140,15 @@ class MLPAutoencoder(Autoencoder):
 
     def encode_stats(self, x):
         return self.encoder(x.flatten(1))
+
+    def positions_in(self, wider, name):
+        positions = super().positions_in(wider, name)
+        stats_layer = f"encoder.{len(self.encoder) - 1}."
+        if self.variational and name in (stats_layer + "weight", stats_layer + "bias"):
+            # the output rows are [mean, logvar]: each half goes to the wider model's half
+            half = torch.arange(self.latent_dim)
+            positions = (torch.cat([half, wider.latent_dim + half]), *positions[1:])
+        return positions
 
     def decode(self, z):
         return self.decoder(z).view(-1, *self.image_shape)

@@ -27,6 +27,7 @@ from vae_lab.config import Config
 from vae_lab.training.device import resolve_device
 from vae_lab.data.datasets import image_shape_of
 from vae_lab.models.components import build_model, probe_device
+from vae_lab.training import padding
 
 # Config keys that may differ between trials trained together.
 PER_TRIAL_KEYS = ("loss.kl_weight", "loss.kl_schedule", "loss.kl_warmup_steps", "loss.kl_cycles",
@@ -48,12 +49,20 @@ def _hashable(value: Any) -> Hashable:
 
 
 def batch_key(config: Config) -> Hashable:
-    """What must be equal for configs to train in one batch (everything but the per-trial keys)."""
+    """What must be equal for configs to train in one batch: everything but the per-trial keys,
+    and but the sizes (`padding.SIZE_KEYS`, at one depth) where the family pads exactly."""
+    items = padding.size_free_items(config) if pads(config) else config.flat()
     return tuple(sorted(
-        (key, _hashable(value)) for key, value in config.flat().items()
+        (key, _hashable(value)) for key, value in items.items()
         if key not in PER_TRIAL_KEYS and key not in PER_RUN_KEYS
         and not key.startswith(PER_RUN_SECTIONS)
     ))
+
+
+def pads(config: Config) -> bool:
+    """Whether trials of this config's family and prior may differ in size within a batch (those
+    whose loss does not allow it, `padding.loss_pads`, train at their own sizes)."""
+    return config.prior.name == "standard_normal" and padding.pads_exactly(config)
 
 
 def estimate_trial_bytes(config: Config) -> int:
@@ -103,14 +112,25 @@ def stacking_pays(config: Config) -> bool:
 
 def relative_cost(config: Config) -> float:
     """What training one trial of `config` costs next to the other points of a study, for
-    ordering only: one image's forward FLOPs (counted on the meta device, no arithmetic) times
-    its epochs and its training-images cap."""
+    ordering only: one image's forward FLOPs times its epochs and its training-images cap."""
+    return forward_flops(config) * config.train.epochs * (config.data.train_limit or 1)
+
+
+_forward_flops: dict = {}
+
+
+def forward_flops(config: Config) -> float:
+    """One image's forward FLOPs through the config's model (counted where `probe_device` says:
+    on the meta device, no arithmetic, for large models)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    image_shape = image_shape_of(config.data)
-    with _probing(config) as device, FlopCounterMode(display=False) as counter:
-        build_model(config.model, image_shape, config.prior)(torch.zeros(1, *image_shape, device=device))
-    return float(counter.get_total_flops()) * config.train.epochs * (config.data.train_limit or 1)
+    key = (batch_key(config), padding.sizes_of(config))
+    if key not in _forward_flops:
+        image_shape = image_shape_of(config.data)
+        with _probing(config) as device, FlopCounterMode(display=False) as counter:
+            build_model(config.model, image_shape, config.prior)(torch.zeros(1, *image_shape, device=device))
+        _forward_flops[key] = float(counter.get_total_flops())
+    return _forward_flops[key]
 
 
 def _memory_cap(config: Config, device: torch.device) -> int:
@@ -129,8 +149,9 @@ def plan_batches(configs: Sequence[Config], max_batch: int | str = "auto") -> li
     `max_batch`: "off" (or 1) trains each config alone; an integer N caps a batch at N
     trials; "auto" caps it at 16 on the CPU, 64 on CUDA, and lower when the memory estimate
     of `estimate_trial_bytes` says so, and at 1 where stacking does not pay (`stacking_pays`).
-    A group larger than the cap is split into batches of near-equal size. Groups keep the order
-    in which their first config appears.
+    Configs of different sizes (`pads`) are first split where padding them to one size would
+    cost more than it saves (`padding.partition`). A group larger than the cap is split into
+    batches of near-equal size. Batches keep the order in which their first config appears.
     """
     if max_batch == "off":
         max_batch = 1
@@ -140,10 +161,24 @@ def plan_batches(configs: Sequence[Config], max_batch: int | str = "auto") -> li
     groups: dict[Hashable, list[int]] = {}
     for index, config in enumerate(configs):
         groups.setdefault(batch_key(config), []).append(index)
-    batches = []
+    parts = []
     for members in groups.values():
+        group = [configs[index] for index in members]
+        if padding.sizes_differ(group) and not all(padding.loss_pads(config) for config in group):
+            by_size: dict = {}
+            for index, config in zip(members, group):
+                by_size.setdefault(padding.sizes_of(config), []).append(index)
+            parts += by_size.values()
+        elif max_batch != 1 and padding.sizes_differ(group):
+            device_type = resolve_device(group[0].device).type
+            step_flops = [forward_flops(config) * config.train.batch_size for config in group]
+            parts += [[members[index] for index in part] for part in padding.partition(step_flops, device_type)]
+        else:
+            parts.append(members)
+    batches = []
+    for members in sorted(parts):
         if max_batch == "auto":
-            config = configs[members[0]]
+            config = padding.widest([configs[index] for index in members])
             device = resolve_device(config.device)
             cap = 1 if not stacking_pays(config) else min(DEFAULT_CAP.get(device.type, DEFAULT_CAP["cpu"]),
                                                            _memory_cap(config, device))

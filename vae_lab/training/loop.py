@@ -46,9 +46,10 @@ from vae_lab.training.scoring import (
     draw_noise,
     evaluate_split,
     gather,
-    seed_slots,
+    stream_slots,
 )
-from vae_lab.training.steps import PlainStep, StackedStep, loss_weights, plain_forward
+from vae_lab.training.padding import sizes_differ
+from vae_lab.training.steps import PaddedStep, PlainStep, StackedStep, loss_weights, plain_forward
 from vae_lab.tracking.errors import StoreUnavailable
 from vae_lab.training.trial import (
     ClaimLost,
@@ -76,12 +77,15 @@ class Engine:
         for trial in trials:
             trial.model = None  # the step holds the weights from here on
         self.variational = models[0].variational
-        self.latent_dim = models[0].latent_dim
+        self.latent_dims = [model.latent_dim for model in models]  # per trial: they differ in a padded batch
         self.noise_dtype = torch.bfloat16 if self.amp else torch.float32
         configs = [trial.config for trial in trials]
         train_size = data.train_images.shape[0]
-        self.step_impl = (StackedStep(models, configs, device, self.amp, train_size) if stacked
-                          else PlainStep(models[0], configs[0], device, self.amp, train_size))
+        if not stacked:
+            self.step_impl = PlainStep(models[0], configs[0], device, self.amp, train_size)
+        else:
+            stacking = PaddedStep if sizes_differ(configs) else StackedStep
+            self.step_impl = stacking(models, configs, device, self.amp, train_size)
         self.weights = loss_weights(configs, device)  # per trial: kl_weight (β once ramped up), free_bits, tc_weight
         self.total_steps = self.config.train.epochs * data.num_batches("train", self.config.train.batch_size)
         self.schedule = schedule_columns([config.loss for config in configs], self.total_steps, device)
@@ -108,18 +112,18 @@ class Engine:
     def run(self) -> None:
         config = self.config
         batch_size, epochs = config.train.batch_size, config.train.epochs
-        # one data order and one noise stream per seed, shared by the trials of that seed; a
-        # seed's streams stop being drawn once its last trial has left (the others are unchanged)
-        self.seeds, self.slot = seed_slots(self.configs, self.device)
-        order_generators = {seed: torch.Generator().manual_seed(seed + ORDER_SEED_OFFSET) for seed in self.seeds}
-        noise_generators = {seed: torch.Generator(device=self.device).manual_seed(seed + NOISE_SEED_OFFSET)
-                            for seed in self.seeds}
+        # one data order and one noise stream per (seed, latent size), shared by the trials that
+        # have both; a stream stops being drawn once its last trial has left (the others are unchanged)
+        self.streams, self.slot = stream_slots(self.configs, self.latent_dims, self.device)
+        order_generators = {key: torch.Generator().manual_seed(key[0] + ORDER_SEED_OFFSET) for key in self.streams}
+        noise_generators = {key: torch.Generator(device=self.device).manual_seed(key[0] + NOISE_SEED_OFFSET)
+                            for key in self.streams}
         self.order_generators, self.noise_generators = order_generators, noise_generators
-        for trial in self.trials:  # a resumed seed's streams go on
+        for row, trial in enumerate(self.trials):  # a resumed trial's streams go on
             checkpoint = trial.checkpoint
             if checkpoint is not None:
-                order_generators[trial.config.train.seed].set_state(checkpoint.order_generator)
-                noise_generators[trial.config.train.seed].set_state(checkpoint.noise_generator)
+                order_generators[self._stream(row)].set_state(checkpoint.order_generator)
+                noise_generators[self._stream(row)].set_state(checkpoint.noise_generator)
         start_epoch = self.trials[0].epochs_trained
         trained = [trial for trial in self.trials if trial.finished_training]
         if trained:  # stopped after training, before its run finished: only the end is left
@@ -135,8 +139,8 @@ class Engine:
             for trial in self.trials:
                 trial.running_count = 0
             started = time.perf_counter()
-            streams = {seed: self.data.batches("train", batch_size, shuffle=True, generator=order_generators[seed],
-                                               noise_generator=noise_generators[seed]) for seed in self.seeds}
+            streams = {key: self.data.batches("train", batch_size, shuffle=True, generator=order_generators[key],
+                                              noise_generator=noise_generators[key]) for key in self.streams}
             bar = tqdm(range(steps_per_epoch), leave=False, dynamic_ncols=True,
                        desc=self._describe(f"epoch {epoch}/{epochs}"), disable=not self.progress)
             for _ in bar:
@@ -146,9 +150,9 @@ class Engine:
                         bar.close()
                         return
                 rebalance_threads()  # the CPUs of this machine's workers that ran out of trials
-                images, images_dim = gather([next(streams[seed])[0] for seed in self.seeds], self.slot)
-                noise, noise_dim = draw_noise([noise_generators[seed] for seed in self.seeds], self.slot,
-                                              images.shape[-4] * self.step_impl.objective.draws_per_image, self.latent_dim,
+                images, images_dim = gather([next(streams[key])[0] for key in self.streams], self.slot)
+                noise, noise_dim = draw_noise([noise_generators[key] for key in self.streams], self.streams, self.slot,
+                                              images.shape[-4] * self.step_impl.objective.draws_per_image,
                                               self.variational, self.device, self.noise_dtype)
                 running += self.step_impl.train_step(images, images_dim, noise, noise_dim,
                                                      {**self.weights, "kl_weight": self.kl_weights()})
@@ -168,14 +172,19 @@ class Engine:
             if not self.trials:
                 return
 
+    def _stream(self, row: int) -> tuple[int, int]:
+        """The (seed, latent size) whose random streams the trial in `row` draws from."""
+        return self.trials[row].config.train.seed, self.latent_dims[row]
+
     def _capture_frames(self) -> None:
         """The frame images' posterior means for each trial whose frame step this is."""
         rows = [row for row, trial in enumerate(self.trials) if latent_evolution.due(self.step, trial.config)]
         if not rows:
             return
-        means = latent_evolution.capture(self.step_impl.forward, self.frame_images, self.latent_dim, self.variational)
-        for row in rows:
-            self.trials[row].latent_frames.append((self.step, means[row]))
+        means = latent_evolution.capture(self.step_impl.forward, self.frame_images, max(self.latent_dims),
+                                         self.variational)
+        for row in rows:  # a padded batch's trials: their own latent dimensions
+            self.trials[row].latent_frames.append((self.step, means[row][:, :self.latent_dims[row]]))
 
     def _describe(self, what: str) -> str:
         return what if len(self.trials) == 1 else f"{len(self.trials)} trials, {what}"
@@ -215,7 +224,7 @@ class Engine:
         """val/*, throughput and `epoch` for every trial; then divergence, early stopping, callbacks."""
         if self.data.has_val:
             all_val = evaluate_split(self.step_impl.forward, self.data, "val", self.configs, self.variational,
-                                     self.latent_dim, self.device, self.noise_dtype)
+                                     self.latent_dims, self.device, self.noise_dtype)
         else:
             all_val = [{} for _ in self.trials]
         throughput = {names.IMAGES_PER_SEC: self.data.train_images.shape[0] / seconds,
@@ -268,13 +277,13 @@ class Engine:
             return True
         if trial.epochs_trained % every and not trial.finished_training:
             return False  # the metrics wait for the next checkpoint
-        seed = trial.config.train.seed
+        stream = self._stream(row)
         checkpoint = Checkpoint(
             epoch=trial.epochs_trained, step=self.step, sequence=trial.checkpoints_written,
             finished_training=trial.finished_training, model_state=self.step_impl.state(row),
             optimizer_state=self.step_impl.optimizer_state(row),
-            order_generator=self.order_generators[seed].get_state(),
-            noise_generator=self.noise_generators[seed].get_state(),
+            order_generator=self.order_generators[stream].get_state(),
+            noise_generator=self.noise_generators[stream].get_state(),
             best_val_loss=trial.best_val_loss, best_epoch=trial.best_epoch, best_state=trial.best_state,
             val=trial.val, last_train=trial.last_train, last_epoch=trial.last_epoch,
             pending_metrics=trial.tracker.pending())
@@ -331,7 +340,8 @@ class Engine:
             self.step_impl.keep(rows)
             self.weights = {name: column.index_select(0, index) for name, column in self.weights.items()}
             self.schedule = {name: column.index_select(0, index) for name, column in self.schedule.items()}
-            self.seeds, self.slot = seed_slots(self.configs, self.device)
+            self.latent_dims = [self.latent_dims[row] for row in rows]
+            self.streams, self.slot = stream_slots(self.configs, self.latent_dims, self.device)
         return None if running is None else running[rows]
 
     # -- the end of a trial
@@ -359,9 +369,9 @@ class Engine:
         """test/* of these trials: one shared pass when everyone left is done, else one each."""
         if len(done) == len(self.trials):
             return evaluate_split(self.step_impl.forward, self.data, "test", self.configs, self.variational,
-                                  self.latent_dim, self.device, self.noise_dtype)
+                                  self.latent_dims, self.device, self.noise_dtype)
         return [evaluate_split(plain_forward(model, self.amp, self.device), self.data, "test", [trial.config],
-                               self.variational, self.latent_dim, self.device, self.noise_dtype)[0]
+                               self.variational, [model.latent_dim], self.device, self.noise_dtype)[0]
                 for trial, model in zip(done, models)]
 
     def _finalize_trial(self, trial: Trial, model: Autoencoder, test: dict[str, float]) -> RunResult:

@@ -20,6 +20,7 @@ from vae_lab import names
 from vae_lab.config import ConfigError
 from vae_lab.data.datasets import ImageData
 from vae_lab.models.components import build_model
+from vae_lab.training import padding
 from vae_lab.training.batching import PER_TRIAL_KEYS, batch_key
 from vae_lab.training.device import applied_threads, effective_amp, resolve_device, seed_everything
 from vae_lab.training.loop import Engine
@@ -33,7 +34,12 @@ def check_batchable(specs: Sequence[TrialSpec]) -> None:
         first = dict(keys[0])
         differing = sorted({name for key in keys for name, value in key if first.get(name, object()) != value})
         raise ValueError("trials trained together may differ only in "
-                         f"{', '.join(PER_TRIAL_KEYS)}; these differ too: {', '.join(differing)}")
+                         f"{', '.join(PER_TRIAL_KEYS)} (and, where their family pads exactly, in "
+                         f"{' and '.join(padding.SIZE_KEYS)} at one depth); these differ too: {', '.join(differing)}")
+    configs = [spec.config for spec in specs]
+    if padding.sizes_differ(configs) and not all(padding.loss_pads(config) for config in configs):
+        raise ValueError("trials of different sizes train together only without loss.free_bits and "
+                         "loss.tc_weight (they act on every latent dimension, padded ones too)")
     if len({spec.resumed_epoch for spec in specs}) > 1:
         raise ValueError("trials trained together must resume from the same epoch")
 
@@ -65,10 +71,12 @@ def run_trials(specs: Sequence[TrialSpec], *, data: ImageData, parent_run_id: st
             trial.model.load_state_dict(trial.checkpoint.model_state)
             trial.restore(trial.checkpoint, device)
     amp = effective_amp(first.train.amp, device)
+    configs = [spec.config for spec in specs]
+    padded_to = padding.describe_sizes(padding.widest(configs)) if padding.sizes_differ(configs) else None
     try:
         try:
             for trial in trials:
-                start_tracking(trial, data, device, parent_run_id, amp, batched=len(trials))
+                start_tracking(trial, data, device, parent_run_id, amp, batched=len(trials), padded_to=padded_to)
             # StackedStep groups trials by learning rate: keep equal rates next to each other
             ordered = sorted(trials, key=lambda trial: trial.config.train.lr)
             engine = Engine(ordered, data, device, stacked=len(trials) > 1 if stacked is None else stacked, amp=amp,
@@ -93,7 +101,7 @@ def run_trials(specs: Sequence[TrialSpec], *, data: ImageData, parent_run_id: st
 
 
 def start_tracking(trial: Trial, data: ImageData, device, parent_run_id: str | None, amp: bool,
-                   batched: int) -> None:
+                   batched: int, padded_to: str | None = None) -> None:
     """The trial's run: none with tracking off, its own run continued, or a new one."""
     from vae_lab.tracking.tracker import NullTracker, RunTracker  # MLflow (about 1 s): only once a run starts
 
@@ -105,6 +113,8 @@ def start_tracking(trial: Trial, data: ImageData, device, parent_run_id: str | N
         run_tags[names.KL_ESTIMATOR_TAG] = trial.model.prior.estimator
     if batched > 1:
         run_tags[names.BATCHED_TRIALS_TAG] = str(batched)
+    if padded_to is not None:
+        run_tags[names.PADDED_TO_TAG] = padded_to
     if not trial.config.tracking.enabled:
         trial.tracker = NullTracker()
     elif spec.resume is not None:

@@ -17,21 +17,22 @@ ORDER_SEED_OFFSET, NOISE_SEED_OFFSET, EVAL_NOISE_SEED_OFFSET = 0, 1, 1_000_003
 
 @torch.no_grad()
 def evaluate_split(forward, data: ImageData, split: str, configs: list[Config], variational: bool,
-                   latent_dim: int, device: torch.device, noise_dtype=torch.float32) -> list[dict[str, float]]:
+                   latent_dims: list[int], device: torch.device, noise_dtype=torch.float32) -> list[dict[str, float]]:
     """`split`/* of K models at once, per image in nats, from one posterior sample per image.
 
     `forward(images, noise, noise_dim)` gives (logits, mean[, logvar, kl_terms]) with a leading
-    K dimension (`steps.NoiseInput`). The images are the split's fixed pixels, shared by every trial; each trial's
-    noise comes from a generator seeded with its `train.seed` (trials with one seed share it),
-    reseeded on every call so every epoch is scored on the same draws.
+    K dimension (`steps.NoiseInput`); `latent_dims` is each model's latent size. The images are the
+    split's fixed pixels, shared by every trial; each trial's noise comes from a generator seeded
+    with its `train.seed` (trials with one seed and latent size share it), reseeded on every call
+    so every epoch is scored on the same draws.
     """
-    seeds, slot = seed_slots(configs, device)
-    generators = [torch.Generator(device=device).manual_seed(seed + EVAL_NOISE_SEED_OFFSET) for seed in seeds]
+    streams, slot = stream_slots(configs, latent_dims, device)
+    generators = [torch.Generator(device=device).manual_seed(seed + EVAL_NOISE_SEED_OFFSET) for seed, _ in streams]
     loss = configs[0].loss  # the likelihood is part of the batch key: the same for every trial
     totals = torch.zeros(3, len(configs), dtype=torch.float64, device=device)
     count = 0
     for images, _ in data.batches(split, EVAL_BATCH_SIZE):
-        noise, noise_dim = draw_noise(generators, slot, images.shape[0], latent_dim, variational, device, noise_dtype)
+        noise, noise_dim = draw_noise(generators, streams, slot, images.shape[0], variational, device, noise_dtype)
         logits, *stats = forward(images, noise, noise_dim)
         logits = logits.float()
         trials, batch = logits.shape[:2]
@@ -58,12 +59,17 @@ def evaluate_split(forward, data: ImageData, split: str, configs: list[Config], 
     return metrics
 
 
-def seed_slots(configs: list[Config], device: torch.device) -> tuple[list[int], torch.Tensor | None]:
-    """The distinct seeds, and each trial's index into them (None when all share one)."""
-    seeds = list(dict.fromkeys(config.train.seed for config in configs))
-    if len(seeds) == 1:
-        return seeds, None
-    return seeds, torch.tensor([seeds.index(config.train.seed) for config in configs], device=device)
+def stream_slots(configs: list[Config], latent_dims: list[int],
+                 device: torch.device) -> tuple[list[tuple[int, int]], torch.Tensor | None]:
+    """The distinct random streams, one per (seed, latent size), and each trial's index into them
+    (None when all share one). A trial draws what it would draw alone: its seed's data order and
+    noise, at its own latent size (trials of different sizes train together padded,
+    `vae_lab.training.padding`)."""
+    keys = [(config.train.seed, dims) for config, dims in zip(configs, latent_dims)]
+    streams = list(dict.fromkeys(keys))
+    if len(streams) == 1:
+        return streams, None
+    return streams, torch.tensor([streams.index(key) for key in keys], device=device)
 
 
 def gather(per_seed: list[torch.Tensor], slot: torch.Tensor | None):
@@ -73,8 +79,12 @@ def gather(per_seed: list[torch.Tensor], slot: torch.Tensor | None):
     return torch.stack(per_seed).index_select(0, slot), 0
 
 
-def draw_noise(generators, slot, batch: int, latent_dim: int, variational: bool, device, dtype):
+def draw_noise(generators, streams: list[tuple[int, int]], slot, batch: int, variational: bool, device, dtype):
+    """Each stream's reparameterization noise [batch, its latent size], zero-padded to the widest."""
     if not variational:  # an AE's reparameterize draws nothing
         return None, None
-    return gather([torch.randn((batch, latent_dim), generator=generator, device=device, dtype=dtype)
-                   for generator in generators], slot)
+    width = max(dims for _, dims in streams)
+    draws = [torch.randn((batch, dims), generator=generator, device=device, dtype=dtype)
+             for generator, (_, dims) in zip(generators, streams)]
+    return gather([torch.nn.functional.pad(draw, (0, width - draw.shape[1])) if draw.shape[1] < width else draw
+                   for draw in draws], slot)

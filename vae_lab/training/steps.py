@@ -365,3 +365,59 @@ class StackedStep:
         model = build_model(config.model, tuple(self.template.model.image_shape), config.prior).to(self.device)
         model.load_state_dict(self.state(row))
         return model
+
+
+class PaddedStep(StackedStep):
+    """K trials of one family and different sizes (`vae_lab.training.padding`): a StackedStep
+    over copies of the widest model, each holding its trial at the trial's positions and zeros
+    elsewhere, with every gradient masked to the trial's own entries. What it hands out (state,
+    optimizer state, models) has each trial's own shapes, as a PlainStep's would."""
+
+    def __init__(self, models: list[Autoencoder], configs: list[Config], device: torch.device, amp: bool = False,
+                 train_size: int = 0):
+        from vae_lab.training.padding import Embedding, widest
+
+        wide_config = widest(configs)
+        with torch.device("meta"):
+            template = build_model(wide_config.model, tuple(models[0].image_shape), wide_config.prior)
+        self.embedding = Embedding(models, template)
+        hosts = []
+        for row, model in enumerate(models):
+            host = copy.deepcopy(template).to_empty(device=device)  # no initialization: every entry is set
+            with torch.no_grad():
+                own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+                for name, tensor in (*host.named_parameters(), *host.named_buffers()):
+                    tensor.copy_(self.embedding.pad(row, name, own[name].detach()))
+            hosts.append(host)
+        super().__init__(hosts, configs, device, amp, train_size)
+        self.masks = {f"model.{name}": self.embedding.mask(name, device) for name, _ in template.named_parameters()}
+
+    def _adam_step(self, grads: dict[str, torch.Tensor]) -> None:
+        super()._adam_step({name: grad.mul_(self.masks[name]) for name, grad in grads.items()})
+
+    def keep(self, rows: list[int]) -> None:
+        super().keep(rows)
+        self.embedding.keep(rows)
+        index = torch.tensor(rows, device=self.clip.device)
+        self.masks = {name: mask.index_select(0, index) for name, mask in self.masks.items()}
+
+    def state(self, row: int) -> dict[str, torch.Tensor]:
+        return {name: self.embedding.unpad(row, name, value) for name, value in super().state(row).items()}
+
+    @torch.no_grad()
+    def load_state(self, row: int, state: dict[str, torch.Tensor]) -> None:
+        super().load_state(row, {name: self.embedding.pad(row, name, value) for name, value in state.items()})
+
+    def optimizer_state(self, row: int) -> dict | None:
+        state = super().optimizer_state(row)
+        if state is None:
+            return None
+        return {"step": state["step"], **{key: {name: self.embedding.unpad(row, name, value)
+                                                for name, value in state[key].items()} for key in ADAM_MOMENTS}}
+
+    def load_optimizer_states(self, states: list[dict | None]) -> None:
+        super().load_optimizer_states([
+            None if state is None else
+            {"step": state["step"], **{key: {name: self.embedding.pad(row, name, value)
+                                             for name, value in state[key].items()} for key in ADAM_MOMENTS}}
+            for row, state in enumerate(states)])
