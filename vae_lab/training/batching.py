@@ -18,6 +18,7 @@ summation order (tests/test_batched.py).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Any, Hashable, Sequence
 
@@ -28,6 +29,7 @@ from vae_lab.training.device import resolve_device
 from vae_lab.data.datasets import image_shape_of
 from vae_lab.models.components import build_model, probe_device
 from vae_lab.training import padding
+from vae_lab.training.steps import NoiseInput
 
 # Config keys that may differ between trials trained together.
 PER_TRIAL_KEYS = ("loss.kl_weight", "loss.kl_schedule", "loss.kl_warmup_steps", "loss.kl_cycles",
@@ -62,7 +64,58 @@ def batch_key(config: Config) -> Hashable:
 def pads(config: Config) -> bool:
     """Whether trials of this config's family and prior may differ in size within a batch (those
     whose loss does not allow it, `padding.loss_pads`, train at their own sizes)."""
-    return config.prior.name == "standard_normal" and padding.pads_exactly(config)
+    return config.prior.name == "standard_normal" and pads_exactly(config)
+
+
+_pads_exactly: dict = {}
+
+
+def pads_exactly(config: Config) -> bool:
+    """Whether a model of this config's family, held in a wider one (`Embedding`), computes what
+    it computes alone: the decoder's output and the posterior's statistics equal, the padded
+    latent dimensions' KL exactly 0. Checked once per family and depth on the CPU, on small
+    random inputs, without touching the global random state."""
+    key = tuple(sorted((name, _hashable(value)) for name, value in config.flat().items()
+                       if name.startswith(("model.", "prior.", "data.")) and name not in padding.SIZE_KEYS))
+    if key not in _pads_exactly:
+        small = copy.deepcopy(config)
+        small.device = "cpu"
+        small.model.latent_dim = 2
+        small.model.hidden_dims = [3] * len(config.model.hidden_dims)
+        wide = copy.deepcopy(small)
+        wide.model.latent_dim = 5
+        wide.model.hidden_dims = [7] * len(config.model.hidden_dims)
+        try:
+            _pads_exactly[key] = _same_outputs(small, wide, image_shape_of(config.data))
+        except Exception:  # a family that cannot be built this small, or whose tensors do not nest
+            _pads_exactly[key] = False
+    return _pads_exactly[key]
+
+
+def _same_outputs(small: Config, wide: Config, image_shape) -> bool:
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        alone = build_model(small.model, image_shape, small.prior)
+        host = build_model(wide.model, image_shape, wide.prior)
+        embedding = padding.Embedding([alone], host)
+        wide_tensors = padding.tensors_of(host)
+        for name, tensor in padding.tensors_of(alone).items():
+            wide_tensors[name].copy_(embedding.pad(0, name, tensor))
+        images = torch.rand(4, *image_shape)
+        noise = torch.randn(4, small.model.latent_dim)
+        padded_noise = torch.cat([noise, torch.zeros(4, wide.model.latent_dim - small.model.latent_dim)], dim=1)
+        own = NoiseInput(alone.eval())(images, noise if alone.variational else None)
+        padded = NoiseInput(host.eval())(images, padded_noise if host.variational else None)
+    if len(own) != len(padded) or not torch.allclose(own[0], padded[0], rtol=1e-4, atol=1e-5):
+        return False
+    dims = small.model.latent_dim
+    for mine, theirs in zip(own[1:], padded[1:]):
+        if mine.shape[-1] != dims or not torch.allclose(mine, theirs[..., :dims], rtol=1e-4, atol=1e-5):
+            return False
+    if alone.variational and not bool((padded[3][..., dims:] == 0).all()):  # the padded dimensions' KL
+        return False
+    return True
+
 
 
 def estimate_trial_bytes(config: Config) -> int:

@@ -10,11 +10,11 @@ are masked to each trial's own entries (`Embedding.mask`) before clipping and Ad
 entries never move (Adam's moments of a zero gradient stay zero) and a trial's gradient norm is
 its own. A trial then computes what it computes alone, up to floating-point summation order.
 
-`pads_exactly` checks that a family behaves so, once per family and depth, by running a model
-and a wider one holding it on the same inputs; a family that does not (a normalization over
-the features, a layout `positions_in` does not describe) trains by shape as before. Losses that
-act per latent dimension beyond its KL (free bits, the total correlation) or priors other than
-N(0, I) are kept out (`loss_pads`, `vae_lab.training.batching.pads`).
+`vae_lab.training.batching.pads` checks that a family behaves so, once per family and depth, by
+running a model and a wider one holding it on the same inputs; a family that does not (a
+normalization over the features, a layout `positions_in` does not describe) trains by shape as
+before. Losses that act per latent dimension beyond its KL (free bits, the total correlation)
+or priors other than N(0, I) are kept out (`loss_pads`, `batching.pads`).
 
 `partition` groups sizes so that padding never costs more than it saves, by the step-time model
 `STEP_COST` measured in `benchmarks/padding.py` (benchmarks/RESULTS.md §0l).
@@ -44,10 +44,6 @@ PADDED_OVERHEAD = 1.08
 
 def sizes_of(config: Config) -> tuple:
     return config.model.latent_dim, tuple(config.model.hidden_dims)
-
-
-def _hashable(value):
-    return tuple(value) if isinstance(value, list) else value
 
 
 def sizes_differ(configs: Sequence[Config]) -> bool:
@@ -87,11 +83,11 @@ class Embedding:
     positions of the trial's entries (in its own tensor's order) and its own shape."""
 
     def __init__(self, models: Sequence[torch.nn.Module], wide: torch.nn.Module):
-        wide_tensors = _tensors(wide)
+        wide_tensors = tensors_of(wide)
         self.wide_shapes = {name: tensor.shape for name, tensor in wide_tensors.items()}
         self.rows = []
         for model in models:
-            own = _tensors(model)
+            own = tensors_of(model)
             if own.keys() != wide_tensors.keys():
                 raise ValueError("a padded trial's model has other tensors than the widest one's")
             self.rows.append({name: (_flat_positions(model.positions_in(wide, name), self.wide_shapes[name]),
@@ -120,7 +116,7 @@ class Embedding:
         return mask.view(len(self.rows), *self.wide_shapes[name])
 
 
-def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def tensors_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
@@ -132,62 +128,6 @@ def _flat_positions(per_dim: tuple[torch.Tensor, ...], wide_shape: torch.Size) -
             raise ValueError("a padded trial's tensor does not fit in the widest model's")
         flat = flat.unsqueeze(-1) * size + index.long()
     return flat.reshape(-1)
-
-
-# ----------------------------------------------------------------------------- the family check
-
-_pads_exactly: dict = {}
-
-
-def pads_exactly(config: Config) -> bool:
-    """Whether a model of this config's family, held in a wider one (`Embedding`), computes what
-    it computes alone: the decoder's output and the posterior's statistics equal, the padded
-    latent dimensions' KL exactly 0. Checked once per family and depth on the CPU, on small
-    random inputs, without touching the global random state."""
-    from vae_lab.data.datasets import image_shape_of
-    from vae_lab.models.components import build_model
-    from vae_lab.training.steps import NoiseInput
-
-    key = tuple(sorted((name, _hashable(value)) for name, value in config.flat().items()
-                       if name.startswith(("model.", "prior.", "data.")) and name not in SIZE_KEYS))
-    if key not in _pads_exactly:
-        small = copy.deepcopy(config)
-        small.device = "cpu"
-        small.model.latent_dim = 2
-        small.model.hidden_dims = [3] * len(config.model.hidden_dims)
-        wide = copy.deepcopy(small)
-        wide.model.latent_dim = 5
-        wide.model.hidden_dims = [7] * len(config.model.hidden_dims)
-        try:
-            _pads_exactly[key] = _same_outputs(small, wide, image_shape_of(config.data), build_model, NoiseInput)
-        except Exception:  # a family that cannot be built this small, or whose tensors do not nest
-            _pads_exactly[key] = False
-    return _pads_exactly[key]
-
-
-def _same_outputs(small: Config, wide: Config, image_shape, build_model, NoiseInput) -> bool:
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(0)
-        alone = build_model(small.model, image_shape, small.prior)
-        host = build_model(wide.model, image_shape, wide.prior)
-        embedding = Embedding([alone], host)
-        wide_tensors = _tensors(host)
-        for name, tensor in _tensors(alone).items():
-            wide_tensors[name].copy_(embedding.pad(0, name, tensor))
-        images = torch.rand(4, *image_shape)
-        noise = torch.randn(4, small.model.latent_dim)
-        padded_noise = torch.cat([noise, torch.zeros(4, wide.model.latent_dim - small.model.latent_dim)], dim=1)
-        own = NoiseInput(alone.eval())(images, noise if alone.variational else None)
-        padded = NoiseInput(host.eval())(images, padded_noise if host.variational else None)
-    if len(own) != len(padded) or not torch.allclose(own[0], padded[0], rtol=1e-4, atol=1e-5):
-        return False
-    dims = small.model.latent_dim
-    for mine, theirs in zip(own[1:], padded[1:]):
-        if mine.shape[-1] != dims or not torch.allclose(mine, theirs[..., :dims], rtol=1e-4, atol=1e-5):
-            return False
-    if alone.variational and not bool((padded[3][..., dims:] == 0).all()):  # the padded dimensions' KL
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------- grouping by size

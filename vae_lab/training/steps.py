@@ -36,6 +36,7 @@ from vae_lab.models.priors import StandardNormal, gaussian_log_density, standard
 from vae_lab.models.autoencoders import Autoencoder
 from vae_lab.models.components import build_model, build_objective
 from vae_lab.models.objectives import Draws, Objective
+from vae_lab.training.padding import Embedding, widest
 
 CLIP_EPS = 1e-6  # clip_grad_norm_'s
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -375,8 +376,6 @@ class PaddedStep(StackedStep):
 
     def __init__(self, models: list[Autoencoder], configs: list[Config], device: torch.device, amp: bool = False,
                  train_size: int = 0):
-        from vae_lab.training.padding import Embedding, widest
-
         wide_config = widest(configs)
         with torch.device("meta"):
             template = build_model(wide_config.model, tuple(models[0].image_shape), wide_config.prior)
