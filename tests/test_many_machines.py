@@ -112,7 +112,9 @@ def test_two_machines_on_postgres_and_an_mlflow_server_kill_one_and_rerun(tmp_pa
                                                                            monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     study_file = tmp_path / "machines.yaml"
-    study_file.write_text(yaml.safe_dump({"study": {"name": STUDY, "sampler": "grid"}, "base": BASE,
+    # batch_trials off: latent sizes would pad into one pass, which one machine would claim whole
+    study_file.write_text(yaml.safe_dump({"study": {"name": STUDY, "sampler": "grid", "batch_trials": "off"},
+                                          "base": BASE,
                                           "search_space": {"model.latent_dim": POINTS}}))
     storage_url = f"{postgres}/optuna"
     command = [PYTHON, "-m", "vae_lab.sweep", str(study_file), "--storage", storage_url,

@@ -6,6 +6,7 @@ batch first."""
 import dataclasses
 import os
 import subprocess
+import time
 
 import torch
 from mlflow.tracking import MlflowClient
@@ -21,7 +22,15 @@ from vae_lab.study.spec import load_study_spec
 from vae_lab.study.storage import assignment_of
 from vae_lab.training.batching import plan_batches, stacking_pays
 from vae_lab.training import device
-from vae_lab.training.device import apply_threads, plan_threads, rebalance_threads, share_with, usable_cpus
+from vae_lab.training.device import (
+    ThreadPlan,
+    apply_threads,
+    plan_threads,
+    rebalance_threads,
+    share_with,
+    threads_for,
+    usable_cpus,
+)
 
 
 def test_the_share_follows_the_affinity_mask_slurm_and_the_workers(monkeypatch):
@@ -63,6 +72,7 @@ def test_a_worker_takes_the_cpus_of_the_workers_that_ran_out_of_trials(monkeypat
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     monkeypatch.setattr(device, "_applied", None)
+    monkeypatch.setattr(device, "_external_busy", 0.0)  # no other process's load in this test
     cpus, before = usable_cpus()[0], torch.get_num_threads()
     busy = [1, 1]  # what workers.Helpers shares between processes: a flag per worker
     try:
@@ -114,3 +124,44 @@ def test_convolutions_train_one_by_one_on_the_cpu_and_mlps_stacked():
              for config in (conv, mlp) for seed in (0, 1, 2)]
     assert plan_batches(seeds, "auto") == [[0], [1], [2], [3, 4, 5]]
     assert plan_batches(seeds, 3) == [[0, 1, 2], [3, 4, 5]]  # a cap the study sets is kept
+
+
+def test_a_share_gives_up_the_cpus_other_processes_keep_busy():
+    plan = ThreadPlan(4, "4 CPUs by the CPU affinity mask", shared_by=1, cpus=4)
+    assert threads_for(plan, 1, 0.0) == 4
+    assert threads_for(plan, 1, 0.7) == 4  # a light load (a test polling a store) takes nothing
+    assert threads_for(plan, 1, 1.0) == 3  # a CPU-bound process takes a CPU
+    assert threads_for(plan, 1, 2.9) == 1 and threads_for(plan, 1, 9.0) == 1  # never none
+    assert threads_for(plan, 2, 1.0) == 2  # two workers: each its share, and what is free caps it
+    assert threads_for(plan, 2, 2.0) == 2 and threads_for(plan, 2, 3.0) == 1
+
+
+def test_other_processes_load_is_measured_without_our_own(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    before = torch.get_num_threads()
+    load = device.OtherLoad()
+    assert load.look() is None  # the first look only sets where the next one measures from
+    spinner = subprocess.Popen([PYTHON, "-c", "while 1: pass"])
+    try:
+        time.sleep(1.0)
+        busy = load.look()
+        assert busy is not None and busy >= 0.5  # the spinner, about one whole CPU
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:  # our own work is not another process's
+            sum(range(10_000))
+        assert load.look() >= 0.5
+        # a lone share beside the spinner gives up the CPU it takes, and its tag says why
+        monkeypatch.setattr(device, "_other_load", device.OtherLoad())
+        apply_threads(plan_threads())
+        time.sleep(1.0)
+        device.fit_threads_to_load()
+        assert torch.get_num_threads() == max(1, usable_cpus()[0] - 1)
+        if usable_cpus()[0] > 1:
+            assert "kept busy by other processes" in device.applied_threads()
+    finally:
+        spinner.kill()
+        spinner.wait()
+        monkeypatch.setattr(device, "_applied", None)
+        monkeypatch.setattr(device, "_external_busy", 0.0)
+        torch.set_num_threads(before)

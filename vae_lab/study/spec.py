@@ -3,7 +3,7 @@
 A study file has three sections:
 
     study:        name, sampler, pruner, objectives, n_trials, timeout,
-                  batch_trials (auto | off | N: train same-shaped trials together)
+                  batch_trials (auto | off | N: train trials of one shape, or of sizes padded to one, together)
     base:         a run config applied to every trial (sections data, model, loss, ...)
     search_space: dotted config keys -> a list of values, or {low, high, log, step, type};
                   plus `points:` (whole assignments, for paired values) and `seeds:`

@@ -102,7 +102,7 @@ def tell(worker: Worker, number: int, outcome) -> TrialState | None:
 
 
 def run_claimed(worker: Worker, trials: list[optuna.Trial], progress: bool) -> None:
-    """Train the claimed trials, same-shaped ones together; tell each as soon as its run ends.
+    """Train the claimed trials, same-shaped ones (or sizes that pad) together; tell each as soon as its run ends.
     Trials that cannot share a batch (another shape, or retries continuing from another
     epoch) run in batches of their own. Every claimed trial beats its heartbeat until told."""
     session = worker.session

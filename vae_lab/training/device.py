@@ -3,8 +3,10 @@ autocast may run."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +80,7 @@ def apply_threads(plan: ThreadPlan) -> None:
     except RuntimeError:  # inter-op work already ran in this process: its pool stays as it is
         pass
     _applied = plan
+    _other_load.look()  # where the first training pass measures other processes' load from
 
 
 def share_with(busy_workers: Callable[[], int] | None) -> None:
@@ -88,12 +91,89 @@ def share_with(busy_workers: Callable[[], int] | None) -> None:
     _busy_workers = busy_workers
 
 
+FREE_CPU_THRESHOLD = 0.75  # of a CPU that other processes keep busy before a share gives it up
+
+
+class OtherLoad:
+    """How many of this process's CPUs other processes kept busy between two looks: the busy
+    time of the CPUs in the affinity mask (/proc/stat) less this process's own (/proc/self/stat).
+    Our OpenMP threads' spinning counts as ours, so it never hides another process's load."""
+
+    def __init__(self):
+        self.last: tuple[float, int, int] | None = None
+
+    def look(self) -> float | None:
+        """Other processes' busy CPUs since the previous look (None at the first, or without /proc)."""
+        reading, now = read_cpu_ticks(), time.monotonic()
+        if reading is None:
+            return None
+        busy = None
+        if self.last is not None and now > self.last[0]:
+            ticks = (now - self.last[0]) * os.sysconf("SC_CLK_TCK")
+            busy = max(0.0, ((reading[0] - self.last[1]) - (reading[1] - self.last[2])) / ticks)
+        self.last = (now, *reading)
+        return busy
+
+
+def read_cpu_ticks() -> tuple[int, int] | None:
+    """(busy clock ticks of the CPUs this process may use, this process's own ticks), or None
+    where /proc cannot say."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        lines = Path("/proc/stat").read_text().splitlines()
+        own = Path("/proc/self/stat").read_text()
+    except (OSError, AttributeError):
+        return None
+    busy = 0
+    for line in lines:
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            ticks = [int(value) for value in values[:8]]  # user nice system idle iowait irq softirq steal
+            busy += sum(ticks) - ticks[3] - ticks[4]
+    fields = own[own.rindex(")") + 2:].split()  # after the command name: field 3 (state) onwards
+    return busy, int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def threads_for(plan: ThreadPlan, busy_workers: int, external_busy: float) -> int:
+    """A share's threads: the plan's CPUs divided by this machine's workers still training, and
+    no more than the CPUs that processes outside the command leave free (a CPU counts as taken
+    from FREE_CPU_THRESHOLD of it busy), at least one."""
+    share = max(1, plan.cpus // max(1, busy_workers))
+    return max(1, min(share, math.ceil(plan.cpus - external_busy - (1 - FREE_CPU_THRESHOLD))))
+
+
+_other_load = OtherLoad()
+_external_busy = 0.0  # CPUs kept busy by processes outside this command, as of the pass's start
+
+
+def fit_threads_to_load() -> None:
+    """At the start of a training pass: look at what other processes kept busy since the last
+    look (the first is when the plan was applied) and size this pass's threads by it. The count
+    then stays for the pass (a thread count changes a run's last digits: torch splits its
+    reductions by it), except as this command's own workers run out of trials. Two OpenMP
+    threads beside a CPU-bound process on two cores wait, step after step, on the one sharing a
+    core with it: 3.1x slower than one thread (benchmarks/RESULTS.md §0l)."""
+    global _external_busy
+    if _applied is None or not _applied.shared_by:
+        return
+    other = _other_load.look()
+    if other is None:
+        return
+    busy = _busy_workers() if _busy_workers is not None else 1
+    ours = (busy - 1) * max(1, _applied.cpus // busy)  # this command's other workers, at their shares
+    _external_busy = max(0.0, other - ours)
+    _set_threads(threads_for(_applied, busy, _external_busy))
+
+
 def rebalance_threads() -> None:
     """Between training steps: take this process's share of the CPUs again, when the plan was
-    a share and the number of busy workers changed."""
+    a share and the number of this command's busy workers changed."""
     if _applied is None or not _applied.shared_by or _busy_workers is None:
         return
-    threads = max(1, _applied.cpus // max(1, _busy_workers()))  # no syscall on the training path
+    _set_threads(threads_for(_applied, _busy_workers(), _external_busy))  # no syscall on the training path
+
+
+def _set_threads(threads: int) -> None:
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
 
@@ -102,6 +182,9 @@ def applied_threads() -> str:
     """What the run's tag records: the plan a command applied, else torch's own count."""
     threads = torch.get_num_threads()
     growing = _applied is not None and _applied.shared_by > 1 and _busy_workers is not None
+    if _applied is not None and _applied.shared_by and _external_busy >= FREE_CPU_THRESHOLD and \
+            threads < _applied.threads:
+        return f"{threads} ({_applied.why}; {_external_busy:.1f} kept busy by other processes)"
     if _applied is not None and _applied.threads == threads:
         return f"{_applied}; more as the other workers run out of trials" if growing else str(_applied)
     if growing:

@@ -22,7 +22,13 @@ from vae_lab.data.datasets import ImageData
 from vae_lab.models.components import build_model
 from vae_lab.training import padding
 from vae_lab.training.batching import PER_TRIAL_KEYS, batch_key
-from vae_lab.training.device import applied_threads, effective_amp, resolve_device, seed_everything
+from vae_lab.training.device import (
+    applied_threads,
+    effective_amp,
+    fit_threads_to_load,
+    resolve_device,
+    seed_everything,
+)
 from vae_lab.training.loop import Engine
 from vae_lab.training.trial import RunResult, Trial, TrialEndCallback, TrialSpec
 
@@ -71,6 +77,8 @@ def run_trials(specs: Sequence[TrialSpec], *, data: ImageData, parent_run_id: st
             trial.model.load_state_dict(trial.checkpoint.model_state)
             trial.restore(trial.checkpoint, device)
     amp = effective_amp(first.train.amp, device)
+    if device.type == "cpu":
+        fit_threads_to_load()  # this pass's threads: the CPUs other processes leave (tagged below)
     configs = [spec.config for spec in specs]
     padded_to = padding.describe_sizes(padding.widest(configs)) if padding.sizes_differ(configs) else None
     try:
