@@ -196,3 +196,28 @@ def test_a_latent_size_grid_plans_one_pass_and_off_plans_none():
     assert plan_batches(grid, "auto") == [[0, 1, 2, 3, 4]]
     assert plan_batches(grid, "off") == [[index] for index in range(5)]
     assert sorted(len(batch) for batch in plan_batches(grid, 2)) == [1, 2, 2]
+
+
+def test_seed_000s_study_trains_in_one_pass_under_a_cap(tmp_path, tracking_uri):
+    """Seed 000's five (hidden, latent) pairs: one by one under auto on a CPU (padding them to
+    the widest costs more than it saves there, benchmarks/RESULTS.md §0l); one padded pass when
+    the study sets a cap, each trial its own run at its own size."""
+    from test_sweep import runs_of
+    from vae_lab import sweep
+    from vae_lab.study.spec import load_study_spec
+
+    spec = load_study_spec("experiments/seed000_nas.yaml")
+    configs = [spec.trial_config(point) for point in spec.iter_grid_points()]
+    assert len({batch_key(config) for config in configs}) == 1
+    assert plan_batches(configs, "auto") == [[index] for index in range(5)]
+    assert plan_batches(configs, 5) == [[0, 1, 2, 3, 4]]
+    assert sweep.main(["experiments/seed000_nas.yaml", "--tracking-uri", tracking_uri, "--storage",
+                       f"sqlite:///{tmp_path / 'optuna.db'}", "study.batch_trials=5", "base.train.epochs=1",
+                       "base.data.train_limit=256", "base.data.test_limit=128", "base.eval.enabled=false",
+                       "base.tracking.log_images=false", "base.tracking.log_model=false"]) == 0
+    kids = runs_of(tracking_uri)
+    kids = kids[kids["vae_lab.role"] == "trial"]
+    assert len(kids) == 5 and set(kids["status"]) == {"FINISHED"}
+    assert set(kids[names.BATCHED_TRIALS_TAG]) == {"5"}
+    assert set(kids[names.PADDED_TO_TAG]) == {"latent_dim=64, hidden_dims=[512]"}
+    assert sorted(kids["param:model.latent_dim"].astype(int)) == [4, 8, 16, 32, 64]

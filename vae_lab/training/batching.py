@@ -202,9 +202,10 @@ def plan_batches(configs: Sequence[Config], max_batch: int | str = "auto") -> li
     `max_batch`: "off" (or 1) trains each config alone; an integer N caps a batch at N
     trials; "auto" caps it at 16 on the CPU, 64 on CUDA, and lower when the memory estimate
     of `estimate_trial_bytes` says so, and at 1 where stacking does not pay (`stacking_pays`).
-    Configs of different sizes (`pads`) are first split where padding them to one size would
-    cost more than it saves (`padding.partition`). A group larger than the cap is split into
-    batches of near-equal size. Batches keep the order in which their first config appears.
+    Under "auto", configs of different sizes (`pads`) are first split where padding them to one
+    size would cost more than it saves (`padding.partition`); a cap N pads them anyway, as it
+    stacks convolutions anyway. A group larger than the cap is split into batches of near-equal
+    size. Batches keep the order in which their first config appears.
     """
     if max_batch == "off":
         max_batch = 1
@@ -222,7 +223,7 @@ def plan_batches(configs: Sequence[Config], max_batch: int | str = "auto") -> li
             for index, config in zip(members, group):
                 by_size.setdefault(padding.sizes_of(config), []).append(index)
             parts += by_size.values()
-        elif max_batch != 1 and padding.sizes_differ(group):
+        elif max_batch == "auto" and padding.sizes_differ(group):
             device_type = resolve_device(group[0].device).type
             step_flops = [forward_flops(config) * config.train.batch_size for config in group]
             parts += [[members[index] for index in part] for part in padding.partition(step_flops, device_type)]
