@@ -117,7 +117,6 @@ def _same_outputs(small: Config, wide: Config, image_shape) -> bool:
     return True
 
 
-
 def estimate_trial_bytes(config: Config) -> int:
     """A rough upper bound of one trial's memory in a batch: parameters with gradient and Adam
     state (x6: param, grad, clipped grad, two moments, headroom), plus every module's output for
