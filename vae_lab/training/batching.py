@@ -97,10 +97,7 @@ def _same_outputs(small: Config, wide: Config, image_shape) -> bool:
         torch.manual_seed(0)
         alone = build_model(small.model, image_shape, small.prior)
         host = build_model(wide.model, image_shape, wide.prior)
-        embedding = padding.Embedding([alone], host)
-        wide_tensors = padding.tensors_of(host)
-        for name, tensor in padding.tensors_of(alone).items():
-            wide_tensors[name].copy_(embedding.pad(0, name, tensor))
+        padding.Embedding([alone], host).fill(0, alone, host)
         images = torch.rand(4, *image_shape)
         noise = torch.randn(4, small.model.latent_dim)
         padded_noise = torch.cat([noise, torch.zeros(4, wide.model.latent_dim - small.model.latent_dim)], dim=1)

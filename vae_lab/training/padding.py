@@ -103,6 +103,13 @@ class Embedding:
         padded.view(-1)[positions.to(value.device)] = value.reshape(-1)
         return padded
 
+    @torch.no_grad()
+    def fill(self, row: int, model: torch.nn.Module, host: torch.nn.Module) -> None:
+        """Set every tensor of `host` (a widest model) to trial `row`'s `model`, padded."""
+        own = tensors_of(model)
+        for name, tensor in tensors_of(host).items():
+            tensor.copy_(self.pad(row, name, own[name].detach()))
+
     def unpad(self, row: int, name: str, padded: torch.Tensor) -> torch.Tensor:
         """A trial's own tensor, read out of its row of the widest model's."""
         positions, shape = self.rows[row][name]

@@ -383,10 +383,7 @@ class PaddedStep(StackedStep):
         hosts = []
         for row, model in enumerate(models):
             host = copy.deepcopy(template).to_empty(device=device)  # no initialization: every entry is set
-            with torch.no_grad():
-                own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-                for name, tensor in (*host.named_parameters(), *host.named_buffers()):
-                    tensor.copy_(self.embedding.pad(row, name, own[name].detach()))
+            self.embedding.fill(row, model, host)
             hosts.append(host)
         super().__init__(hosts, configs, device, amp, train_size)
         self.masks = {f"model.{name}": self.embedding.mask(name, device) for name, _ in template.named_parameters()}
@@ -408,15 +405,18 @@ class PaddedStep(StackedStep):
         super().load_state(row, {name: self.embedding.pad(row, name, value) for name, value in state.items()})
 
     def optimizer_state(self, row: int) -> dict | None:
-        state = super().optimizer_state(row)
-        if state is None:
-            return None
-        return {"step": state["step"], **{key: {name: self.embedding.unpad(row, name, value)
-                                                for name, value in state[key].items()} for key in ADAM_MOMENTS}}
+        return _moments_mapped(super().optimizer_state(row), lambda name, value: self.embedding.unpad(row, name, value))
 
     def load_optimizer_states(self, states: list[dict | None]) -> None:
         super().load_optimizer_states([
-            None if state is None else
-            {"step": state["step"], **{key: {name: self.embedding.pad(row, name, value)
-                                             for name, value in state[key].items()} for key in ADAM_MOMENTS}}
+            _moments_mapped(state, lambda name, value, row=row: self.embedding.pad(row, name, value))
             for row, state in enumerate(states)])
+
+
+def _moments_mapped(state: dict | None, change) -> dict | None:
+    """An optimizer state (`PlainStep.optimizer_state`'s form) with `change(name, moment)` applied
+    to each moment tensor."""
+    if state is None:
+        return None
+    return {"step": state["step"], **{key: {name: change(name, value) for name, value in state[key].items()}
+                                      for key in ADAM_MOMENTS}}
