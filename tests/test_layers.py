@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # lowest first; a module may import its own layer and the layers before it, never one after it
 LAYERS = [
-    ("base", ["vae_lab", "vae_lab.config", "vae_lab.components", "vae_lab.names", "vae_lab.cli"]),
+    ("base", ["vae_lab", "vae_lab.config", "vae_lab.components", "vae_lab.names", "vae_lab.cli", "vae_lab.interrupts"]),
     ("data", ["vae_lab.data"]),
     ("models", ["vae_lab.models"]),
     ("evaluation", ["vae_lab.evaluation"]),

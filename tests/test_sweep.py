@@ -176,9 +176,8 @@ def test_interrupt_and_sigkill_mid_trial_then_resume_runs_each_point_once(tmp_pa
     # digits (8x8) loads in no time; 20 epochs give a window to stop a trial in the middle. No
     # checkpoints: a stopped trial's retry starts a new run whenever the signal lands, and the
     # stopped run stays KILLED (continuing from a checkpoint is tests/test_crash_proof.py's)
-    # batch_trials off: one pass per point, as this test was written (latent sizes would now pad
-    # into one pass; a SIGTERM hang seen once there is open, see the stop-27 note)
-    path = write_study(tmp_path / "kill.yaml", "kill", {"model.latent_dim": [2, 3, 4]}, study={"batch_trials": "off"},
+    # (the three latent sizes train as one padded pass)
+    path = write_study(tmp_path / "kill.yaml", "kill", {"model.latent_dim": [2, 3, 4]},
                        **{"data.name": "digits", "train.epochs": 20, "train.batch_size": 16,
                           "train.checkpoint_every": 0})
     command = [PYTHON, "-m", "vae_lab.sweep", str(path)]

@@ -1,7 +1,9 @@
 import math
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlflow
@@ -12,7 +14,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from conftest import TINY_RUN
 from vae_lab.config import build_config
+from vae_lab.models.autoencoders import MLPAutoencoder
 from vae_lab.training.trial import TrainingDiverged
 from vae_lab.training.device import resolve_device
 from vae_lab.tracking.logged import load_logged_model
@@ -169,6 +173,40 @@ def test_interrupt_marks_the_run_killed(tracked_run):
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("interrupted").experiment_id])
     assert [run.info.status for run in runs] == ["KILLED"]
+
+
+class _DropsASignal(MLPAutoencoder):
+    """A family whose third encoding gets a SIGTERM while a finalizer runs, as a progress bar or
+    a generator collected between two steps can: Python drops the exception it raises there."""
+
+    def __init__(self, image_shape, latent_dim, hidden_dims=(400,)):
+        super().__init__(image_shape, latent_dim, hidden_dims)
+        self.encodings = 0
+
+    def encode(self, images):
+        self.encodings += 1
+        if self.encodings == 3:
+            _SignalsWhenCollected()  # collected at once
+        return super().encode(images)
+
+
+class _SignalsWhenCollected:
+    def __del__(self):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # runs the handler here
+
+
+def test_a_sigterm_that_a_finalizer_drops_still_stops_the_run(tracking_uri, monkeypatch):
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+    steps_per_epoch = 512 // 64
+    assert main([*TINY_RUN, f"tracking.uri={tracking_uri}", "tracking.experiment=dropped", "train.epochs=3",
+                 f"model.name={__file__}:_DropsASignal", "tracking.log_every_steps=1"]) == 130
+    assert [issubclass(kind, KeyboardInterrupt) for kind in dropped] == [True]  # Python dropped it
+    client = MlflowClient(tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("dropped").experiment_id])
+    assert run.info.status == "KILLED"
+    steps = [metric.step for metric in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert max(steps) < 3 * steps_per_epoch  # stopped at the next step, not after training on
 
 
 @pytest.mark.parametrize("arguments, words", [

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import signal
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from vae_lab.config import ConfigError
 from vae_lab.data.cache import DataCache
 from vae_lab.data.datasets import DataUnavailable
 from vae_lab.study import storage as store
-from vae_lab.study.runner import check_without_creating, raise_interrupted, run_study
+from vae_lab.study.runner import check_without_creating, run_study
 from vae_lab.study.session import Session, SweepSettings
 from vae_lab.study.spec import Choices, load_study_spec
 from vae_lab.tracking.checks import check_tracking_store, short_http_retries
@@ -41,6 +40,7 @@ from vae_lab.tracking.links import browse_lines
 from vae_lab.tracking.uris import default_store_dir, redact, resolve_tracking_uri
 from vae_lab.training.batching import plan_batches
 from vae_lab.training.device import resolve_device
+from vae_lab.interrupts import interruptible
 
 __all__ = ["main", "run_sweep"]
 
@@ -175,33 +175,35 @@ def main(argv: list[str] | None = None, data_cache: DataCache | None = None) -> 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     short_http_retries()
     args = build_parser().parse_intermixed_args(argv)
-    previous_handler = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
-        try:
-            settings = prepare(args)
-            if args.dry_run:
-                check_without_creating(settings)  # refuses what the run would refuse
-                print_plan(settings)
-                return 0
-            settings.progress = settings.spec.base_config().train.progress
-            return run_sweep(settings, workers=args.workers, data_cache=data_cache)
-        except (ConfigError, DataUnavailable) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        except StoreUnavailable as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        except Exception as error:
-            if not is_store_error(error):
-                raise
-            print(f"error: a store could not be written or reached ({describe(error)}); rerun the same command "
-                  "once it is back: every trial continues from its checkpoint", file=sys.stderr)
-            return 1
+        with interruptible():
+            return _run_command(args, data_cache)
     except KeyboardInterrupt:
         print("interrupted before the study started; nothing was run", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _run_command(args: argparse.Namespace, data_cache: DataCache | None) -> int:
+    try:
+        settings = prepare(args)
+        if args.dry_run:
+            check_without_creating(settings)  # refuses what the run would refuse
+            print_plan(settings)
+            return 0
+        settings.progress = settings.spec.base_config().train.progress
+        return run_sweep(settings, workers=args.workers, data_cache=data_cache)
+    except (ConfigError, DataUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        if not is_store_error(error):
+            raise
+        print(f"error: a store could not be written or reached ({describe(error)}); rerun the same command "
+              "once it is back: every trial continues from its checkpoint", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ end (from the best epoch's weights under early stopping), then eval/*, images, l
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from typing import Callable
 
@@ -100,10 +99,6 @@ def resumable_run(run_id: str, config_file: str | None, overrides: list[str]):
     return config, Resume(run_id, found.checkpoint)
 
 
-def _interrupt_on_sigterm(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vae_lab.train",
@@ -134,12 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from vae_lab.interrupts import interruptible
     from vae_lab.training.trial import TrainingDiverged
     from vae_lab.tracking.uris import resolve_tracking_uri
 
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
-        result = train(config, data=data, resume=resume)
+        with interruptible():
+            result = train(config, data=data, resume=resume)
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ import time
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from vae_lab.interrupts import deferring
 from vae_lab.study import storage as store
 from vae_lab.training.batching import batch_key, relative_cost, stacking_pays
 from vae_lab.study.spec import StudySpec, point_key
@@ -82,6 +83,7 @@ def skip(session: Session, trial: optuna.Trial, why: str) -> None:
     session.study.tell(trial, state=TrialState.FAIL)
 
 
+@deferring
 def ask_trials(worker: Worker, count: int = 1) -> list[optuna.Trial]:
     """Claim up to `count` trials to run now; [] when the study has nothing left for us.
 

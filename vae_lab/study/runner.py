@@ -36,6 +36,7 @@ from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
 from vae_lab.tracking.uris import redact, sqlite_path
 from vae_lab.tracking.provenance import source_tags
 from vae_lab.training.device import apply_threads, plan_threads, resolve_device, share_with
+from vae_lab.interrupts import Interrupted, interruptible
 
 READY_WAIT_SECONDS = 120
 
@@ -241,14 +242,6 @@ def end_parent_cut_off(session: Session, error: StoreUnavailable) -> None:
             raise
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C (the running MLflow runs end KILLED)."""
-
-
-def raise_interrupted(signum, frame):
-    raise Interrupted(f"signal {signum}")
-
-
 def worker_process(settings: SweepSettings, joined=None, busy=None, slot: int = 0) -> None:
     """Entry point of an extra `--workers` process (spawned; quiet); sets the event `joined`
     once it has opened the study, and clears its flag `busy[slot]` (see `workers.Helpers`)
@@ -263,12 +256,12 @@ def worker_process(settings: SweepSettings, joined=None, busy=None, slot: int = 
         share_with(lambda: sum(busy))
     short_http_retries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    signal.signal(signal.SIGTERM, raise_interrupted)
-    worker = start_worker(open_session(settings, repair=False))
-    if joined is not None:
-        joined.set()
     try:
-        work(worker, progress=False)
+        with interruptible():
+            worker = start_worker(open_session(settings, repair=False))
+            if joined is not None:
+                joined.set()
+            work(worker, progress=False)
     except KeyboardInterrupt:
         pass
     except StoreUnavailable:  # the command's own worker meets the same store and says so, once

@@ -29,6 +29,7 @@ from vae_lab.training.batching import DEFAULT_CAP as DEFAULT_BATCH_CAP
 from vae_lab.training.batching import PER_TRIAL_KEYS, plan_batches
 from vae_lab.training.checkpoints import Resume, load_checkpoint, read_checkpoint
 from vae_lab.training.device import resolve_device
+from vae_lab.interrupts import deferring, raise_if_lost
 from vae_lab.training.run import run_trials
 from vae_lab.training.trial import ClaimLost, TrialSpec
 
@@ -85,6 +86,7 @@ def run_to_continue(worker: Worker, trial: optuna.Trial, config) -> Resume | Non
     return Resume(run_id, found.checkpoint)
 
 
+@deferring
 def tell(worker: Worker, number: int, outcome) -> TrialState | None:
     """Record the trial's outcome, and count it against this worker. When the storage stays
     down the trial is left RUNNING there (a rerun's repair queues it again) and this worker
@@ -195,7 +197,11 @@ def work(worker: Worker, progress: bool, bar=None) -> None:
     """The worker loop: ask, run, tell, until the study has nothing left for this worker.
     A trial ended by an unreachable store (queued again) stops this worker: StoreUnavailable."""
     count = batch_ask_count(worker.spec)
-    while trials := ask_trials(worker, count=count):
+    while True:
+        raise_if_lost()  # a Ctrl-C or SIGTERM that a finalizer dropped: claim nothing more
+        trials = ask_trials(worker, count=count)
+        if not trials:
+            return
         run_claimed(worker, trials, progress)
         if bar is not None:
             bar.refresh()

@@ -24,6 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from vae_lab import names
 from vae_lab.components import component_files, short_name
 from vae_lab.config import Config
+from vae_lab.interrupts import deferring
 from vae_lab.names import CHECKPOINT_DIR, CONFIG_ARTIFACT, MODEL_ARTIFACT
 from vae_lab.tracking import mlflow_compat
 from vae_lab.tracking.errors import StoreUnavailable, describe, is_store_error, store_patience_seconds
@@ -61,6 +62,7 @@ class RunTracker:
         self.ended = False
 
     @classmethod
+    @deferring
     def start(cls, config: Config, device: torch.device, parent_run_id: str | None = None,
               run_name: str | None = None, tags: dict[str, str] | None = None) -> "RunTracker":
         tracking_uri = resolve_tracking_uri(config.tracking.uri)
@@ -87,6 +89,7 @@ class RunTracker:
         return tracker
 
     @classmethod
+    @deferring
     def resume(cls, config: Config, run_id: str, tags: dict[str, str] | None = None,
                checkpoint=None) -> "RunTracker":
         """Continue run `run_id` (RUNNING again). Metrics it already holds are not sent twice;
@@ -118,15 +121,18 @@ class RunTracker:
         self._system_monitor = mlflow_compat.start_system_metrics(self.run_id, every_seconds, resume,
                                                                   self.tracking_uri)
 
+    @deferring
     def log_datasets(self, data) -> None:
         """The run's train, validation and test data as MLflow dataset inputs (the UI's Dataset column)."""
         self.client.log_inputs(self.run_id, datasets=dataset_inputs(data))
 
+    @deferring
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(key, _param_value(value)) for key, value in params.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
 
+    @deferring
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
@@ -139,6 +145,7 @@ class RunTracker:
         """The buffered metrics as [key, value, timestamp, step] (what a checkpoint keeps)."""
         return [[metric.key, metric.value, metric.timestamp, metric.step] for metric in self._pending]
 
+    @deferring
     def flush(self) -> None:
         """Send the buffered metrics; they stay buffered if the store cannot take them."""
         pending = self._pending
@@ -170,14 +177,17 @@ class RunTracker:
         self._failing_since = None
         return True
 
+    @deferring
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
         if artifact_path == CHECKPOINT_DIR:
             self._checkpointed = True
 
+    @deferring
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
+    @deferring
     def finish_with_model(self, model: "torch.nn.Module") -> None:
         """Log the model and end the run FINISHED.
 
@@ -207,6 +217,7 @@ class RunTracker:
         self.ended = True
         self._finished()
 
+    @deferring
     def end(self, status: str = "FINISHED", reason: str | None = None, resumable: bool = False) -> None:
         """End the run with `status`. A `resumable` end (an interrupt) of a run with a checkpoint
         drops the metrics buffered since that checkpoint: continuing the run logs them again.

@@ -40,6 +40,7 @@ from vae_lab.models.losses import kl_ramp, kl_weight_at, schedule_columns
 from vae_lab.training.checkpoints import Checkpoint, save_checkpoint
 from vae_lab.training.device import rebalance_threads
 from vae_lab.training.finalize import end_of_run_stage, finalize_run
+from vae_lab.interrupts import raise_if_lost
 from vae_lab.training.scoring import (
     NOISE_SEED_OFFSET,
     ORDER_SEED_OFFSET,
@@ -144,6 +145,7 @@ class Engine:
             bar = tqdm(range(steps_per_epoch), leave=False, dynamic_ncols=True,
                        desc=self._describe(f"epoch {epoch}/{epochs}"), disable=not self.progress)
             for _ in bar:
+                raise_if_lost()
                 if self.watching_claims:
                     running = self._drop(running, self._end_failed(self._lost_claims()))
                     if not self.trials:
