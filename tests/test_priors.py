@@ -133,3 +133,12 @@ def test_the_kl_decomposition_sums_to_the_kl_it_splits():
     closed = float(kl_to_standard_normal(Posterior(means, logvars)).sum(1).mean())
     assert sum(terms.values()) == pytest.approx(closed, rel=0.05)
     assert all(value > -0.05 for value in terms.values())  # each term is a KL: non-negative up to noise
+
+
+def test_the_kl_decomposition_does_not_depend_on_its_chunks(monkeypatch):
+    from vae_lab.evaluation import metrics
+
+    means, logvars = torch.randn(700, 5), torch.randn(700, 5) * 0.3 - 1.0
+    whole = metrics.kl_decomposition(means, logvars, torch.Generator().manual_seed(2))
+    monkeypatch.setattr(metrics, "DECOMPOSITION_CHUNK_ENTRIES", 3 * 5 * 700)  # 3 rows a chunk, the last one short
+    assert metrics.kl_decomposition(means, logvars, torch.Generator().manual_seed(2)) == pytest.approx(whole, rel=1e-12)

@@ -70,11 +70,14 @@ def iwae_nll(model: Autoencoder, images: torch.Tensor, samples: int,
 
 
 DECOMPOSITION_POINTS = 2000  # test images whose posteriors make the aggregate q(z): N^2 D work
+# entries of one chunk's [rows, D, N] table: 8 MB of float64, so it stays in the CPU's cache
+# (2000 x 16 on a 2-core Xeon: 256 rows per chunk took 0.94 s, 32 rows 0.26 s)
+DECOMPOSITION_CHUNK_ENTRIES = 2 ** 20
 
 
 @torch.no_grad()
-def kl_decomposition(means: torch.Tensor, logvars: torch.Tensor, generator: torch.Generator | None = None,
-                     chunk: int = 256) -> dict[str, float]:
+def kl_decomposition(means: torch.Tensor, logvars: torch.Tensor,
+                     generator: torch.Generator | None = None) -> dict[str, float]:
     """Chen et al. (2018)'s decomposition of E_x KL(q(z|x) || N(0, I)) over N images, with one
     z_n ~ q(z|x_n) each and the aggregate posterior q(z) = (1/N) Σ_m q(z|x_m) of the same images:
 
@@ -93,6 +96,7 @@ def kl_decomposition(means: torch.Tensor, logvars: torch.Tensor, generator: torc
     means_t, inverse_std_t = means.T.contiguous(), torch.exp(-0.5 * logvars).T.contiguous()
     offset_t = (-0.5 * (math.log(2 * math.pi) + logvars)).T.contiguous()
     log_aggregate, log_marginals = [], []
+    chunk = max(1, DECOMPOSITION_CHUNK_ENTRIES // means.numel())
     for start in range(0, count, chunk):
         rows = z[start:start + chunk].unsqueeze(2)  # [c, D, 1]
         per_dim = offset_t - 0.5 * ((rows - means_t) * inverse_std_t).square()  # [c, D, N]: log q(z_cd | x_n)
