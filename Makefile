@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 sweep: $(STAMP)
 	$(BIN)/python -m vae_lab.sweep
-	$(BIN)/python -m analysis.report --experiment vae_lab
+	$(BIN)/python -m analysis.report --study default
 
 train: $(STAMP)
 	$(BIN)/python -m vae_lab.train
@@ -46,7 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sweep.py
 
 report: $(STAMP)
-	$(BIN)/python -m analysis.report --experiment vae_lab
+	$(BIN)/python -m analysis.report --study default
 
 clean:
 	rm -rf $(VENV) reports

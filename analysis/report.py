@@ -23,8 +23,8 @@ from vae_lab.tracking.uris import redact, resolve_tracking_uri
 
 from . import findings, importance, latents, plots, samples, stats
 from .page import Bullets, Code, Section, Table, Text, render_html, render_markdown
-from .runs import (ReportInputError, Study, add_tracking_uri_option, load_study, newest_study_id, open_store,
-                   paired_params, read_text_artifact)
+from .runs import (ReportInputError, Study, add_tracking_uri_option, load_study, newest_parent_of, newest_study_id,
+                   open_store, paired_params, read_text_artifact)
 from .tables import (ALL_PAIRS_UP_TO, configuration_summary, difference_table, display_table, interval_table, mark_best,
                      metric_names, table_metrics)
 
@@ -270,13 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--experiment", help="report the newest study (parent run) of this MLflow experiment")
     target.add_argument("--run", help="a study's parent run id, or any single run id")
+    target.add_argument("--study", help="a study's name (its newest parent run: what `make sweep` reports)")
     parser.add_argument("--out", help="output folder (default: reports/<study name>)")
     add_tracking_uri_option(parser)
     args = parser.parse_args(argv)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     try:
         client = open_store(tracking_uri)
-        run_id = args.run or newest_study_id(client, args.experiment)
+        if args.study:
+            run_id = newest_parent_of(client, args.study)
+        else:
+            run_id = args.run or newest_study_id(client, args.experiment)
         study = load_study(tracking_uri, run_id)
     except ReportInputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -91,6 +91,15 @@ def recent_studies(client: MlflowClient, limit: int = 8) -> list[str]:
             f"experiment {experiments.get(run.info.experiment_id, '?')})" for run in runs]
 
 
+def newest_parent_of(client: MlflowClient, study_name: str) -> str:
+    """The newest parent run of the study named `study_name`, in any experiment."""
+    parents = study_parents(client, name=study_name, max_results=1)
+    if not parents:
+        known = sorted({run.data.tags.get(names.STUDY_NAME_TAG, "") for run in study_parents(client)} - {""})
+        raise ReportInputError(f"no study named {study_name!r} in this store; its studies: {', '.join(known) or 'none'}")
+    return parents[0].info.run_id
+
+
 def newest_study_id(client: MlflowClient, experiment_name: str) -> str:
     """The newest parent run of an experiment: tagged `vae_lab.role=study`, else any run with children."""
     experiment = client.get_experiment_by_name(experiment_name)

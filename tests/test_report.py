@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from analysis import plots, report
-from analysis.runs import load_study, newest_study_id
+from analysis.runs import ReportInputError, load_study, newest_parent_of, newest_study_id
 from conftest import TINY_RUN
 from vae_lab.config import load_config
 from vae_lab.data.datasets import load_data
@@ -316,6 +316,18 @@ def test_experiment_picks_the_newest_study(store, tmp_path, monkeypatch):
     assert study.config_params == ["model.name", "model.latent_dim", "loss.kl_weight"]
 
 
+def test_study_picks_the_newest_parent_of_that_name(store):
+    # what `make sweep` reports: its own study, even when another one is newer
+    client = store["client"]
+    elsewhere = client.create_experiment("elsewhere_by_name")
+    newer = client.create_run(elsewhere, tags={"vae_lab.role": "study", "vae_lab.study_name": "newer"}).info.run_id
+    client.set_terminated(newer, "FINISHED")
+    assert newest_parent_of(client, STUDY) == store["parent"]
+    assert newest_parent_of(client, "newer") == newer
+    with pytest.raises(ReportInputError, match=f"no study named 'nope'.*{STUDY}"):
+        newest_parent_of(client, "nope")
+
+
 def test_unknown_experiment_or_run_exits_2_with_one_line(store, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert report.main(["--experiment", "nope", "--tracking-uri", store["uri"]]) == 2
@@ -327,6 +339,10 @@ def test_unknown_experiment_or_run_exits_2_with_one_line(store, tmp_path, monkey
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1
     assert "no run '0123456789abcdef'" in error[0] and store["parent"] in error[0]
+
+    assert report.main(["--study", "nope", "--tracking-uri", store["uri"]]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "no study named 'nope'" in error[0]
 
     store["client"].create_experiment("no_studies_here")
     assert report.main(["--experiment", "no_studies_here", "--tracking-uri", store["uri"]]) == 2
@@ -348,7 +364,7 @@ def test_command_line_without_a_target_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         report.main([])
     assert exit_info.value.code == 2
-    assert "one of the arguments --experiment --run is required" in capsys.readouterr().err
+    assert "one of the arguments --experiment --run --study is required" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- select on val, report on test

@@ -110,9 +110,12 @@ def test_grid_runs_each_point_once_as_children_of_one_parent_and_resumes(tmp_pat
     assert f"  runs:    http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning" in out
     assert f"python -m analysis.report --run {parent_id}" in out
 
-    # the same command again: nothing is rerun
+    # the same command again: nothing is rerun, and no recorded time changes
+    recorded = client.get_metric_history(parent_id, "study/total_seconds")
+    assert len(recorded) == 1 and 0 < recorded[0].value <= float(table["seconds"].sum()) + 1
     assert run(path, tracking_uri) == 0
     assert len(children(runs_of(tracking_uri), parent_id)) == 4
+    assert client.get_metric_history(parent_id, "study/total_seconds") == recorded
     # a changed search space is refused (exit 2, nothing new) unless --new-study; --dry-run says so too
     capsys.readouterr()
     assert run(path, tracking_uri, "search_space.model.name=[ae]", "--dry-run") == 2
@@ -125,6 +128,26 @@ def test_grid_runs_each_point_once_as_children_of_one_parent_and_resumes(tmp_pat
     assert run(path, tracking_uri, "search_space.model.name=[ae]", "--new-study") == 0
     runs = runs_of(tracking_uri)
     assert len(runs[runs["vae_lab.role"] == "study"]) == 2 and len(runs) == 5 + 3
+
+
+def test_the_printed_commands_work_in_a_plain_shell(tmp_path, tracking_uri, capsys, monkeypatch):
+    # a shell where this interpreter's environment is not activated (as after `make sweep`)
+    venv_bin = os.path.dirname(os.path.abspath(sys.executable))
+    plain_path = os.pathsep.join(folder for folder in os.environ["PATH"].split(os.pathsep)
+                                 if os.path.abspath(folder) != venv_bin)
+    monkeypatch.setenv("PATH", plain_path)
+    monkeypatch.delenv("VIRTUAL_ENV", raising=False)
+    path = write_study(tmp_path / "plain.yaml", "plain", {"model.name": ["ae", "linear_vae"]})
+    assert run(path, tracking_uri) == 0
+    lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip()
+             for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and ":" in line}
+    report = subprocess.run(f"{lines['report']} --out {tmp_path / 'report'}", shell=True, capture_output=True,
+                            text=True, env=subprocess_env(tracking_uri))
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "report" / "index.html").is_file()
+    mlflow_program = lines["browse"].split()[0]
+    assert subprocess.run([mlflow_program, "--version"], capture_output=True, env=subprocess_env(tracking_uri)) \
+        .returncode == 0
 
 
 def test_failing_trial_is_failed_and_the_study_completes(tmp_path, tracking_uri):

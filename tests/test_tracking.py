@@ -102,6 +102,7 @@ def test_an_older_experiment_is_tagged_when_used_again(tmp_path):
 
 
 def test_ui_links_open_model_training_mode_and_never_print_credentials():
+    from vae_lab.cli import shell_command
     from vae_lab.tracking.links import browse_lines, ui_links
 
     assert ui_links("sqlite:////x/mlflow.db", "3", "abc") == [
@@ -113,7 +114,7 @@ def test_ui_links_open_model_training_mode_and_never_print_credentials():
     assert lines == ["  runs:    http://10.0.0.5:5000/#/experiments/2?workflowType=machine_learning",
                      "  parent:  http://10.0.0.5:5000/#/experiments/2/runs/r1?workflowType=machine_learning"]
     assert browse_lines("sqlite:////x/mlflow.db", "2", "r1", "run")[0] == \
-        "  browse:  mlflow ui --backend-store-uri sqlite:////x/mlflow.db   (then open the links below)"
+        f"  browse:  {shell_command('mlflow')} ui --backend-store-uri sqlite:////x/mlflow.db   (then open the links below)"
 
 
 def test_system_metrics_are_logged_when_asked_and_on_in_studies(tiny_overrides, tracking_uri):
@@ -195,3 +196,19 @@ def test_one_redaction_hides_every_password_form_in_mlflow_and_optuna_uris():
     for plain in ["sqlite:////tmp/m.db", "journal:////tmp/optuna.journal", "http://mlflow:5000",
                   "postgresql://alice@db/optuna", "file:///tmp/a@b/mlruns"]:
         assert redact(plain) == plain
+
+
+def test_printed_commands_carry_the_environment_only_where_a_shell_would_miss_it(monkeypatch):
+    import os
+    import sys
+
+    from vae_lab.cli import shell_command
+
+    venv_bin = os.path.dirname(os.path.abspath(sys.executable))
+    monkeypatch.setenv("PATH", venv_bin + os.pathsep + os.environ["PATH"])  # an activated environment
+    assert shell_command("mlflow") == "mlflow"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a plain shell
+    own = os.path.join(venv_bin, "mlflow")
+    in_a_venv = sys.prefix != sys.base_prefix
+    assert shell_command("mlflow") in ({os.path.relpath(own), own} if in_a_venv else {"mlflow"})
+    assert shell_command("no-such-program") == "no-such-program"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import sys
 
 
@@ -18,3 +19,19 @@ def exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def shell_command(program: str) -> str:
+    """How a person types `program` ("python", "mlflow") in a plain shell to run the copy
+    installed beside this interpreter: the bare name where the shell's PATH finds that copy (an
+    activated virtual environment, or none in use), else its path (.venv/bin/mlflow when run
+    from the checkout, as `make sweep` runs it)."""
+    folder = os.path.dirname(os.path.abspath(sys.executable))
+    own = os.path.join(folder, program)
+    if sys.prefix == sys.base_prefix or not os.path.exists(own):
+        return program
+    found = shutil.which(program)
+    if found is not None and os.path.dirname(os.path.abspath(found)) == folder:
+        return program
+    relative = os.path.relpath(own)
+    return own if relative.startswith("..") else relative

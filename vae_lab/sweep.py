@@ -26,6 +26,7 @@ from pathlib import Path
 import optuna
 
 from vae_lab import names
+from vae_lab.cli import shell_command
 from vae_lab.config import ConfigError
 from vae_lab.data.cache import DataCache
 from vae_lab.data.datasets import DataUnavailable
@@ -72,7 +73,7 @@ def print_results(session: Session, summary: dict) -> None:
           f"(study/trials.csv, study/summary.json)")
     experiment_id = session.client.get_run(session.parent_run_id).info.experiment_id
     print("\n".join(browse_lines(settings.tracking_uri, experiment_id, session.parent_run_id, "parent")))
-    print(f"  report:  python -m analysis.report --run {session.parent_run_id}")
+    print(f"  report:  {shell_command('python')} -m analysis.report --run {session.parent_run_id}")
     print(f"  optuna:  study {session.spec.name!r} in {redact(settings.storage_url)}")
 
 

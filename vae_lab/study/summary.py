@@ -15,11 +15,11 @@ Artifacts under `study/` on the parent run:
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import optuna
@@ -109,6 +109,23 @@ def _std(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
+def running_seconds(trials: list[optuna.trial.FrozenTrial]) -> float:
+    """Seconds during which at least one trial ran: the union of the trials' start-to-end spans
+    (a running trial's ends now). Waiting, an interruption's gap and a rerun that finds nothing
+    left to do add nothing."""
+    now = datetime.datetime.now()  # Optuna's own clock: local, naive
+    spans = sorted((trial.datetime_start, trial.datetime_complete or now) for trial in trials
+                   if trial.datetime_start is not None)
+    total, covered_until = 0.0, None
+    for start, end in spans:
+        if covered_until is not None and start < covered_until:
+            start = covered_until
+        if end > start:
+            total += (end - start).total_seconds()
+        covered_until = end if covered_until is None else max(covered_until, end)
+    return total
+
+
 def summarize(study: optuna.Study, spec: StudySpec, table: pd.DataFrame, wall_seconds: float) -> dict:
     counts = {name.lower(): int((table["state"] == name).sum())
               for name in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
@@ -134,10 +151,8 @@ def summarize(study: optuna.Study, spec: StudySpec, table: pd.DataFrame, wall_se
 
 def log_summary(client: MlflowClient, parent_run_id: str, study: optuna.Study, spec: StudySpec) -> dict:
     """Write the summary artifacts and metrics on the parent run; returns summary.json's content."""
-    started = client.get_run(parent_run_id).info.start_time or time.time() * 1000
-    wall_seconds = time.time() - started / 1000
     table = trials_table(study, spec)
-    summary = summarize(study, spec, table, wall_seconds)
+    summary = summarize(study, spec, table, running_seconds(study.get_trials(deepcopy=False)))
     params = varying_params(study)
     importances = param_importances(study, spec, params)
     has_importances = "skipped" not in importances
@@ -163,6 +178,8 @@ def log_summary(client: MlflowClient, parent_run_id: str, study: optuna.Study, s
         metrics.update({f"best/{name}": values["mean"] for name, values in chosen["test"].items()
                         if math.isfinite(values["mean"])})
         client.set_tag(parent_run_id, names.BEST_RUN_TAG, chosen["best_run_id"])
+    logged = client.get_run(parent_run_id).data.metrics
     for key, value in metrics.items():
-        client.log_metric(parent_run_id, key, value)
+        if logged.get(key) != value:  # a rerun that changed nothing adds no point to the histories
+            client.log_metric(parent_run_id, key, value)
     return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit, urlunsplit
 
 from vae_lab import names
+from vae_lab.cli import shell_command
 from vae_lab.tracking.uris import redact
 
 
@@ -29,5 +30,5 @@ def browse_lines(tracking_uri: str, experiment_id: str, run_id: str, run_words: 
     """What a command prints so a person can look at its runs in MLflow's UI."""
     experiment_link, run_link = ui_links(tracking_uri, experiment_id, run_id)
     serve = [] if tracking_uri.startswith(("http://", "https://")) else \
-        [("browse", f"mlflow ui --backend-store-uri {redact(tracking_uri)}   (then open the links below)")]
+        [("browse", f"{shell_command('mlflow')} ui --backend-store-uri {redact(tracking_uri)}   (then open the links below)")]
     return [f"  {label + ':':9}{text}" for label, text in [*serve, ("runs", experiment_link), (run_words, run_link)]]

@@ -57,14 +57,18 @@ def find_study(client: MlflowClient, study: str):
     return parent
 
 
-def study_parents(client: MlflowClient, experiment_ids: list[str] | None = None, max_results: int = 1000) -> list[Run]:
-    """The parent runs of studies (tag `vae_lab.role=study`), newest first."""
+def study_parents(client: MlflowClient, experiment_ids: list[str] | None = None, max_results: int = 1000,
+                  name: str | None = None) -> list[Run]:
+    """The parent runs of studies (tag `vae_lab.role=study`; of the study `name` only, if given), newest first."""
     if experiment_ids is None:
         experiment_ids = [experiment.experiment_id for experiment in all_pages(client.search_experiments)]
-    if not experiment_ids:
+    if not experiment_ids or (name is not None and "'" in name):  # no study name has a quote
         return []
-    return client.search_runs(experiment_ids, filter_string=f"tags.`{names.ROLE_TAG}` = 'study'",
-                              order_by=["attributes.start_time DESC"], max_results=max_results)
+    condition = f"tags.`{names.ROLE_TAG}` = 'study'"
+    if name is not None:
+        condition += f" and tags.`{names.STUDY_NAME_TAG}` = '{name}'"
+    return client.search_runs(experiment_ids, filter_string=condition, order_by=["attributes.start_time DESC"],
+                              max_results=max_results)
 
 
 def newest_study(client: MlflowClient, experiment_ids: list[str] | None = None) -> Run | None:

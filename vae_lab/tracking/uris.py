@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from vae_lab.cli import shell_command
+
 SQLITE_PREFIX = "sqlite:///"
 _PASSWORD_IN_NETLOC = re.compile(r"(://[^:/@?#]+):[^@/?#]*@")
 _PASSWORD_IN_QUERY = re.compile(r"([?&](?:password|passwd|pwd)=)[^&#]*", re.IGNORECASE)
@@ -55,6 +57,6 @@ def missing_store(tracking_uri: str) -> str | None:
     database = sqlite_path(tracking_uri)
     if database is not None:
         if not database.is_file():
-            return f"no MLflow store at {database}; train a model first (python -m vae_lab.train) " \
-                   "or pass --tracking-uri"
+            return f"no MLflow store at {database}; train a model first ({shell_command('python')} -m " \
+                   "vae_lab.train) or pass --tracking-uri"
     return None
