@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 import servers
 from conftest import TINY_RUN
-from vae_lab import sweep
+from vae_lab import names, sweep
 from vae_lab.config import parse_override
 from vae_lab.data.cache import DataCache
 from vae_lab.study.storage import POINT_ATTR, RUN_ID_ATTR, open_storage
@@ -148,6 +148,29 @@ def test_the_printed_commands_work_in_a_plain_shell(tmp_path, tracking_uri, caps
     mlflow_program = lines["browse"].split()[0]
     assert subprocess.run([mlflow_program, "--version"], capture_output=True, env=subprocess_env(tracking_uri)) \
         .returncode == 0
+
+
+def test_runs_and_printed_lines_name_each_trial_by_its_values(tmp_path, tracking_uri, capsys):
+    path = write_study(tmp_path / "named.yaml", "named", {"loss.kl_weight": [0.5, 1.0], "seeds": [0]},
+                       study={"objectives": ["val/recon", "val/kl"]}, **{"train.progress": True})
+    assert run(path, tracking_uri) == 0
+    out = capsys.readouterr().out
+    runs = runs_of(tracking_uri)
+    parent = runs[runs["vae_lab.role"] == "study"].iloc[0]
+    kids = children(runs, parent["run_id"])
+    assert sorted(kids["mlflow.runName"]) == ["kl_weight 0.5 · seed 0", "kl_weight 1 · seed 0"]
+    assert sorted(kids[names.CONFIGURATION_TAG]) == ["kl_weight 0.5", "kl_weight 1"]  # what the UI groups seeds by
+    # one stacked pass of both, said by name; the Pareto front's trials by their values
+    assert "kl_weight 0.5 · seed 0, kl_weight 1 · seed 0: epoch 1/1" in out
+    assert re.search(r"pareto: trial \d, kl_weight (0\.5|1) · seed 0 \(val/recon=", out)
+    # the parent describes the study and shows its settings and shared config as params
+    client = MlflowClient(tracking_uri)
+    parent_run = client.get_run(parent["run_id"])
+    assert "Study **named** (grid sampler) over `loss.kl_weight`, `train.seed`" in parent_run.data.tags["mlflow.note.content"]
+    params = parent_run.data.params
+    assert params["study.sampler"] == "grid" and params["study.trials"] == "2"
+    assert params["study.objectives"] == "val/recon:minimize,val/kl:minimize"
+    assert params["model.latent_dim"] == kids.iloc[0]["param:model.latent_dim"] and "loss.kl_weight" not in params
 
 
 def test_failing_trial_is_failed_and_the_study_completes(tmp_path, tracking_uri):

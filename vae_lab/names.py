@@ -100,6 +100,7 @@ def held_out_counterpart(metric: str) -> str | None:
 ROLE_TAG = "vae_lab.role"  # "study" on a parent run, "trial" on a child
 STUDY_NAME_TAG = "vae_lab.study_name"
 TRIAL_NUMBER_TAG = "vae_lab.trial_number"
+CONFIGURATION_TAG = "vae_lab.configuration"  # a trial's swept values but the seed: group by it for seed means
 BATCHED_TRIALS_TAG = "vae_lab.batched_trials"
 PADDED_TO_TAG = "vae_lab.padded_to"  # a batch of several sizes: the widest, which each trial is held in
 BEST_RUN_TAG = "vae_lab.best_run_id"

@@ -33,7 +33,7 @@ from vae_lab.data.datasets import DataUnavailable
 from vae_lab.study import storage as store
 from vae_lab.study.runner import check_without_creating, run_study
 from vae_lab.study.session import Session, SweepSettings
-from vae_lab.study.spec import Choices, load_study_spec
+from vae_lab.study.spec import Choices, load_study_spec, point_label
 from vae_lab.tracking.checks import check_tracking_store, short_http_retries
 from vae_lab.study.workers import heartbeat_seconds
 from vae_lab.tracking.errors import StoreUnavailable, describe, is_store_error, store_patience_seconds
@@ -67,7 +67,7 @@ def print_results(session: Session, summary: dict) -> None:
             print(f"  its test score (reported, not used to choose): {reported}={test['mean']:.4g}{spread}")
     for entry in summary.get("pareto_front") or []:
         values = ", ".join(f"{metric}={value:.4g}" for metric, value in entry["values"].items())
-        print(f"pareto: trial {entry['number']} ({values})")
+        print(f"pareto: trial {entry['number']}, {point_label(entry['params']) or 'the base config'} ({values})")
     experiment = session.spec.base_config().tracking.experiment
     print(f"results: MLflow experiment {experiment!r}, parent run {session.parent_run_id} "
           f"(study/trials.csv, study/summary.json)")

@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass
 
 import optuna
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
@@ -33,6 +35,7 @@ from vae_lab.study.trials import work
 from vae_lab.study.workers import Helpers, Worker, machine_key, process_gone, worker_id
 from vae_lab.tracking.errors import StoreUnavailable, is_store_error
 from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
+from vae_lab.tracking.tracker import config_for_the_record
 from vae_lab.tracking.uris import redact, sqlite_path
 from vae_lab.tracking.provenance import source_tags
 from vae_lab.training.device import apply_threads, plan_threads, resolve_device, share_with
@@ -152,9 +155,37 @@ def start_parent_run(client: MlflowClient, spec: StudySpec, tracking_uri: str, s
         names.OPTUNA_STORAGE_TAG: redact(storage_url),
         **source_tags(),
     }
+    tags[MLFLOW_RUN_NOTE] = parent_description(spec)
     run = client.create_run(experiment_id, run_name=f"study {spec.name}", tags=tags)
+    params = [Param(key, str(value)[:6000]) for key, value in parent_params(spec).items()]
+    for start in range(0, len(params), 100):  # MLflow's limit per call
+        client.log_batch(run.info.run_id, params=params[start:start + 100])
     client.log_text(run.info.run_id, spec.to_yaml(), "study/study.yaml")
     return run.info.run_id
+
+
+def parent_params(spec: StudySpec) -> dict[str, object]:
+    """What the parent run shows as params: the study's settings (`study.*`), then every config
+    value its trials share (the swept keys are the children's to show; no password)."""
+    trials = spec.grid_size() if spec.is_grid else spec.n_trials
+    settings = {"study.sampler": spec.sampler, "study.pruner": spec.pruner,
+                "study.objectives": ",".join(str(objective) for objective in spec.objectives),
+                "study.swept": ",".join(spec.swept_keys()) or "nothing", "study.trials": trials or "until stopped",
+                "study.batch_trials": spec.batch_trials}
+    swept = set(spec.swept_keys())
+    shared = {key: value for key, value in config_for_the_record(spec.base_config()).flat().items() if key not in swept}
+    return {**settings, **shared}
+
+
+def parent_description(spec: StudySpec) -> str:
+    """The parent run's description (MLflow's note: the run page's Description)."""
+    objectives = ", ".join(f"{objective.metric} ({objective.direction})" for objective in spec.objectives)
+    swept = ", ".join(f"`{key}`" for key in spec.swept_keys()) or "nothing"
+    return (f"Study **{spec.name}** ({spec.sampler} sampler) over {swept}; chosen on {objectives}, "
+            "on the validation split. Each child run is one trial, named by its swept values. Group the "
+            f"runs by the tag `{names.CONFIGURATION_TAG}` to see each configuration's mean over seeds. "
+            "The study file is the artifact `study/study.yaml`; counts, the best configuration and its "
+            "test score are in `study/summary.json`.")
 
 
 @contextlib.contextmanager

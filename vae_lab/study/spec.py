@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import yaml
 
 from vae_lab import names
+from vae_lab.components import short_name
 from vae_lab.models.components import check as check_components, is_variational
 from vae_lab.tracking.uris import redact
 from vae_lab.config import (
@@ -191,6 +192,29 @@ def point_key(assignment: dict[str, Any]) -> str:
     """A stable text key of one grid assignment (used to claim it in the Optuna storage)."""
     text = json.dumps(assignment, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def value_label(key: str, value: Any) -> str:
+    """One swept value as a run list shows it: conv_vae, seed 0, latent_dim 8, kl_weight 0.5, prior mog."""
+    if key == "model.name":
+        return short_name(str(value))
+    if key == SEED_PARAM:
+        return f"seed {value}"
+    section, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+    if leaf == "name":  # a component other than the model: named by its section
+        return f"{section.rsplit('.', 1)[-1]} {short_name(str(value))}"
+    shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{leaf} {shown}"
+
+
+def point_label(values: dict[str, Any]) -> str:
+    """A trial's swept values, as its child run is named: `conv_vae · seed 0`."""
+    return " · ".join(value_label(key, value) for key, value in values.items())
+
+
+def configuration_label(values: dict[str, Any]) -> str:
+    """Every swept value but the seed: what seed replicates share (the UI groups runs by it)."""
+    return point_label({key: value for key, value in values.items() if key != SEED_PARAM}) or "the base config"
 
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:

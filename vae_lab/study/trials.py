@@ -22,7 +22,7 @@ from vae_lab.study import storage as store
 from vae_lab.study.claims import ask_trials
 from vae_lab.study.outcomes import can_continue, find_child_run, record_outcome
 from vae_lab.study.space import suggest_assignment
-from vae_lab.study.spec import StudySpec
+from vae_lab.study.spec import StudySpec, configuration_label, point_label
 from vae_lab.study.workers import Heartbeat, Worker
 from vae_lab.tracking.errors import StoreUnavailable
 from vae_lab.training.batching import DEFAULT_CAP as DEFAULT_BATCH_CAP
@@ -54,11 +54,12 @@ def prepare_trial(worker: Worker, trial: optuna.Trial, progress: bool) -> TrialS
     assignment = suggest_assignment(trial, spec)
     config = spec.trial_config(assignment, extra=[f"tracking.uri={session.settings.tracking_uri}"]
                                + ([] if progress else ["train.progress=false"]))
-    swept = config.flat()
-    trial.set_user_attr(store.ASSIGNMENT_ATTR, json.dumps({key: swept[key] for key in spec.swept_keys()}))
+    flat = config.flat()
+    swept = {key: flat[key] for key in spec.swept_keys()}
+    trial.set_user_attr(store.ASSIGNMENT_ATTR, json.dumps(swept))
     tags = {names.ROLE_TAG: "trial", names.STUDY_NAME_TAG: spec.name,
-            names.TRIAL_NUMBER_TAG: str(trial.number)}
-    return TrialSpec(config, run_name=f"{spec.name} trial {trial.number}", tags=tags,
+            names.TRIAL_NUMBER_TAG: str(trial.number), names.CONFIGURATION_TAG: configuration_label(swept)}
+    return TrialSpec(config, run_name=point_label(swept) or f"{spec.name} trial {trial.number}", tags=tags,
                      resume=run_to_continue(worker, trial, config), on_epoch_end=pruning_callback(trial, spec))
 
 

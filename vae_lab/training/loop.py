@@ -189,6 +189,11 @@ class Engine:
             self.trials[row].latent_frames.append((self.step, means[row][:, :self.latent_dims[row]]))
 
     def _describe(self, what: str) -> str:
+        """`what` (an epoch) said of the trials training it: by their runs' names (a study's
+        trials are named by their swept values), or by their count when there are more than 3."""
+        named = [trial.spec.run_name for trial in self.trials if trial.spec.run_name]
+        if len(named) == len(self.trials) <= 3:
+            return f"{', '.join(named)}: {what}"
         return what if len(self.trials) == 1 else f"{len(self.trials)} trials, {what}"
 
     def _log_train(self, running: torch.Tensor, epoch: int, steps_per_epoch: int, bar) -> torch.Tensor:
