@@ -173,6 +173,24 @@ def test_without_a_run_the_newest_studys_best_run_on_validation_is_served(tracki
     assert len(create_app(tracking_uri).test_client().get("/api/runs").get_json()["runs"]) == 5  # every servable run listed
 
 
+def test_when_the_study_chose_an_autoencoder_its_best_vae_is_served(tracking_uri):
+    # an AE has no prior to sample from: "Generate" and the prior grid would show nothing useful
+    prepare_store(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = get_or_create_experiment(client, "ae_wins", tracking_uri)
+    parent = client.create_run(experiment, start_time=1_000, tags={
+        "vae_lab.role": "study", "vae_lab.objectives": "val/recon:minimize"}).info.run_id
+    autoencoder = log_servable_run(client, experiment, {"val/recon": 90.0, "val/loss": 90.0}, parent=parent,
+                                   start_time=1_100)
+    best_vae = log_servable_run(client, experiment, {"val/recon": 100.0, "val/loss": 130.0, "train/kl": 20.0},
+                                parent=parent, start_time=1_200)
+    log_servable_run(client, experiment, {"val/recon": 110.0, "val/loss": 125.0, "train/kl": 9.0}, parent=parent,
+                     start_time=1_300)  # a lower val/loss, but the study chose on val/recon
+    client.set_tag(parent, "vae_lab.best_run_id", autoencoder)
+    assert choose_run(RunCatalog(tracking_uri)).info.run_id == best_vae
+    assert choose_run(RunCatalog(tracking_uri), run_id=autoencoder).info.run_id == autoencoder  # still pickable
+
+
 def test_switching_runs_keeps_loaded_models(store):
     app = create_app(store.uri)
     loaded = app.extensions["vae_lab.loaded_runs"]

@@ -15,7 +15,8 @@ from vae_lab.data.datasets import DataUnavailable
 from vae_lab.names import STATE_DICT_ARTIFACT, TEST_LOSS, VAL_LOSS
 from vae_lab.serve.images import RequestError, ServedRun
 from vae_lab.tracking.logged import has_logged_model
-from vae_lab.tracking.studies import all_pages, best_run, finite_metric, lowest_val_loss, study_parents, study_trials
+from vae_lab.tracking.studies import (all_pages, best_on_objective, best_run, finite_metric, is_variational_run,
+                                      lowest_val_loss, study_parents, study_trials)
 from vae_lab.tracking.uris import redact
 
 LOADED_RUNS_KEPT = 8
@@ -51,10 +52,13 @@ class RunCatalog:
 
     def newest_study_best(self) -> Run | None:
         """The best servable run, on validation, of the newest study that has one
-        (`vae_lab.tracking.studies.best_run`); None without studies."""
+        (`vae_lab.tracking.studies.best_run`); when that is an AE, which has no prior to sample
+        from, the study's best variational run on its objective, if it has one. None without studies."""
         for parent in study_parents(self.client, list(self.experiment_names()), max_results=20):
-            best = best_run(parent, [run for run in study_trials(self.client, parent)
-                                     if self.has_model(run.info.run_id)])
+            trials = [run for run in study_trials(self.client, parent) if self.has_model(run.info.run_id)]
+            best = best_run(parent, trials)
+            if best is not None and not is_variational_run(best):
+                best = best_on_objective(parent, [run for run in trials if is_variational_run(run)]) or best
             if best is not None:
                 return best
         return None

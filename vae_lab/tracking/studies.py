@@ -105,6 +105,23 @@ def best_run(parent: Run, trials: list[Run]) -> Run | None:
     return lowest_val_loss(trials)
 
 
+def is_variational_run(run: Run) -> bool:
+    """Did the run train a model with a prior to sample from (it logged a KL)?"""
+    return names.TRAIN_KL in run.data.metrics
+
+
+def best_on_objective(parent: Run, runs: list[Run]) -> Run | None:
+    """Of `runs`, the best on the study's first objective (a validation metric), else the one
+    with the lowest val/loss; None when there is none."""
+    first = parent.data.tags.get(names.OBJECTIVES_TAG, "").split(",")[0]
+    metric, _, direction = first.rpartition(":")
+    scored = [run for run in runs if metric and finite_metric(run, metric) is not None]
+    if scored:
+        pick = max if direction == "maximize" else min
+        return pick(scored, key=lambda run: run.data.metrics[metric])
+    return lowest_val_loss(runs)
+
+
 def lowest_val_loss(runs: list[Run]) -> Run | None:
     """The run with the lowest val/loss, else the first (the newest, in a newest-first list)."""
     scored = [run for run in runs if finite_metric(run, names.VAL_LOSS) is not None]
