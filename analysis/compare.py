@@ -121,7 +121,8 @@ def _comparison_metric(a: Study, b: Study, match: Match) -> str | None:
 
 def difference_rows(a: Study, b: Study, matches: list[Match]) -> tuple[pd.DataFrame, list[stats.Difference]]:
     """One row per matched configuration and metric (the comparing val/* metric, and val/recon where
-    that is another), with each arm's interval, A − B paired by seed, and test/* beside it."""
+    that is another), with each arm's interval, A − B paired by seed, and test/* beside it; and
+    each row's difference."""
     rows, decided = [], []
     for match in matches:
         metric = _comparison_metric(a, b, match)
@@ -133,8 +134,7 @@ def difference_rows(a: Study, b: Study, matches: list[Match]) -> tuple[pd.DataFr
             if not values_a or not values_b:
                 continue
             cells, found = difference_cells(a.finished, match.label_a, b.finished, match.label_b, shown)
-            if shown == metric:
-                decided.append(found)
+            decided.append(found)
             rows.append({"configuration": match.name, "metric": shown,
                          "A [95% interval]": stats.interval_text(stats.mean_interval(values_a.values())),
                          "B [95% interval]": stats.interval_text(stats.mean_interval(values_b.values())),
@@ -147,18 +147,22 @@ def summary_sentences(decided: list[stats.Difference], matches: list[Match], onl
                       only_b: list[str]) -> list[str]:
     if not matches:
         return ["No configuration is in both studies: nothing can be set side by side (see the lists below)."]
-    with_interval = [found for found in decided if found.interval.has_interval]
-    a_better = sum(found.resolved and found.first_better for found in with_interval)
-    b_better = sum(found.resolved and not found.first_better for found in with_interval)
     sentences = [f"{len(matches)} configuration(s) are in both studies; each is compared on its validation metric "
-                 "(val/elbo where both arms have it, else val/recon+kl, else val/recon), paired by seed."]
-    if not with_interval:
+                 "(val/elbo where both arms have it, else val/recon+kl, else val/recon), paired by seed, and on "
+                 "val/recon beside it."]
+    by_metric: dict[str, list[stats.Difference]] = {}
+    for found in decided:  # the table's rows, counted as its "call" column calls them
+        if found.interval.has_interval:
+            by_metric.setdefault(found.metric, []).append(found)
+    if not by_metric:
         sentences.append("Every match has one seed per arm (or no shared seed and one seed on a side): no interval "
                          "is possible, so no difference is called. Run more seeds in both studies.")
-    else:
-        sentences.append(f"A is better in {a_better}, B in {b_better}, and {len(with_interval) - a_better - b_better} "
-                         f"are not resolved (the 95% interval includes zero), out of {len(with_interval)} with an "
-                         "interval.")
+    for metric, with_interval in by_metric.items():
+        a_better = sum(found.resolved and found.first_better for found in with_interval)
+        b_better = sum(found.resolved and not found.first_better for found in with_interval)
+        sentences.append(f"On {metric}: A is better in {a_better}, B in {b_better}, and "
+                         f"{len(with_interval) - a_better - b_better} are not resolved (the 95% interval includes "
+                         f"zero), out of {len(with_interval)} with an interval.")
     if only_a or only_b:
         sentences.append(f"Not matched: {len(only_a)} configuration(s) only in A, {len(only_b)} only in B.")
     return sentences

@@ -199,11 +199,16 @@ def _reported_difference(runs: pd.DataFrame, first: pd.Series, second: pd.Series
             f"(difference {stats.interval_text(found.interval)}, reported, not used to choose)")
 
 
+AE_PAYS_NO_KL = (" An autoencoder pays no KL: its whole code serves reconstruction, while a VAE's val/recon is one "
+                 "side of a trade-off with its rate (val/kl); VAEs are compared with each other on val/elbo.")
+
+
 def family_findings(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     """Best configuration of each family against the next one, both chosen and compared on
     validation (ELBO among VAEs, reconstruction among all); a difference is called only where
     its seed-paired 95% interval excludes zero."""
     sentences = []
+    vae_families = set(runs.loc[variational_rows(runs), "family"])
     for metric, higher_better, families in (
             (names.VAL_ELBO, True, list(runs.loc[variational_rows(runs), "family"].unique())),
             (names.VAL_RECON, False, list(summary["family"].unique()))):
@@ -226,16 +231,18 @@ def family_findings(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
                      f"{_number(second[column])}")
             reported = _reported_difference(runs, first, second, metric, not higher_better)
             gap = stats.number(abs(found.interval.estimate if found.resolved else first[column] - second[column]))
-            if found.resolved:
+            if found.resolved:  # the gap and its interval both say by how much the winner is better
                 sentences.append(f"{winner} beats {loser} on {NAMES[metric]} by {gap} nats ({means}; "
-                                 f"{stats.evidence(found, winner)}{reported}).")
+                                 f"{stats.evidence(found, winner, found.advantage)}{reported})."
+                                 + (AE_PAYS_NO_KL if metric == names.VAL_RECON and winner not in vae_families
+                                    and loser in vae_families else ""))
             elif not found.interval.has_interval:
                 sentences.append(f"{winner} and {loser} are not told apart on {NAMES[metric]}: {means}, a gap "
                                  f"of {gap} nats ({stats.how_paired(found)}), where no interval is possible"
                                  f"{reported}.")
             else:
                 sentences.append(f"{winner} and {loser} are not told apart on {NAMES[metric]}: {means}, a gap "
-                                 f"of {gap} nats whose 95% interval {stats.bounds(found.interval)} includes zero "
+                                 f"of {gap} nats whose 95% interval {stats.bounds(found.advantage)} includes zero "
                                  f"({stats.support(found, winner)}); {stats.settle(found)}{reported}.")
     return sentences
 

@@ -31,6 +31,7 @@ class Bullets:
 class Code:
     text: str
     language: str = ""
+    folded: str | None = None  # shown folded under this line (HTML and Markdown <details>)
 
 
 @dataclass
@@ -55,7 +56,9 @@ def render_markdown(title: str, sections: list[Section], folder: Path) -> str:
             elif isinstance(block, Bullets):
                 lines += [f"- {item}" for item in block.items] + [""]
             elif isinstance(block, Code):
-                lines += [f"```{block.language}", block.text.rstrip(), "```", ""]
+                fence = [f"```{block.language}", block.text.rstrip(), "```", ""]
+                lines += fence if block.folded is None else \
+                    [f"<details><summary>{html.escape(block.folded, quote=False)}</summary>", "", *fence, "</details>", ""]
             elif isinstance(block, Table):
                 lines += [markdown_table(block.frame), ""]
             elif isinstance(block, Figure):
@@ -78,6 +81,7 @@ tr.best td { background: #fff4cc; font-weight: 600; }
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 img { max-width: 100%; border: 1px solid #eee; } figcaption { color: #555; font-size: 0.9em; }
 .skipped { color: #885; font-style: italic; } .table-wrap { overflow-x: auto; }
+summary { cursor: pointer; color: #335; }
 """
 
 
@@ -114,7 +118,9 @@ def render_html(title: str, sections: list[Section]) -> str:
             elif isinstance(block, Bullets):
                 parts.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in block.items) + "</ul>")
             elif isinstance(block, Code):
-                parts.append(f"<pre>{html.escape(block.text)}</pre>")
+                code = f"<pre>{html.escape(block.text)}</pre>"
+                parts.append(code if block.folded is None else
+                             f"<details><summary>{html.escape(block.folded)}</summary>{code}</details>")
             elif isinstance(block, Table):
                 parts.append(_html_table(block))
             elif isinstance(block, Figure):

@@ -109,15 +109,19 @@ def what_was_run(study: Study) -> Section:
     if problems:
         blocks += [Text("Runs that did not finish (left out of the table and plots below; their learning "
                         "curves are kept):"), Bullets(problems)]
-    if study.study_yaml:
-        blocks += [Text("The study file (the parent's study/study.yaml):"), Code(study.study_yaml, "yaml")]
-    elif study.is_study:
-        blocks.append(Text("The parent run has no study/study.yaml artifact."))
-    else:
-        config = read_text_artifact(study.client, target.info.run_id, "config.yaml")
-        blocks += [Text("The run's config.yaml:"), Code(config, "yaml")] if config else \
-            [Text("The run has no config.yaml artifact.")]
     return Section("What was run", blocks)
+
+
+def file_section(study: Study) -> Section:
+    """The study file (or a single run's config), folded: the last thing a reader needs."""
+    if study.study_yaml:
+        return Section("The study file", [Code(study.study_yaml, "yaml", folded="the parent's study/study.yaml "
+                                               f"({len(study.study_yaml.splitlines())} lines)")])
+    if study.is_study:
+        return Section("The study file", [Text("The parent run has no study/study.yaml artifact.")])
+    config = read_text_artifact(study.client, study.target_run.info.run_id, "config.yaml")
+    return Section("The run's config", [Code(config, "yaml", folded=f"config.yaml ({len(config.splitlines())} lines)")]
+                   if config else [Text("The run has no config.yaml artifact.")])
 
 
 def comparison_section(study: Study, summary: pd.DataFrame, metrics: list[str]) -> Section:
@@ -240,16 +244,17 @@ def build_report(study: Study, folder: Path, log_to_mlflow: bool = True) -> Path
     written = [folder / "runs.csv"]
     runs_table(study).to_csv(written[0], index=False)
 
-    sections = [what_was_run(study),
-                Section("Findings", [Text(SELECTION_RULE),
+    sections = [Section("Findings", [Text(SELECTION_RULE),
                                      Bullets(findings.all_findings(summary, finished, study.config_params,
                                                                    paired_params(study.study_yaml)))]),
+                what_was_run(study),
                 comparison_section(study, summary, metrics),
                 intervals_section(summary, finished),
                 importance.importance_section(study, folder),
                 plot_section(study, folder),
                 latents_section(study, folder),
-                models_section(study, folder)]
+                models_section(study, folder),
+                file_section(study)]
     title = f"vae_lab report: {study.name}" + ("" if study.is_study else " (single run)")
     for section in sections:
         written += [block.path for block in section.blocks if isinstance(block, plots.Figure) and block.path]

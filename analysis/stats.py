@@ -63,6 +63,16 @@ class Difference:
         return self.interval.excludes_zero
 
     @property
+    def advantage(self) -> Interval:
+        """How much better first is than second: first − second where higher is better, second −
+        first where lower is, so that a gap said as "better by" and its interval share a sign."""
+        if not self.lower_is_better:
+            return self.interval
+        flipped = self.interval
+        return Interval(-flipped.estimate, None if flipped.high is None else -flipped.high,
+                        None if flipped.low is None else -flipped.low, flipped.n)
+
+    @property
     def first_better(self) -> bool:
         return (self.interval.estimate < 0) == self.lower_is_better
 
@@ -212,11 +222,12 @@ def bounds(interval: Interval) -> str:
     return f"[{low}, {high}]"
 
 
-def evidence(found: Difference, first: str) -> str:
-    """'95% interval [2.00, 8.00], paired over 3 shared seeds; conv_vae better in 100% of resamples'."""
+def evidence(found: Difference, first: str, interval: Interval | None = None) -> str:
+    """'95% interval [2.00, 8.00], paired over 3 shared seeds; conv_vae better in 100% of resamples'
+    (of `interval`, by default the difference first − second)."""
     if not found.interval.has_interval:
         return f"{how_paired(found)}: no interval is possible"
-    return f"95% interval {bounds(found.interval)}, {support(found, first)}"
+    return f"95% interval {bounds(interval or found.interval)}, {support(found, first)}"
 
 
 def settle(found: Difference) -> str:

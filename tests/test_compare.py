@@ -76,6 +76,13 @@ def test_page_matches_configurations_and_pairs_them_by_seed(arms):
     assert "| train.lr | 0.001 | 0.003 |" in text  # what the ablation changes
     assert "only in A: ae" in text
     assert "1 configuration(s) are in both studies" in text
+    # the findings count the table's calls, metric by metric
+    for metric, rows in differences.groupby("metric"):
+        calls = list(rows["call"])
+        with_interval = [call for call in calls if not call.startswith("no interval")]
+        if with_interval:
+            assert (f"On {metric}: A is better in {calls.count('A better')}, B in {calls.count('B better')}, "
+                    f"and {sum(call.startswith('not resolved') for call in calls)} are not resolved") in text
 
 
 def test_page_overlays_curves_and_reconstructs_the_same_images(arms):

@@ -4,6 +4,8 @@ Comparisons, trends and best rows are decided on val/* (the validation split); t
 only reported. Several tables below give val and test opposite answers on purpose.
 """
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -214,6 +216,10 @@ def test_family_comparison_on_elbo_and_reconstruction():
             "conv_vae better in 100% of resamples).") in sentences
     recon = [s for s in sentences if "reconstruction loss" in s]
     assert recon[0].startswith("ae beats conv_vae on validation reconstruction loss (val/recon) by 9.00 nats")
+    assert recon[0].endswith(findings.AE_PAYS_NO_KL) and not recon[1].endswith(findings.AE_PAYS_NO_KL)
+    # lower is better here: the gap and its interval both say by how much the winner is lower
+    low, high = map(float, re.search(r"95% interval \[([-\d.]+), ([-\d.]+)\]", recon[0]).groups())
+    assert 0 < low < 9.0 < high
     assert recon[1].startswith("conv_vae beats linear_vae on validation reconstruction loss (val/recon) by 10.00 nats")
     assert not any(s.startswith("ae ") and "ELBO" in s for s in sentences)
 

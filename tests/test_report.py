@@ -167,6 +167,11 @@ def test_what_was_run_counts_statuses_and_shows_the_study_file(store, study_repo
     assert "TrialBroke: simulated crash after epoch 1" in text
     assert "search_space:\n  model.name: [ae, linear_vae]" in text
     assert "Device: cpu (8 runs)" in text
+    # findings first; the study file last, folded
+    headings = re.findall(r"^## (.+)$", text, flags=re.MULTILINE)
+    assert headings[0] == "Findings" and headings[1] == "What was run" and headings[-1] == "The study file"
+    assert text.rstrip().endswith("</details>") and "<details><summary>the parent's study/study.yaml (" in text
+    assert "<details><summary>the parent&#x27;s study/study.yaml (" in (study_report / "index.html").read_text()
 
 
 def test_runs_csv_matches_mlflow(store, study_report):
@@ -297,7 +302,7 @@ def test_single_run_without_latents_or_model_still_reports(store, tmp_path):
     assert "Not drawn: no run has test latents" in text
     assert "no logged model" in text
     assert "Not drawn: no logged model could be loaded" in text
-    assert "The run's config.yaml:" in text
+    assert "## The run's config" in text and "<details><summary>config.yaml (" in text
     table = comparison_rows(out)
     metrics = store["client"].get_run(store["lone"]).data.metrics
     assert table.iloc[0]["test/recon"] == f"{metrics['test/recon']:.2f}"
@@ -465,7 +470,7 @@ def test_findings_decide_on_validation_and_label_their_numbers(selection_report)
     [winner] = [s for s in sentences if " beats " in s]
     assert winner.startswith("ae beats linear_vae on validation reconstruction loss (val/recon) by 15.50 nats "
                              "(best configuration of each, mean over seeds: 81.0 vs 96.5; 95% interval "
-                             "[-16.00, -15.00], paired over 2 shared seeds; ae better in 100% of resamples")
+                             "[15.00, 16.00], paired over 2 shared seeds; ae better in 100% of resamples")
     assert "; their test/recon: 90.0 vs 62.0 (difference 28.00 [28.00, 28.00]" in winner
     [ae_trend] = [s for s in sentences if s.endswith(".") and "for ae" in s]
     assert ae_trend.startswith("Validation reconstruction (val/recon) gets worse at every step of latent size")
