@@ -136,8 +136,10 @@ def rate_distortion(finished: pd.DataFrame, path: Path) -> Figure:
     ax.set_ylabel(f"distortion: {names.VAL_RECON} (nats per image)")
     _legend(ax)
     return Figure(title, _save(figure, path),
-                  caption=f"Each finished VAE run is a point on the validation split, coloured by loss.kl_weight; "
-                          f"the red line joins the {len(front)} runs no other run beats on both val/kl and "
+                  caption=f"Each finished VAE run is a point on the validation split, "
+                          + ("coloured by loss.kl_weight; " if varied else
+                             f"all with loss.kl_weight = {points['kl_weight'].iloc[0]:g}; ")
+                          + f"the red line joins the {len(front)} runs no other run beats on both val/kl and "
                           f"val/recon.")
 
 
@@ -190,6 +192,9 @@ def metric_vs_latent(finished: pd.DataFrame, config_params: list[str], path: Pat
 
 # ----------------------------------------------------------------------------- heatmaps
 
+MIN_HEATMAP_FILL = 0.5  # a heatmap is drawn only where at least half its cells hold runs
+
+
 def numeric_swept(finished: pd.DataFrame, config_params: list[str]) -> list[str]:
     """Swept keys (not the seed) whose values are numbers and take at least two values."""
     keys = []
@@ -216,11 +221,18 @@ def heatmap(finished: pd.DataFrame, config_params: list[str], metric: str, path:
     families = [family for family, group in data.groupby("family") if group["x"].nunique() * group["y"].nunique() > 1]
     if not families:
         return Figure(title, skipped=f"no model family has runs at more than one ({x_key}, {y_key}) cell")
+    grids = {family: data[data["family"] == family].pivot_table(index="y", columns="x", values=column, aggfunc="mean")
+             for family in families}
+    filled = max(grid.notna().to_numpy().mean() for grid in grids.values())
+    if filled < MIN_HEATMAP_FILL:  # sampled values (TPE, random): every run in a cell of its own
+        return Figure(title, skipped=f"the values of {x_key} and {y_key} are not on a grid (at most "
+                                     f"{filled:.0%} of the cells have a run): the slice plot shows each run")
     figure, axes = plt.subplots(1, len(families), figsize=(4.8 * len(families) + 0.6, 4.0), squeeze=False)
     for ax, family in zip(axes[0], families):
-        grid = data[data["family"] == family].pivot_table(index="y", columns="x", values=column, aggfunc="mean")
-        sns.heatmap(grid.sort_index(ascending=False), annot=True, fmt=".3g", cmap="mako_r", ax=ax,
-                    cbar_kws={"label": metric})
+        grid = grids[family].sort_index(ascending=False)
+        grid.index = [f"{value:.3g}" for value in grid.index]  # axis labels, not 0.49740235767797003
+        grid.columns = [f"{value:.3g}" for value in grid.columns]
+        sns.heatmap(grid, annot=True, fmt=".3g", cmap="mako_r", ax=ax, cbar_kws={"label": metric})
         ax.set_xlabel(x_key)
         ax.set_ylabel(y_key)
         ax.set_title(family)

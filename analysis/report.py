@@ -133,6 +133,11 @@ def comparison_section(study: Study, summary: pd.DataFrame, metrics: list[str]) 
     stars = (f"★ = the best configuration of each model family on validation, by the mean over its seeds of "
              f"{rankings}" if rankings else
              "No ★: no finished run logged val/* (runs from before the validation split), and test/* never chooses")
+    if len(study.objectives) > 1 and rankings:
+        objectives = " and ".join(metric for metric, _ in study.objectives)
+        stars += (f" (this study has {len(study.objectives)} objectives, {objectives}, and no single best: "
+                  "among VAEs the ★ is the configuration whose sum val/recon + val/kl is lowest, i.e. the best "
+                  "ELBO, which is one point of the front of those two; the rate–distortion plot shows the whole front)")
     text = ("One row per configuration" + (" (mean ± std over seeds)" if replicated else "") +
             f"; losses in nats per image. {stars}. The test/* and eval/* columns are reported, not used to choose.")
     shown = table_metrics(summary, metrics)

@@ -482,3 +482,21 @@ def test_collapse_is_decided_from_the_metrics_when_a_run_has_them():
     ])
     [sentence] = findings.collapse_findings(runs)
     assert sentence.startswith("Posterior collapse in 1/2 VAE runs") and "empty (0/8" in sentence
+
+
+def test_a_heatmap_needs_values_on_a_grid(tmp_path):
+    from analysis import plots
+
+    def finished(pairs):
+        return pd.DataFrame([{"family": "linear_vae", "params.loss.kl_weight": str(weight),
+                              "params.model.latent_dim": str(latent), "metrics.val/recon": 100.0 + index}
+                             for index, (weight, latent) in enumerate(pairs)])
+
+    keys = ["loss.kl_weight", "model.latent_dim"]
+    on_a_grid = finished([(weight, latent) for weight in (0.49740235767797003, 2.0) for latent in (2, 4)] * 2)
+    drawn = plots.heatmap(on_a_grid, keys, "val/recon", tmp_path / "grid.png")
+    assert drawn.path is not None and drawn.path.is_file()
+    sampled = finished([(0.1 * index + 0.013, index + 2) for index in range(6)])  # TPE: a cell each
+    skipped = plots.heatmap(sampled, keys, "val/recon", tmp_path / "sampled.png")
+    assert skipped.path is None and "not on a grid" in skipped.skipped
+    assert not (tmp_path / "sampled.png").exists()

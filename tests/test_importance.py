@@ -164,3 +164,23 @@ def test_no_varying_param_or_a_constant_objective_skips_importance():
         same_loss.add_trial(create_trial(params={"train.lr": value}, distributions={"train.lr": lr}, value=90.0))
     assert param_importances(same_loss, spec, varying_params(same_loss)) == {
         "skipped": "val/loss has the same value in all 2 complete trials"}
+
+
+@pytest.mark.parametrize("low, high, minor_labels", [(20, 40, ["20", "30", "40"]), (1e-4, 1e-1, [])])
+def test_log_axes_are_labelled_with_plain_numbers_that_do_not_run_together(low, high, minor_labels):
+    import matplotlib.pyplot as plt
+
+    from vae_lab.study.plots import plain_log_ticks
+
+    figure, ax = plt.subplots()
+    ax.plot([low, high], [1, 2], "o")
+    ax.set_xscale("log")
+    plain_log_ticks(figure)
+    figure.canvas.draw()
+    shown = [tick for tick in ax.xaxis.get_minor_ticks() + ax.xaxis.get_major_ticks()
+             if low * 0.9 <= tick.get_loc() <= high * 1.1 and tick.label1.get_text()]
+    labels = [tick.label1.get_text() for tick in shown]
+    assert all("×" not in label and "$" not in label for label in labels)
+    assert [label for label in labels if label in minor_labels] == minor_labels or not minor_labels
+    assert labels  # something is labelled in view
+    plt.close(figure)

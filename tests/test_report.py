@@ -167,6 +167,7 @@ def test_what_was_run_counts_statuses_and_shows_the_study_file(store, study_repo
     assert "TrialBroke: simulated crash after epoch 1" in text
     assert "search_space:\n  model.name: [ae, linear_vae]" in text
     assert "Device: cpu (8 runs)" in text
+    assert "this study has 2 objectives, val/recon and val/kl, and no single best" in text  # what the ★ means then
     # findings first; the study file last, folded
     headings = re.findall(r"^## (.+)$", text, flags=re.MULTILINE)
     assert headings[0] == "Findings" and headings[1] == "What was run" and headings[-1] == "The study file"

@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from optuna.distributions import FloatDistribution, IntDistribution  # noqa: E402
@@ -75,6 +76,20 @@ def applicable_plots(study: optuna.Study, spec: StudySpec, params: list[str],
     return plots
 
 
+def plain_log_ticks(figure) -> None:
+    """Log axes labelled with plain numbers (20, 30, 40): over a range under a decade matplotlib
+    labels the minor ticks as 2×10¹, 3×10¹, 4×10¹, which run together. Minor ticks keep their
+    labels only where the axis spans less than a decade (no major tick may be in view)."""
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    for ax in figure.axes:
+        for axis, limits, scale in ((ax.xaxis, ax.get_xlim(), ax.get_xscale()),
+                                    (ax.yaxis, ax.get_ylim(), ax.get_yscale())):
+            if scale != "log" or min(limits) <= 0:
+                continue
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(plain if max(limits) / min(limits) < 10 else NullFormatter())
+
+
 def save_plots(study: optuna.Study, spec: StudySpec, params: list[str], with_importances: bool,
                folder: Path) -> dict[str, str]:
     """Draw the applicable plots into `folder`; returns {file: error} for any Optuna could not
@@ -93,6 +108,7 @@ def save_plots(study: optuna.Study, spec: StudySpec, params: list[str], with_imp
                     plt.close(number)
                 continue
             figure = axes.flat[0].figure if isinstance(axes, np.ndarray) else axes.figure
+            plain_log_ticks(figure)
             figure.savefig(folder / name, dpi=DPI, bbox_inches="tight")
             plt.close(figure)
     return errors
