@@ -113,6 +113,6 @@ def evolution_figures(client, runs: pd.DataFrame, folder: Path) -> list[Figure]:
             seed = run.get("params.train.seed")
             figures.append(Figure(f"The latent space forming: {run['label']}", path, caption=(
                 f"Run {run['run_id'][:8]}" + (f" (seed {seed})" if isinstance(seed, str) else "") +
-                ": posterior means of the first test images during training, by class colour; beyond 2-D "
-                "through one PCA of the last frame, so the axes stay fixed.")))
+                ": posterior means of the first test images during training, by class; beyond 2-D "
+                "through one PCA of the last frame, so the axes stay fixed and hold every frame's points.")))
     return figures

@@ -1,6 +1,7 @@
 """latents/evolution.gif: frames of the test latents while a run trains, and where they show."""
 
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -24,7 +25,7 @@ def test_a_run_logs_one_frame_every_n_steps_and_the_report_shows_it(tiny_overrid
     client = MlflowClient(tracking_uri)
     with gif_of(client, run_id, tmp_path / "a") as gif:
         assert gif.n_frames == steps // 3 + 1  # step 0, then every third step
-        assert gif.size == (latent_evolution.FRAME_SIZE,) * 2
+        assert gif.size == latent_evolution.FRAME_SIZE
         gif.seek(gif.n_frames - 1)
         pixels = np.asarray(gif.convert("RGB"))
         coloured = (pixels.max(axis=2) - pixels.min(axis=2)) > 60  # the class colours, not grey or white
@@ -47,9 +48,24 @@ def test_frames_are_bounded_and_projected_on_fixed_axes(tmp_path):
     frames = [(step, rng.normal(size=(50, 8)) * (1 + step / 100)) for step in range(0, 2000, 10)]
     kept = latent_evolution.thinned(frames)
     assert len(kept) == latent_evolution.MAX_FRAMES and kept[0][0] == 0 and kept[-1][0] == 1990
-    path = latent_evolution.save_evolution(frames, labels, tmp_path / "evolution.gif")
+    path = latent_evolution.save_evolution(frames, labels, tmp_path / "evolution.gif",
+                                           class_names=[f"class {digit}" for digit in range(10)])
     with Image.open(path) as gif:
         assert gif.n_frames == latent_evolution.MAX_FRAMES
+        durations, outside = [], 0
+        plot_end = latent_evolution.PLOT_SIZE - latent_evolution.MARGIN + 4
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            durations.append(gif.info["duration"])
+            pixels = np.asarray(gif.convert("RGB")).astype(int)
+            coloured = (pixels.max(axis=2) - pixels.min(axis=2)) > 60  # class colours
+            plot, legend = coloured[:, :latent_evolution.PLOT_SIZE], coloured[:, latent_evolution.PLOT_SIZE:]
+            outside += plot[:, plot_end:].sum() + plot[plot_end:, :].sum()  # right of and below the plot's box
+            assert legend.any()  # the class legend beside it
+        assert outside == 0  # every point of every frame inside the plot
+        # one pass in about LOOP_MS, whatever the number of frames, then the last frame lingers
+        assert sum(durations[:-1]) == pytest.approx(latent_evolution.LOOP_MS, rel=0.1)
+        assert durations[-1] == latent_evolution.LAST_FRAME_MS
     # a 2-D latent is drawn as it is: the projection is the identity
     centre, axes = latent_evolution._projection(rng.normal(size=(50, 2)))
     assert np.array_equal(axes, np.eye(2)) and not centre.any()

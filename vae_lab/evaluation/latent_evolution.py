@@ -22,9 +22,12 @@ from PIL import Image, ImageDraw
 
 FRAME_IMAGES = 300
 MAX_FRAMES = 60
-FRAME_SIZE = 320  # pixels, square
-MARGIN = 12
-FRAME_MS = 120
+PLOT_SIZE = 440  # pixels: the square plot
+LEGEND_WIDTH = 130  # pixels right of it: one colour and class name per line
+FRAME_SIZE = (PLOT_SIZE + LEGEND_WIDTH, PLOT_SIZE)  # (width, height)
+MARGIN = 34  # room left of and below the plot for its axis labels
+LOOP_MS = 4000  # one pass through the frames, however many (a GIF frame lasts at least 20 ms)
+LAST_FRAME_MS = 1500  # then the last frame lingers
 # matplotlib's tab10, so classes have the colours of the other latent plots
 TAB10 = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
                   [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]], dtype=np.uint8)
@@ -73,36 +76,67 @@ def _projection(last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centre, components[:2]
 
 
-def _draw(points: np.ndarray, labels: np.ndarray, low: np.ndarray, high: np.ndarray, caption: str) -> Image.Image:
-    canvas = np.full((FRAME_SIZE, FRAME_SIZE), BACKGROUND, dtype=np.uint8)
-    inner = FRAME_SIZE - 2 * MARGIN
-    scaled = (points - low) / np.maximum(high - low, 1e-9)
+def _background(low: np.ndarray, high: np.ndarray, axis_names: tuple[str, str],
+                legend: list[tuple[int, str]]) -> np.ndarray:
+    """What every frame shares, as palette indices: the plot's box, its axes, the class legend."""
+    width, height = FRAME_SIZE
+    image = Image.fromarray(np.full((height, width), BACKGROUND, dtype=np.uint8), mode="P")
+    draw = ImageDraw.Draw(image)
+    top, bottom, left, right = MARGIN - 4, PLOT_SIZE - MARGIN + 3, MARGIN - 4, PLOT_SIZE - MARGIN + 3
+    draw.rectangle([left, top, right, bottom], outline=OUTLINE)
+    # each axis: its name and the values at its ends
+    draw.text((left, bottom + 4), f"{low[0]:.3g}", fill=TEXT)
+    draw.text((right - 6 * len(f"{high[0]:.3g}"), bottom + 4), f"{high[0]:.3g}", fill=TEXT)
+    draw.text(((left + right) // 2 - 6, bottom + 4), axis_names[0], fill=TEXT)
+    draw.text((2, bottom - 12), f"{low[1]:.3g}", fill=TEXT)
+    draw.text((2, top), f"{high[1]:.3g}", fill=TEXT)
+    draw.text((2, (top + bottom) // 2 - 6), axis_names[1], fill=TEXT)
+    for row, (label, name) in enumerate(legend):
+        y = top + 18 * row
+        draw.rectangle([PLOT_SIZE, y + 2, PLOT_SIZE + 8, y + 10], fill=FIRST_CLASS + label % len(TAB10))
+        draw.text((PLOT_SIZE + 14, y), name, fill=TEXT)
+    return np.asarray(image)
+
+
+def _draw(background: np.ndarray, points: np.ndarray, labels: np.ndarray, low: np.ndarray, high: np.ndarray,
+          caption: str) -> Image.Image:
+    canvas = background.copy()
+    inner = PLOT_SIZE - 2 * MARGIN  # the plot's square, MARGIN from each side of its area
+    scaled = (points - low) / np.maximum(high - low, 1e-9)  # in [0, 1]: low and high hold every point
     xs = (MARGIN + scaled[:, 0] * (inner - 1)).round().astype(int)
-    ys = (FRAME_SIZE - 1 - MARGIN - scaled[:, 1] * (inner - 1)).round().astype(int)
+    ys = (PLOT_SIZE - 1 - MARGIN - scaled[:, 1] * (inner - 1)).round().astype(int)
     colours = FIRST_CLASS + labels % len(TAB10)
     for dx in (-1, 0, 1):  # 3x3 dots
         for dy in (-1, 0, 1):
-            canvas[np.clip(ys + dy, 0, FRAME_SIZE - 1), np.clip(xs + dx, 0, FRAME_SIZE - 1)] = colours
+            canvas[ys + dy, xs + dx] = colours
     image = Image.fromarray(canvas, mode="P")
     image.putpalette(PALETTE.tobytes())
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([MARGIN - 4, MARGIN - 4, FRAME_SIZE - MARGIN + 3, FRAME_SIZE - MARGIN + 3], outline=OUTLINE)
-    draw.text((MARGIN, 1), caption, fill=TEXT)
+    ImageDraw.Draw(image).text((MARGIN - 4, 8), caption, fill=TEXT)
     return image
 
 
-def save_evolution(frames: list[tuple[int, np.ndarray]], labels: np.ndarray, path: Path) -> Path:
-    """One animated GIF of the frames (step, means [N, D]); the axes are fixed by the last frame's
-    PCA and the range of every frame."""
+def save_evolution(frames: list[tuple[int, np.ndarray]], labels: np.ndarray, path: Path,
+                   class_names=None) -> Path:
+    """One animated GIF of the frames (step, means [N, D]): axes fixed by the last frame's PCA and
+    by the range of every frame (every point of every frame inside the plot), a class legend,
+    one pass in about LOOP_MS whatever the number of frames."""
     frames = thinned(frames)
     centre, axes = _projection(frames[-1][1])
     projected = [(means - centre) @ axes.T for _, means in frames]
     stacked = np.concatenate(projected)
-    low, high = np.percentile(stacked, 0.5, axis=0), np.percentile(stacked, 99.5, axis=0)
-    how = "z1, z2" if frames[-1][1].shape[1] <= 2 else "PCA of the last frame"
-    images = [_draw(points, labels, low, high, f"step {step}  ({how})")
+    low, high = stacked.min(axis=0), stacked.max(axis=0)
+    pad = 0.03 * np.maximum(high - low, 1e-9)
+    low, high = low - pad, high + pad
+    plain = frames[-1][1].shape[1] <= 2
+    how = "z1, z2" if plain else "PCA of the last frame"
+    axis_names = ("z1", "z2") if plain else ("PC1", "PC2")
+    legend = [(int(label), str(class_names[label]) if class_names is not None else str(label))
+              for label in np.unique(labels)]
+    background = _background(low, high, axis_names, legend)
+    images = [_draw(background, points, labels, low, high, f"step {step}  ({how})")
               for (step, _), points in zip(frames, projected)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    durations = [FRAME_MS] * (len(images) - 1) + [FRAME_MS * 10]  # linger on the last frame
+    frame_ms = max(20, round(LOOP_MS / len(images), -1))  # GIF delays are in 10 ms units
+    durations = [frame_ms] * (len(images) - 1) + [LAST_FRAME_MS]
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0, optimize=False)
     return path

@@ -52,7 +52,8 @@ def finalize_run(model: Autoencoder, data: ImageData, config: Config, device: to
                 write_run_artifacts(model, data, config, Path(folder), evaluation, images=config.tracking.log_images)
             if latent_frames is not None:
                 with end_of_run_stage("latents/evolution.gif"):
-                    latent_evolution.save_evolution(*latent_frames, Path(folder) / "latents" / "evolution.gif")
+                    latent_evolution.save_evolution(*latent_frames, Path(folder) / "latents" / "evolution.gif",
+                                                    class_names=data.class_names)
             with end_of_run_stage("artifact upload"):
                 tracker.log_artifacts(Path(folder))
         if config.tracking.log_model:
