@@ -139,7 +139,8 @@ def difference_rows(a: Study, b: Study, matches: list[Match]) -> tuple[pd.DataFr
                          "A [95% interval]": stats.interval_text(stats.mean_interval(values_a.values())),
                          "B [95% interval]": stats.interval_text(stats.mean_interval(values_b.values())),
                          **cells})
-    columns = ["configuration", "metric", "A [95% interval]", "B [95% interval]", *DIFFERENCE_COLUMNS]
+    columns = ["configuration", "metric", DIFFERENCE_COLUMNS[0], "A [95% interval]", "B [95% interval]",
+               *DIFFERENCE_COLUMNS[1:]]
     return pd.DataFrame(rows, columns=columns), decided
 
 

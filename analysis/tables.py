@@ -221,7 +221,8 @@ def _shared_metric(first: pd.Series, second: pd.Series) -> str | None:
     return None
 
 
-DIFFERENCE_COLUMNS = ["seeds", "A − B [95% interval]", "P(A better)", "call", "reported: test A − B"]
+# the call first, next to what is compared: a wide table scrolls, and the verdict stays in view
+DIFFERENCE_COLUMNS = ["call", "seeds", "A − B [95% interval]", "P(A better)", "reported: test A − B"]
 
 
 def difference_cells(runs_a: pd.DataFrame, label_a: str, runs_b: pd.DataFrame, label_b: str,
@@ -236,10 +237,10 @@ def difference_cells(runs_a: pd.DataFrame, label_a: str, runs_b: pd.DataFrame, l
     test_b = stats.seed_values(runs_b, label_b, reported) if reported else {}
     test = stats.difference(test_a, test_b, reported, lower) if test_a and test_b else None
     cells = {
+        "call": stats.call(found, "A", "B"),
         "seeds": stats.how_paired(found),
         "A − B [95% interval]": stats.interval_text(found.interval),
         "P(A better)": "–" if found.probability_first_better is None else f"{found.probability_first_better:.0%}",
-        "call": stats.call(found, "A", "B"),
         "reported: test A − B": "–" if test is None else f"{reported}: {stats.interval_text(test.interval)}",
     }
     return cells, found
