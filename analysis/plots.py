@@ -55,8 +55,17 @@ def _legend(ax, title: str | None = None) -> None:
         if ax.get_legend() is not None:
             ax.get_legend().remove()
         return
-    ax.legend(handles, labels, title=title, fontsize=7, title_fontsize=8, frameon=False,
-              loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(handles, [_short_number(label) for label in labels], title=title, fontsize=7, title_fontsize=8,
+              frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def _short_number(label: str) -> str:
+    """A legend entry that is a number, to 3 significant digits (seaborn lists a few hue values
+    as they are: 0.49740235767797003); any other entry as it is."""
+    try:
+        return f"{float(label):.3g}"
+    except ValueError:
+        return label
 
 
 # ----------------------------------------------------------------------------- learning curves

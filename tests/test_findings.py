@@ -500,3 +500,19 @@ def test_a_heatmap_needs_values_on_a_grid(tmp_path):
     skipped = plots.heatmap(sampled, keys, "val/recon", tmp_path / "sampled.png")
     assert skipped.path is None and "not on a grid" in skipped.skipped
     assert not (tmp_path / "sampled.png").exists()
+
+
+def test_legends_show_numbers_to_three_digits(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from analysis import plots
+
+    shown = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: shown.extend(
+        text.get_text() for ax in figure.axes if ax.get_legend() for text in ax.get_legend().get_texts()) or path)
+    rows = [{"family": "linear_vae", "params.loss.kl_weight": str(weight), "metrics.val/kl": kl, "metrics.val/recon": recon}
+            for weight, kl, recon in ((0.49740235767797003, 10, 100), (1.3123456789, 8, 105), (2.71828182845, 6, 110))]
+    plots.rate_distortion(pd.DataFrame(rows), tmp_path / "rd.png")
+    plt.close("all")
+    assert {"0.497", "1.31", "2.72", "linear_vae"} <= set(shown)
+    assert not any(len(text) > 12 and text[0].isdigit() for text in shown)
