@@ -54,7 +54,10 @@ function guarded(action) {
 // ------------------------------------------------------------------ runs
 
 function runLabel(run) {
-  const parts = [run.run_name || run.run_id.slice(0, 8), run.model, `z=${run.latent_dim}`];
+  const name = run.run_name || run.run_id.slice(0, 8);
+  // a study's trials are named by their swept values, often the model's name first: said once
+  const parts = name.split(" · ")[0] === run.model ? [name] : [name, run.model];
+  parts.push(`z=${run.latent_dim}`);
   if (run.kl_weight !== null) parts.push(`KL weight ${run.kl_weight}`);
   if (run.val_loss !== null) parts.push(`val/loss ${run.val_loss.toFixed(1)}`);
   if (run.test_loss !== null) parts.push(`test/loss ${run.test_loss.toFixed(1)}`);
