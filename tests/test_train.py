@@ -201,7 +201,7 @@ def test_a_sigterm_that_a_finalizer_drops_still_stops_the_run(tracking_uri, monk
     steps_per_epoch = 512 // 64
     assert main([*TINY_RUN, f"tracking.uri={tracking_uri}", "tracking.experiment=dropped", "train.epochs=3",
                  f"model.name={__file__}:_DropsASignal", "tracking.log_every_steps=1"]) == 130
-    assert [issubclass(kind, KeyboardInterrupt) for kind in dropped] == [True]  # Python dropped it
+    assert sum(issubclass(kind, KeyboardInterrupt) for kind in dropped) == 1  # Python dropped it
     client = MlflowClient(tracking_uri)
     [run] = client.search_runs([client.get_experiment_by_name("dropped").experiment_id])
     assert run.info.status == "KILLED"
