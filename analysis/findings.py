@@ -208,9 +208,9 @@ def family_findings(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     validation (ELBO among VAEs, reconstruction among all); a difference is called only where
     its seed-paired 95% interval excludes zero."""
     sentences = []
-    vae_families = set(runs.loc[variational_rows(runs), "family"])
+    vae_families = list(runs.loc[variational_rows(runs), "family"].unique())
     for metric, higher_better, families in (
-            (names.VAL_ELBO, True, list(runs.loc[variational_rows(runs), "family"].unique())),
+            (names.VAL_ELBO, True, vae_families),
             (names.VAL_RECON, False, list(summary["family"].unique()))):
         column = f"{metric} mean"
         if column not in summary or len(families) < 2:

@@ -22,7 +22,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from vae_lab.config import parse_yaml
 from vae_lab import names
 from vae_lab.models.registry import MODEL_FAMILIES
-from vae_lab.tracking.studies import newest_study, study_parents
+from vae_lab.tracking.studies import newest_study, parse_objectives, study_parents
 from vae_lab.tracking.uris import missing_store
 from vae_lab.names import ROLE_TAG, STUDY_NAME_TAG
 
@@ -182,13 +182,6 @@ def swept_params(parent_tags: dict[str, str], runs: pd.DataFrame) -> list[str]:
     return varying
 
 
-def parse_objectives(tag: str) -> list[tuple[str, str]]:
-    objectives = []
-    for item in (tag or "").split(","):
-        if ":" in item:
-            metric, direction = item.rsplit(":", 1)
-            objectives.append((metric.strip(), direction.strip()))
-    return objectives
 
 
 def config_label(row: pd.Series, config_params: list[str]) -> str:

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 
 from analysis import findings, stats
-from analysis.runs import config_label, display_param, parse_objectives, parse_param, swept_params
+from analysis.runs import config_label, display_param, parse_param, swept_params
 from analysis.tables import (configuration_summary, display_table, mark_best, markdown_table, pareto_front,
                              table_metrics)
+from vae_lab.tracking.studies import parse_objectives
 
 
 def summary_frame(rows: list[dict]) -> pd.DataFrame:

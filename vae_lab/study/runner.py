@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 import optuna
-from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from optuna.trial import TrialState
@@ -35,7 +34,7 @@ from vae_lab.study.trials import work
 from vae_lab.study.workers import Helpers, Worker, machine_key, process_gone, worker_id
 from vae_lab.tracking.errors import StoreUnavailable, is_store_error
 from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
-from vae_lab.tracking.tracker import config_for_the_record
+from vae_lab.tracking.tracker import config_for_the_record, log_params
 from vae_lab.tracking.uris import redact, sqlite_path
 from vae_lab.tracking.provenance import source_tags
 from vae_lab.training.device import apply_threads, plan_threads, resolve_device, share_with
@@ -157,9 +156,7 @@ def start_parent_run(client: MlflowClient, spec: StudySpec, tracking_uri: str, s
     }
     tags[MLFLOW_RUN_NOTE] = parent_description(spec)
     run = client.create_run(experiment_id, run_name=f"study {spec.name}", tags=tags)
-    params = [Param(key, str(value)[:6000]) for key, value in parent_params(spec).items()]
-    for start in range(0, len(params), 100):  # MLflow's limit per call
-        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    log_params(client, run.info.run_id, parent_params(spec))
     client.log_text(run.info.run_id, spec.to_yaml(), "study/study.yaml")
     return run.info.run_id
 

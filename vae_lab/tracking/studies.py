@@ -110,11 +110,21 @@ def is_variational_run(run: Run) -> bool:
     return names.TRAIN_KL in run.data.metrics
 
 
+def parse_objectives(tag: str) -> list[tuple[str, str]]:
+    """A parent run's `vae_lab.objectives` tag ('val/recon:minimize,val/kl:minimize') as (metric, direction) pairs."""
+    objectives = []
+    for item in (tag or "").split(","):
+        if ":" in item:
+            metric, direction = item.rsplit(":", 1)
+            objectives.append((metric.strip(), direction.strip()))
+    return objectives
+
+
 def best_on_objective(parent: Run, runs: list[Run]) -> Run | None:
     """Of `runs`, the best on the study's first objective (a validation metric), else the one
     with the lowest val/loss; None when there is none."""
-    first = parent.data.tags.get(names.OBJECTIVES_TAG, "").split(",")[0]
-    metric, _, direction = first.rpartition(":")
+    objectives = parse_objectives(parent.data.tags.get(names.OBJECTIVES_TAG, ""))
+    metric, direction = objectives[0] if objectives else ("", "")
     scored = [run for run in runs if metric and finite_metric(run, metric) is not None]
     if scored:
         pick = max if direction == "maximize" else min

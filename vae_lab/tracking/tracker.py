@@ -46,6 +46,13 @@ def _param_value(value: Any) -> str:
     return str(value)[:6000]
 
 
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Params on run `run_id`, in MLflow's batches of at most MAX_PARAMS_PER_BATCH."""
+    items = [Param(key, _param_value(value)) for key, value in params.items()]
+    for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+
+
 class RunTracker:
     """One MLflow run: params, buffered metrics, artifacts, model, and its final status."""
 
@@ -128,9 +135,7 @@ class RunTracker:
 
     @deferring
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(key, _param_value(value)) for key, value in params.items()]
-        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[start:start + MAX_PARAMS_PER_BATCH])
+        log_params(self.client, self.run_id, params)
 
     @deferring
     def set_tags(self, tags: dict[str, Any]) -> None:
