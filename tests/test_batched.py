@@ -47,7 +47,7 @@ def tiny_data():
 def assert_batched_as_alone(configs, keys, rel=SOLO_MATCH) -> list:
     """Train `configs` one by one and then together in one batch; each batched trial ends with
     the `keys` metrics it ends with alone. Returns the solo results."""
-    data = load_data(configs[0].data, torch.device("cpu"), configs[0].train.batch_size)
+    data = load_data(configs[0].data, resolve_device(configs[0].device), configs[0].train.batch_size)
     alone = [train(config, data=data) for config in configs]
     batched = run_trials([TrialSpec(config) for config in configs], data=data)
     for single, together in zip(alone, batched):
@@ -205,9 +205,9 @@ def test_plan_batches_caps_and_splits_evenly():
     cap = DEFAULT_CAP[resolve_device(small[0].device).type]
     sizes = [len(batch) for batch in plan_batches(configs * 4 * (cap // 16), "auto")]
     assert max(sizes) <= cap and sum(sizes) == 24 * (cap // 16) and max(sizes) - min(sizes[:-1]) <= 1
-    # a big model: the memory estimate caps the batch below the default of 16
+    # a big model: the memory estimate (of a CPU's memory) caps the batch below the default of 16
     big = [build_config(None, [*TINY_RUN, "model.hidden_dims=[4096,4096]", "train.batch_size=1024",
-                               f"train.seed={seed}"]) for seed in range(4)]
+                               f"train.seed={seed}", "device=cpu"]) for seed in range(4)]
     assert all(len(batch) < 4 for batch in plan_batches(big, "auto"))
     assert sorted(index for batch in plan_batches(big, "auto") for index in batch) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="max_batch"):

@@ -10,6 +10,7 @@ from vae_lab.evaluation import latent_evolution
 from vae_lab.config import load_config
 from vae_lab.data.datasets import load_data
 from vae_lab.train import train
+from vae_lab.training.device import resolve_device
 
 
 def gif_of(client: MlflowClient, run_id: str, folder) -> Image.Image:
@@ -19,7 +20,7 @@ def gif_of(client: MlflowClient, run_id: str, folder) -> Image.Image:
 def test_a_run_logs_one_frame_every_n_steps_and_the_report_shows_it(tiny_overrides, tracking_uri, tmp_path):
     config = load_config(None, [*tiny_overrides, "train.epochs=2", "model.latent_dim=2", "eval.enabled=false",
                                 "tracking.latent_frames_every=3"])
-    data = load_data(config.data, "cpu", config.train.batch_size)
+    data = load_data(config.data, resolve_device(config.device), config.train.batch_size)  # where it trains
     steps = 2 * data.num_batches("train", config.train.batch_size)
     run_id = train(config, data=data).run_id
     client = MlflowClient(tracking_uri)

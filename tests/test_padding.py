@@ -18,6 +18,7 @@ from vae_lab.models.components import build_model
 from vae_lab.train import train
 from vae_lab.training import padding
 from vae_lab.training.batching import batch_key, pads, plan_batches
+from vae_lab.training.device import resolve_device
 from vae_lab.training.run import run_trials
 from vae_lab.training.steps import PaddedStep, PlainStep, loss_weights
 from vae_lab.training.trial import TrialSpec
@@ -37,7 +38,7 @@ SIZED_TRIALS = [
 @pytest.fixture(scope="module")
 def tiny_data():
     config = build_config(None, COMMON)
-    return load_data(config.data, torch.device("cpu"), config.train.batch_size)
+    return load_data(config.data, resolve_device(config.device), config.train.batch_size)  # where runs train
 
 
 def test_trials_of_different_sizes_in_one_pass_match_alone(tracking_uri, tiny_data):
@@ -207,7 +208,7 @@ def test_seed_000s_study_trains_in_one_pass_under_a_cap(tmp_path, tracking_uri):
     from vae_lab.study.spec import load_study_spec
 
     spec = load_study_spec("experiments/seed000_nas.yaml")
-    configs = [spec.trial_config(point) for point in spec.iter_grid_points()]
+    configs = [spec.trial_config(point, extra=["device=cpu"]) for point in spec.iter_grid_points()]  # CPU costs
     assert len({batch_key(config) for config in configs}) == 1
     assert plan_batches(configs, "auto") == [[index] for index in range(5)]
     assert plan_batches(configs, 5) == [[0, 1, 2, 3, 4]]
