@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -71,6 +72,25 @@ class ImageData:
     @property
     def has_val(self) -> bool:
         return self.val_images is not None and self.val_images.shape[0] > 0
+
+    @property
+    def digest(self) -> str:
+        """sha256 of every split's images (as prepared: resized, binarized, channels) and labels,
+        with their shapes: the data a run trained and was scored on, whatever file it came from.
+        A cache keyed by it (a feature classifier) is never reused on other data, and a run's
+        recorded digest tells `evaluate`, the report and the serve page whether they reloaded
+        the same data. Computed once per data object."""
+        if "digest" not in self.derived:
+            hasher = hashlib.sha256()
+            for split in SPLITS:
+                if split == "val" and not self.has_val:
+                    continue
+                for tensor in self.split(split):
+                    array = np.ascontiguousarray(tensor.detach().cpu().numpy())
+                    hasher.update(f"{split}:{array.dtype}:{array.shape};".encode())
+                    hasher.update(array.data)
+            self.derived["digest"] = hasher.hexdigest()
+        return self.derived["digest"]
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name == "train":
