@@ -21,6 +21,7 @@ from torchvision.utils import make_grid  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from vae_lab.data.datasets import DataUnavailable, load_data  # noqa: E402
+from vae_lab import names  # noqa: E402
 from vae_lab.names import STATE_DICT_ARTIFACT  # noqa: E402
 from vae_lab.tracking.logged import has_logged_model, load_logged_model  # noqa: E402
 
@@ -37,6 +38,7 @@ class LoadedModel:
     run_id: str
     model: torch.nn.Module
     config: object  # vae_lab.config.Config
+    data_digest: str | None = None  # what the run recorded it trained on (None: a run from before digests)
 
 
 def one_run_per_configuration(finished: pd.DataFrame) -> pd.DataFrame:
@@ -61,13 +63,14 @@ def load_models(runs: pd.DataFrame, tracking_uri: str) -> tuple[list[LoadedModel
         except Exception as error:  # noqa: BLE001 - an unreadable model is reported, not fatal
             missing.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
             continue
-        loaded.append(LoadedModel(run["label"], run["run_id"], model, config))
+        digest = run.get(f"tags.{names.DATA_DIGEST_TAG}")
+        loaded.append(LoadedModel(run["label"], run["run_id"], model, config, digest if isinstance(digest, str) else None))
     return loaded, missing
 
 
 def _data_key(config) -> tuple:
     data = config.data
-    return data.name, data.resize, data.channels, data.binarize, data.root
+    return data.name, data.path, data.resize, data.channels, data.binarize, data.root, repr(data.options)
 
 
 def _rows_figure(rows: list[tuple[str, torch.Tensor]], path: Path, per_row: int) -> Path:
@@ -105,6 +108,13 @@ def reconstructions(models: list[LoadedModel], folder: Path) -> tuple[list[Figur
         except DataUnavailable as error:
             missing.extend(f"{entry.label}: data {key[0]} unavailable ({error})" for entry in entries)
             figures.append(Figure(title, skipped=f"dataset {key[0]} is not on this machine"))
+            continue
+        changed = [entry for entry in entries if entry.data_digest and entry.data_digest != data.digest]
+        missing.extend(f"{entry.label}: data {key[0]} changed since the run (digest {entry.data_digest[:12]}, "
+                       f"now {data.digest[:12]})" for entry in changed)
+        entries = [entry for entry in entries if entry not in changed]
+        if not entries:
+            figures.append(Figure(title, skipped=f"dataset {key[0]} changed since these runs trained on it"))
             continue
         generator = torch.Generator().manual_seed(0)
         originals = data.to_float(data.test_images[:IMAGE_COUNT], generator)

@@ -83,7 +83,7 @@ def test_missing_offline_dataset_says_how_to_get_it(tmp_path):
 
 @pytest.mark.parametrize("name", ["mnist5k", "digits"])
 def test_an_embedded_split_is_kept_whole_in_the_cache_and_read_back_unchanged(name, tmp_path, monkeypatch):
-    from vae_lab.data import datasets
+    from vae_lab.data import sources as datasets
 
     monkeypatch.setenv("HOME", str(tmp_path))
     parsed = datasets._parse_mnist5k() if name == "mnist5k" else datasets._parse_digits()

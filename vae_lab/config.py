@@ -80,26 +80,31 @@ def load_yaml_mapping(path: str | Path) -> dict:
 
 # ----------------------------------------------------------------------------- sections
 
-DATASETS = ("mnist5k", "mnist", "fashion-mnist", "kmnist", "digits")
 # Keys that name a component (`vae_lab.components`): a registered name, package.module:Class, or
 # path/to/file.py:Class, a relative path being relative to the file that names it (`anchor_references`).
-COMPONENT_KEYS = ("model.name", "prior.name", "loss.objective")
-OPTIONS_KEYS = ("model.options", "prior.options", "loss.options")  # a component's own constructor arguments
+COMPONENT_KEYS = ("model.name", "prior.name", "loss.objective", "data.name")
+OPTIONS_KEYS = ("model.options", "prior.options", "loss.options", "data.options")
+PATH_KEYS = ("data.path",)  # made absolute where they are read: relative to the file that names them, or the working folder  # a component's own constructor arguments
 
 
 @dataclass
 class DataConfig:
+    """The dataset (`vae_lab.data.sources`: mnist5k, digits, mnist, fashion-mnist, kmnist, cifar10,
+    svhn, celeba, folder, arrays, or your own function) and how its images are prepared."""
     name: str = "mnist5k"
+    path: str = ""  # the folder or file of folder/arrays (and of cifar10/svhn/celeba when not under root)
     root: str = ""  # "" = ~/.cache/vae_lab
     resize: int = 0  # 0 keeps the native size
-    channels: int = 1  # 3 repeats the grey channel
+    channels: int = 0  # 0 as the images are; 1 makes colour grey; 3 repeats a grey channel
     binarize: str = "none"
     download: bool = True
     train_limit: int = 0  # keep only the first N training images; 0 = all
     test_limit: int = 0  # likewise for the test split
     val_size: float = 0.1  # validation images carved from train: a fraction in (0, 1) or a count; 0 = none
 
-    choices = {"name": DATASETS, "binarize": ("none", "dynamic", "static"), "channels": (1, 3)}
+    options: dict[str, Any] = field(default_factory=dict)  # your own dataset function's arguments
+
+    choices = {"binarize": ("none", "dynamic", "static"), "channels": (0, 1, 3)}
 
 
 @dataclass
@@ -270,6 +275,13 @@ def anchor_file_reference(name: Any, base_dir: str | Path) -> Any:
     return f"{(Path(base_dir) / found[0]).resolve()}:{found[1]}"
 
 
+def anchor_path(value: Any, base_dir: str | Path) -> Any:
+    """A non-empty relative path, made absolute against `base_dir`; anything else unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    return str((Path(base_dir) / Path(value).expanduser()).resolve())
+
+
 def anchor_references(mapping: dict, base_dir: str | Path) -> dict:
     """`mapping` (nested sections or dotted keys) with its component file references anchored at
     `base_dir`, the folder of the config or study file it came from."""
@@ -277,6 +289,10 @@ def anchor_references(mapping: dict, base_dir: str | Path) -> dict:
     for key, value in mapping.items():
         if isinstance(value, dict) and f"{key}.name" in COMPONENT_KEYS:
             value = {**value, "name": anchor_file_reference(value.get("name"), base_dir)} if "name" in value else value
+            value = {name: anchor_path(item, base_dir) if f"{key}.{name}" in PATH_KEYS else item
+                     for name, item in value.items()}
+        elif key in PATH_KEYS:
+            value = [anchor_path(item, base_dir) for item in value] if isinstance(value, list) else anchor_path(value, base_dir)
         elif key in COMPONENT_KEYS:
             value = ([anchor_file_reference(item, base_dir) for item in value] if isinstance(value, list)
                      else anchor_file_reference(value, base_dir))
@@ -384,6 +400,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         key, value = parse_override(text)
         if key in COMPONENT_KEYS:
             value = anchor_file_reference(value, Path.cwd())
+        elif key in PATH_KEYS:
+            value = anchor_path(value, Path.cwd())
         _set(config, key.split("."), value, key)
     return config
 

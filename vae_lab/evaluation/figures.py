@@ -38,16 +38,19 @@ def save_prior_samples(model: Autoencoder, path: Path, count: int = 64, seed: in
 @torch.no_grad()
 def save_class_panel(model: Autoencoder, images: torch.Tensor, labels: torch.Tensor, path: Path,
                      samples_per_class: int = 8, seed: int = 0) -> None:
-    """One row per class: a test input, then samples drawn around its posterior.
+    """One row per class (without labels, per one of the first images): a test input, then samples
+    drawn around its posterior.
 
     Samples are mean + std * noise (the standard deviation, not the log-variance).
     An AE's posterior is a point, so its row repeats the reconstruction.
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    classes = sorted(labels.unique().tolist())
+    examples = ([images[labels == label][:1] for label in classes] if len(classes) > 1
+                else list(images[:samples_per_class].split(1)))
     rows = []
-    for label in sorted(labels.unique().tolist()):
-        example = images[labels == label][:1]
+    for example in examples:
         posterior = model.encode(example)
         noise = torch.randn((samples_per_class, model.latent_dim), generator=generator, device=device)
         z = posterior.sample(noise)

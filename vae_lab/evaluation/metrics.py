@@ -8,8 +8,9 @@
 - posterior_collapse     tag: true when the posterior carries (almost) no information: a
                          test KL under 0.1 nats per image, or no active unit at all
 - kl_per_dim             the mean KL of each latent dimension (a table artifact)
-- eval/probe_accuracy    logistic regression on the latent means (fit on train, scored on test)
-- eval/knn_accuracy      5-nearest-neighbours on the same features
+- eval/probe_accuracy    logistic regression on the latent means (fit on train, scored on test);
+                         only where the data has labels (two classes or more)
+- eval/knn_accuracy      5-nearest-neighbours on the same features, likewise
 - eval/mse_per_pixel     the model's reconstruction MSE from the posterior mean
 - eval/pca_mse_per_pixel PCA with as many components as the latent size: the baseline to beat
 
@@ -233,7 +234,8 @@ def evaluate_model(model: Autoencoder, data: ImageData, config: Config,
         data.derived[baseline_key] = pca_mse_per_pixel(train_pixels, test_pixels, model.latent_dim)
     metrics = {names.EVAL_MSE: squared_error / test_pixels.size,
                names.EVAL_PCA_MSE: data.derived[baseline_key]}
-    metrics.update(probe_accuracies(train_means, train_labels, test_means, test_labels))
+    if data.labeled and len(np.unique(train_labels)) > 1:  # a probe needs classes to tell apart
+        metrics.update(probe_accuracies(train_means, train_labels, test_means, test_labels))
     result = EvaluationResult(metrics)
 
     if model.variational:

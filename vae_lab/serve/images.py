@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import tempfile
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torchvision.utils import make_grid, save_image
 
+from vae_lab import names
 from vae_lab.components import short_name
 from vae_lab.config import Config, DataConfig
-from vae_lab.data.datasets import ImageData, load_data
+from vae_lab.data.datasets import ImageData, check_digest, load_data
 from vae_lab.models.autoencoders import Autoencoder
 from vae_lab.tracking.logged import IncompatibleModel, load_logged_model
 
@@ -76,7 +77,7 @@ _data_cache: dict[tuple, ImageData] = {}
 
 def cached_data(config: DataConfig) -> ImageData:
     """The run's dataset on the CPU; runs with the same data settings share one copy."""
-    key = astuple(config)
+    key = repr(config)
     if key not in _data_cache:
         _data_cache[key] = load_data(config, "cpu")
     return _data_cache[key]
@@ -96,7 +97,10 @@ class ServedRun:
             model, config = load_logged_model(run_id, tracking_uri, map_location="cpu")
         except IncompatibleModel as error:
             raise RequestError(str(error), status=409) from None
-        return cls(run_id, model.eval(), config, cached_data(config.data))
+        data = cached_data(config.data)
+        recorded = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).data.tags.get(names.DATA_DIGEST_TAG)
+        check_digest(data, recorded, f"run {run_id}")
+        return cls(run_id, model.eval(), config, data)
 
     # ------------------------------------------------------------------ facts the page needs
 

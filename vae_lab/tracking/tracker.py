@@ -130,8 +130,14 @@ class RunTracker:
 
     @deferring
     def log_datasets(self, data) -> None:
-        """The run's train, validation and test data as MLflow dataset inputs (the UI's Dataset column)."""
+        """The run's train, validation and test data as MLflow dataset inputs (the UI's Dataset column),
+        and its digest and source as tags (what `evaluate`, the report and serve check it against)."""
         self.client.log_inputs(self.run_id, datasets=dataset_inputs(data))
+        tags = {names.DATASET_TAG: data.name, names.DATA_DIGEST_TAG: data.digest,
+                names.DATA_SOURCE_TAG: data.source or data.name}
+        if not data.labeled:
+            tags[names.LABELS_TAG] = "none"
+        self.client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
     @deferring
     def log_params(self, params: dict[str, Any]) -> None:
