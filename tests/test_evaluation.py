@@ -135,3 +135,23 @@ def test_collapse_means_no_information_not_few_active_units(binary_images):
         stats.weight.zero_(), stats.bias.zero_()
     result = evaluate_model(model, data, config, torch.device("cpu"))
     assert result.kl_per_dim.sum() < 0.1 and result.tags["posterior_collapse"] == "true"
+
+
+def test_the_pca_baseline_is_the_same_on_each_path(monkeypatch):
+    """Covariance eigenvectors (N >= D), a thin SVD (N < D) and, past EXACT_PCA_LIMIT, a randomized
+    SVD give one baseline: numpy's full SVD of the same data."""
+    from vae_lab.evaluation import metrics
+
+    rng = np.random.default_rng(0)
+    scales = np.linspace(4, 0.5, 12)
+    for rows, dims in ((300, 50), (40, 300)):
+        train = (rng.normal(size=(rows, 12)) * scales) @ rng.normal(size=(12, dims)) + 0.1 * rng.normal(size=(rows, dims))
+        test = (rng.normal(size=(30, 12)) * scales) @ rng.normal(size=(12, dims))
+        centred = train - train.mean(axis=0)
+        basis = np.linalg.svd(centred, full_matrices=False)[2][:6]
+        residual = (test - train.mean(axis=0)) @ basis.T @ basis - (test - train.mean(axis=0))
+        expected = float(np.mean(residual ** 2))
+        assert metrics.pca_mse_per_pixel(train, test, 6) == pytest.approx(expected, rel=1e-9)
+        monkeypatch.setattr(metrics, "EXACT_PCA_LIMIT", 10)
+        assert metrics.pca_mse_per_pixel(train, test, 6) == pytest.approx(expected, rel=1e-6)
+        monkeypatch.undo()

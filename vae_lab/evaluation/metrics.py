@@ -34,6 +34,7 @@ from vae_lab.models.priors import StandardNormal, gaussian_log_density, kl_to_st
 from vae_lab.models.autoencoders import Autoencoder
 
 ACTIVE_UNIT_THRESHOLD = 0.01
+EXACT_PCA_LIMIT = 2048  # the data's smaller side up to which the PCA baseline is exact
 COLLAPSE_KL_NATS = 0.1  # total KL per image below which q(z|x) says (almost) nothing about x
 
 
@@ -116,13 +117,22 @@ def active_units(latent_means: np.ndarray, threshold: float = ACTIVE_UNIT_THRESH
 
 
 def principal_components(train, components: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean [D], basis [k, D]) of an exact PCA in float64: the top eigenvectors of the
-    covariance (the same subspace as a full SVD of the data, and for N >> D much faster)."""
+    """(mean [D], basis [k, D]) of a PCA in float64. Exact while the smaller side of the N x D
+    data is at most EXACT_PCA_LIMIT: the top eigenvectors of the D x D covariance when N >= D
+    (the same subspace as a full SVD, and for N >> D much faster), else a thin SVD. Beyond it
+    (10,000 64x64 colour images: D = 12,288) a randomized SVD with power iterations (Halko et
+    al. 2011), whose top-k subspace matches the exact one to a few digits."""
     data = torch.tensor(np.asarray(train), dtype=torch.float64)
     mean = data.mean(dim=0)
     centred = data - mean
+    rows, dims = centred.shape
+    components = min(components, rows, dims)
+    if min(rows, dims) > EXACT_PCA_LIMIT:
+        _, _, vectors = torch.svd_lowrank(centred, q=min(components + 10, rows, dims), niter=6)
+        return mean, vectors[:, :components].T
+    if rows < dims:
+        return mean, torch.linalg.svd(centred, full_matrices=False).Vh[:components]
     _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-    components = min(components, data.shape[0], data.shape[1])
     return mean, vectors[:, vectors.shape[1] - components:].flip(1).T
 
 
