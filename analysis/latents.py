@@ -71,6 +71,9 @@ def latent_maps(maps: list[tuple[str, pd.DataFrame]], path: Path, class_names=No
     figure, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.set_visible(False)
+    if class_names is None and all("class" in frame for _, frame in usable):  # the names the runs logged
+        pairs = pd.concat([frame[["label", "class"]] for _, frame in usable]).drop_duplicates("label")
+        class_names = dict(zip(pairs["label"], pairs["class"]))
     for index, (name, frame) in enumerate(tqdm(usable, desc="t-SNE", leave=False, unit="run")):
         frame = subsample(frame, TSNE_MAX_POINTS, seed)
         latents = frame[[column for column in frame.columns if column.startswith("z")]].to_numpy()

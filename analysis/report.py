@@ -39,6 +39,20 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "report"
 
 
+def _datasets(runs: pd.DataFrame) -> str:
+    """Each dataset the runs trained on: its name, the file or folder, the first digits of its digest."""
+    described = []
+    for name, group in runs.groupby(runs.get("tags.dataset", pd.Series("", index=runs.index)).fillna(""), sort=False):
+        if not name:
+            continue
+        details = []
+        for column, width in ((f"tags.{names.DATA_SOURCE_TAG}", None), (f"tags.{names.DATA_DIGEST_TAG}", 12)):
+            values = group[column].dropna().unique() if column in group else []
+            details.extend(f"{'digest ' if width else ''}{value[:width] if width else value}" for value in values)
+        described.append(f"{name} ({', '.join(details)})" if details else name)
+    return "; ".join(described)
+
+
 def _seconds(total: float) -> str:
     minutes, seconds = divmod(int(round(total)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -101,8 +115,7 @@ def what_was_run(study: Study) -> Section:
             devices = runs["tags.device_name"].fillna(devices)
         listed = ", ".join(f"{name} ({count} runs)" for name, count in devices.dropna().value_counts().items())
         items.append(f"Device: {listed or 'not recorded'}")
-        datasets = runs.get("tags.dataset", pd.Series(dtype=object)).dropna().unique()
-        items.append(f"Dataset: {', '.join(datasets) or 'not recorded'}")
+        items.append(f"Dataset: {_datasets(runs) or 'not recorded'}")
     blocks = [Bullets(items)]
     problems = [f"{row['status']}: {row['label']} ({row['run_id'][:8]}): {_reason(row)}"
                 for _, row in runs[runs["status"].isin(["FAILED", "KILLED"])].iterrows()]

@@ -37,9 +37,12 @@ def test_latents(model: Autoencoder, data: ImageData, limit: int, batch_size: in
     return torch.cat(means).numpy(), torch.cat(labels).numpy()
 
 
-def latents_frame(latents: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+def latents_frame(latents: np.ndarray, labels: np.ndarray, class_names=None) -> pd.DataFrame:
+    """Columns z0..z{d-1}, label, and class (the label's name, for plots read back from the run)."""
     frame = pd.DataFrame(latents, columns=[f"z{index}" for index in range(latents.shape[1])])
     frame["label"] = labels.astype(np.int64)
+    if class_names is not None:
+        frame["class"] = [str(class_names[label]) for label in frame["label"]]
     return frame
 
 
@@ -74,6 +77,6 @@ def write_run_artifacts(model: Autoencoder, data: ImageData, config: Config, fol
                                   folder / "images" / "latent_traversal.png")
 
     means, labels = test_latents(model, data, config.eval.max_points)
-    latents_frame(means, labels).to_parquet(folder / "latents" / "test_latents.parquet", index=False)
+    latents_frame(means, labels, data.class_names).to_parquet(folder / "latents" / "test_latents.parquet", index=False)
     figures.save_latent_scatter(means, labels, folder / "latents" / "latent_scatter.png",
                                 class_names=data.class_names)
