@@ -230,7 +230,8 @@ def family_findings(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
             means = (f"best configuration of each, mean over seeds: {_number(first[column])} vs "
                      f"{_number(second[column])}")
             reported = _reported_difference(runs, first, second, metric, not higher_better)
-            gap = stats.number(abs(found.interval.estimate if found.resolved else first[column] - second[column]))
+            gap = (stats.number(abs(found.interval.estimate), spread=found.interval.high - found.interval.low)
+                   if found.resolved else stats.number(abs(first[column] - second[column])))
             if found.resolved:  # the gap and its interval both say by how much the winner is better
                 sentences.append(f"{winner} beats {loser} on {NAMES[metric]} by {gap} nats ({means}; "
                                  f"{stats.evidence(found, winner, found.advantage)}{reported})."

@@ -25,6 +25,7 @@ CONFIDENCE = 0.95
 RESAMPLES = 9999
 GENERATOR_SEED = 0
 MAX_SEEDS_TO_SETTLE = 1000
+MAX_DECIMALS = 6  # however narrow an interval, no more decimals than this
 METHOD = f"{CONFIDENCE:.0%} percentile bootstrap (scipy.stats.bootstrap, {RESAMPLES} resamples)"
 
 
@@ -179,17 +180,30 @@ def seed_values(runs: pd.DataFrame, label: str, metric: str, seed_column: str = 
 
 # ----------------------------------------------------------------------------- words
 
-def number(value: float | None, *alongside: float | None) -> str:
-    """A value with 4 decimals below 1, else 2; the values shown `alongside` it share its decimals."""
+def supported_decimals(spread: float | None) -> int | None:
+    """The decimals that a value with this uncertainty (an interval's width, a std) supports: two
+    significant digits of the spread (width 2.7 → 1 decimal, 26 → none, 0.0061 → 4); None when
+    there is no spread to go by."""
+    if spread is None or not np.isfinite(spread) or spread <= 0:
+        return None
+    return int(min(MAX_DECIMALS, max(0, 1 - math.floor(math.log10(spread)))))
+
+
+def number(value: float | None, *alongside: float | None, spread: float | None = None) -> str:
+    """A value rounded to what its `spread` supports (`supported_decimals`); without one, 4
+    decimals below 1, else 2, and the values shown `alongside` it share its decimals."""
     if value is None or not np.isfinite(value):
         return "n/a"
+    digits = supported_decimals(spread)
+    if digits is not None:
+        return f"{value:.{digits}f}"
     magnitudes = [abs(other) for other in (value, *alongside) if other is not None and np.isfinite(other)]
     return f"{value:.4f}" if max(magnitudes) < 1 else f"{value:.2f}"
 
 
 def _numbers(interval: Interval) -> tuple[str, str, str]:
     values = (interval.estimate, interval.low, interval.high)
-    return tuple(number(value, *values) for value in values)
+    return tuple(number(value, *values, spread=interval.high - interval.low) for value in values)
 
 
 def interval_text(interval: Interval) -> str:

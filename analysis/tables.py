@@ -126,6 +126,7 @@ def format_value(mean: float, std: float) -> str:
     digits = 4 if abs(mean) < 1 else 2
     if std is None or np.isnan(std):
         return f"{mean:.{digits}f}"
+    digits = stats.supported_decimals(std) if std > 0 else digits  # what the seeds' spread supports
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 

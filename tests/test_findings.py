@@ -174,7 +174,7 @@ def test_kl_weight_sentence_says_whether_the_paired_interval_resolves_the_change
             for seed, recon in enumerate(recons)]
     summary, runs = seeded(rows, ["loss.kl_weight"])
     [sentence] = findings.kl_weight_findings(summary, runs, ["loss.kl_weight"])
-    assert ("val/recon change 95% interval [9.00, 11.00], paired over 3 shared seeds; the larger weight better "
+    assert ("val/recon change 95% interval [9.0, 11.0], paired over 3 shared seeds; the larger weight better "
             "in 0% of resamples; the reconstruction change is resolved).") in sentence
     rows[3]["val/recon"] = 95.0  # seed 0 now improves with the larger weight
     summary, runs = seeded(rows, ["loss.kl_weight"])
@@ -212,11 +212,11 @@ def test_family_comparison_on_elbo_and_reconstruction():
                  {"family": "ae", "model.latent_dim": 2, "seed": seed, "val/recon": 70.0 + 2 * seed}]
     summary, runs = seeded(rows, ["model.name", "model.latent_dim"])
     sentences = findings.family_findings(summary, runs)
-    assert ("conv_vae beats linear_vae on validation ELBO (val/elbo) by 13.00 nats (best configuration of each, "
-            "mean over seeds: -91.0 vs -104.0; 95% interval [12.00, 14.00], paired over 3 shared seeds; "
+    assert ("conv_vae beats linear_vae on validation ELBO (val/elbo) by 13.0 nats (best configuration of each, "
+            "mean over seeds: -91.0 vs -104.0; 95% interval [12.0, 14.0], paired over 3 shared seeds; "
             "conv_vae better in 100% of resamples).") in sentences
     recon = [s for s in sentences if "reconstruction loss" in s]
-    assert recon[0].startswith("ae beats conv_vae on validation reconstruction loss (val/recon) by 9.00 nats")
+    assert recon[0].startswith("ae beats conv_vae on validation reconstruction loss (val/recon) by 9.0 nats")
     assert recon[0].endswith(findings.AE_PAYS_NO_KL) and not recon[1].endswith(findings.AE_PAYS_NO_KL)
     # lower is better here: the gap and its interval both say by how much the winner is lower
     low, high = map(float, re.search(r"95% interval \[([-\d.]+), ([-\d.]+)\]", recon[0]).groups())
@@ -236,9 +236,9 @@ def test_family_winner_is_decided_on_validation_and_its_test_numbers_are_reporte
                   "test/elbo": -90.0}]
     summary, runs = seeded(rows, ["model.name", "model.latent_dim"])
     [sentence] = findings.family_findings(summary, runs)
-    assert sentence.startswith("conv_vae beats linear_vae on validation ELBO (val/elbo) by 5.50 nats "
+    assert sentence.startswith("conv_vae beats linear_vae on validation ELBO (val/elbo) by 5.5 nats "
                                "(best configuration of each, mean over seeds: -95.5 vs -101.0")
-    assert sentence.endswith("; their test/elbo: -120.5 vs -90.0 (difference -30.50 [-31.00, -30.00], reported, "
+    assert sentence.endswith("; their test/elbo: -120.5 vs -90.0 (difference -30.5 [-31.0, -30.0], reported, "
                              "not used to choose)).")
     assert findings.family_findings(summary.drop(columns=["val/elbo mean", "val/elbo std"]), runs) == []
 
@@ -273,7 +273,7 @@ def test_the_winner_follows_the_seeds_both_share_not_the_means():
             {"family": "conv_vae", "seed": 2, "val/recon": 20.0}]
     summary, runs = seeded(rows, ["model.name"])
     [sentence] = findings.family_findings(summary, runs)
-    assert sentence.startswith("conv_vae beats linear_vae on validation reconstruction loss (val/recon) by 0.9500 "
+    assert sentence.startswith("conv_vae beats linear_vae on validation reconstruction loss (val/recon) by 0.950 "
                                "nats"), sentence
     assert "paired over 2 shared seeds of 3 and 2; conv_vae better in 100% of resamples" in sentence
 
@@ -374,7 +374,7 @@ def test_configuration_summary_mean_std_and_best():
     shown = table_metrics(best, metrics)
     assert shown == ["val/recon", "test/recon", "val/elbo", "test/elbo"]  # each chooser beside what it reports
     table = display_table(best, ["loss.kl_weight"], shown)
-    assert table.loc[1, "test/recon"] == f"102.00 ± {np.std([100.0, 104.0], ddof=1):.2f}"
+    assert table.loc[1, "test/recon"] == f"102.0 ± {np.std([100.0, 104.0], ddof=1):.1f}"  # two digits of the std
     assert table[""].tolist() == ["★", "★", ""]
     assert markdown_table(table).splitlines()[0].startswith("|  | family | loss.kl_weight | runs | val/recon |")
 
@@ -403,7 +403,7 @@ def test_best_row_follows_the_validation_mean_over_seeds_not_test_nor_one_lucky_
         assert set(best["ranked_by"]) == {"val/elbo (max)"}
     [sentence] = findings.best_configuration_findings(mark_best(summary, []), runs)
     assert sentence == ("Best linear_vae configuration by val/elbo (max), mean over seeds [95% interval]: "
-                        "linear_vae, kl_weight=1 (val/elbo -101.00 [-102.00, -100.00]; reported test/elbo -110.0).")
+                        "linear_vae, kl_weight=1 (val/elbo -101.0 [-102.0, -100.0]; reported test/elbo -110.0).")
 
 
 def test_runs_without_validation_metrics_get_no_best_row():

@@ -24,6 +24,7 @@ from PIL import Image
 
 from analysis import plots, report
 from analysis.runs import ReportInputError, load_study, newest_parent_of, newest_study_id
+from analysis.stats import supported_decimals
 from conftest import TINY_RUN
 from vae_lab.config import load_config
 from vae_lab.data.datasets import load_data
@@ -217,7 +218,8 @@ def test_comparison_table_matches_the_runs(store, study_report):
     ae = [run.data.metrics["test/recon"] for run in finished if run.data.params["model.name"] == "ae"]
     ae_row = table[table["family"] == "ae"].iloc[0]
     assert ae_row["runs"] == "2"
-    assert ae_row["test/recon"] == f"{np.mean(ae):.2f} ± {np.std(ae, ddof=1):.2f}"
+    digits = supported_decimals(np.std(ae, ddof=1))  # two significant digits of the std
+    assert ae_row["test/recon"] == f"{np.mean(ae):.{digits}f} ± {np.std(ae, ddof=1):.{digits}f}"
 
     for run in finished:
         params = run.data.params
@@ -461,17 +463,17 @@ def test_star_rows_follow_the_validation_mean_not_test(selection_report):
             "ae: val/recon (min); linear_vae: val/elbo (max). The test/* and eval/* columns are reported, "
             "not used to choose.") in text
     vae_star = stars[stars["family"] == "linear_vae"].iloc[0]
-    assert vae_star["val/elbo"].startswith("-102.00 ± ") and vae_star["test/elbo"] == "-110.00 ± 0.00"
+    assert vae_star["val/elbo"].startswith("-102.0 ± ") and vae_star["test/elbo"] == "-110.00 ± 0.00"
 
 
 def test_findings_decide_on_validation_and_label_their_numbers(selection_report):
     sentences = findings_of(selection_report["out"])
     assert ("Best linear_vae configuration by val/elbo (max), mean over seeds [95% interval]: linear_vae, "
-            "latent_dim=2 (val/elbo -102.00 [-104.00, -100.00]; reported test/elbo -110.0).") in sentences
+            "latent_dim=2 (val/elbo -102.0 [-104.0, -100.0]; reported test/elbo -110.0).") in sentences
     [winner] = [s for s in sentences if " beats " in s]
-    assert winner.startswith("ae beats linear_vae on validation reconstruction loss (val/recon) by 15.50 nats "
+    assert winner.startswith("ae beats linear_vae on validation reconstruction loss (val/recon) by 15.5 nats "
                              "(best configuration of each, mean over seeds: 81.0 vs 96.5; 95% interval "
-                             "[15.00, 16.00], paired over 2 shared seeds; ae better in 100% of resamples")
+                             "[15.0, 16.0], paired over 2 shared seeds; ae better in 100% of resamples")
     assert "; their test/recon: 90.0 vs 62.0 (difference 28.00 [28.00, 28.00]" in winner
     [ae_trend] = [s for s in sentences if s.endswith(".") and "for ae" in s]
     assert ae_trend.startswith("Validation reconstruction (val/recon) gets worse at every step of latent size")
@@ -483,20 +485,20 @@ def test_intervals_and_differences_are_paired_by_seed(selection_report):
     means, differences = markdown_tables(selection_report["out"], "Intervals and paired differences")
     means = means.set_index("configuration")
     # ae latent 2: val/recon 80 and 82 over seeds 0 and 1; linear_vae latent 2: val/elbo -100 and -104
-    assert means.loc["ae, latent_dim=2", "val/recon"] == "81.00 [80.00, 82.00]"
-    assert means.loc["linear_vae, latent_dim=2", "val/elbo"] == "-102.00 [-104.00, -100.00]"
+    assert means.loc["ae, latent_dim=2", "val/recon"] == "81.0 [80.0, 82.0]"
+    assert means.loc["linear_vae, latent_dim=2", "val/elbo"] == "-102.0 [-104.0, -100.0]"
     assert means.loc["linear_vae, latent_dim=2", "test/elbo"] == "-110.00 [-110.00, -110.00]"
     assert means.loc["ae, latent_dim=2", ""] == "★" and means.loc["ae, latent_dim=4", ""] == ""
     assert len(differences) == 6  # four configurations: every pair
     pair = differences[(differences["A"] == "ae, latent_dim=2") & (differences["B"] == "ae, latent_dim=4")].iloc[0]
     # seed by seed: 80 - 85 and 82 - 85 on val/recon; 90 - 70 on test/recon for both seeds
     assert (pair["compared on"], pair["seeds"], pair["A − B [95% interval]"], pair["P(A better)"], pair["call"]) == \
-        ("val/recon", "paired over 2 shared seeds", "-4.00 [-5.00, -3.00]", "100%", "A better")
+        ("val/recon", "paired over 2 shared seeds", "-4.0 [-5.0, -3.0]", "100%", "A better")
     assert pair["reported: test A − B"] == "test/recon: 20.00 [20.00, 20.00]"
     # linear_vae latent 2 against 4 on val/elbo: seed 0 -100 vs -99, seed 1 -104 vs -107: not resolved
     vae = differences[differences["A"] == "linear_vae, latent_dim=2"].iloc[-1]
     assert vae["B"] == "linear_vae, latent_dim=4" and vae["compared on"] == "val/elbo"
-    assert vae["A − B [95% interval]"] == "1.00 [-1.00, 3.00]"
+    assert vae["A − B [95% interval]"] == "1.0 [-1.0, 3.0]"
     assert vae["call"] == ("not resolved: about 34 seeds would be needed for the interval to exclude zero if the "
                            "observed difference and spread held")  # t(0.975, 33) * 2.83 / sqrt(34) < 1
     mixed = differences[(differences["A"] == "ae, latent_dim=2") & (differences["B"] == "linear_vae, latent_dim=2")]

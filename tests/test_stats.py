@@ -103,3 +103,12 @@ def test_seeds_to_settle_is_the_first_n_whose_t_interval_excludes_zero():
     deltas = np.array([-0.5, 1.0, -0.2])
     assert not unresolved.resolved
     assert unresolved.seeds_to_settle == stats.seeds_to_settle(deltas.mean(), deltas.std(ddof=1))
+
+
+def test_numbers_are_rounded_to_what_their_interval_supports():
+    from analysis.stats import Interval, interval_text, supported_decimals
+
+    assert [supported_decimals(spread) for spread in (26.0, 2.7, 0.0061, 1e-12, 0.0, None)] == [0, 1, 4, 6, None, None]
+    assert interval_text(Interval(-13.3312, -25.618, -1.034, 2)) == "-13 [-26, -1]"
+    assert interval_text(Interval(1882.7213, 1881.351, 1884.092, 2)) == "1882.7 [1881.4, 1884.1]"
+    assert interval_text(Interval(0.04061, 0.04012, 0.04136, 3)) == "0.0406 [0.0401, 0.0414]"
