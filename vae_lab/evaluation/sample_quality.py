@@ -153,13 +153,16 @@ def _train(data: ImageData, kind: str, device: torch.device) -> tuple[FeatureNet
         net = FeatureNet(data.image_shape, kind, _classes(data)).to(device)
     images, labels = data.split("train")
     order = torch.Generator().manual_seed(FEATURE_SEED)
+    # under dynamic binarization, fresh Bernoulli draws as the models train on: pixels like the test split's
+    draws = torch.Generator(device=images.device).manual_seed(FEATURE_SEED)
     optimizer = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
     net.train()
     with torch.enable_grad():
         for _ in range(TRAIN_STEPS):
             index = torch.randint(images.shape[0], (min(TRAIN_BATCH, images.shape[0]),), generator=order)
             index = index.to(images.device)
-            loss = net.loss(data.to_float(images[index]).to(device), labels[index].to(device))
+            batch = data.to_float(images[index], draws, fresh_draw=True).to(device)
+            loss = net.loss(batch, labels[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
