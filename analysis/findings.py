@@ -384,7 +384,7 @@ def sample_quality_findings(summary: pd.DataFrame, runs: pd.DataFrame) -> list[s
         score = ("" if scores.empty else f" {_number(scores.iloc[0])}" if scores.nunique() == 1 else
                  f" {_number(scores.min())} to {_number(scores.max())}")
         starred = rows[rows["best"]] if "best" in rows else rows.iloc[0:0]
-        stars = "".join(f"; the ★ {row['family']} configuration {row['label']}: {_number(row[column])}"
+        stars = "".join(f"; the ★ configuration {row['label']}: {_number(row[column])}"
                         for _, row in starred.iterrows())
         sentences.append(f"Prior samples against the test images, {space.fd} (the Fréchet distance in the features "
                          f"of {network}{score}; lower is better; reported, not used to choose): {span} over "
