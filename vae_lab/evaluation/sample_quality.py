@@ -183,15 +183,16 @@ def _test_score(net: FeatureNet, data: ImageData, device: torch.device) -> float
     return total / count
 
 
-def feature_space(data: ImageData, device: torch.device | str | None = None) -> FeatureSpace:
-    """The data's feature network: from memory, else from the disk cache, else trained and stored."""
+def feature_space(data: ImageData) -> FeatureSpace:
+    """The data's feature network, on the data's device: from memory, else from the disk cache, else
+    trained and stored."""
     kind = feature_kind(data)
     key = ("feature_space", kind)
     if key in data.derived:
         return data.derived[key]
     with _training_lock:
         if key not in data.derived:
-            device = torch.device(device) if device is not None else data.train_images.device
+            device = data.train_images.device
             digest, path = data.digest, cache_path(data.digest, kind)
             net = FeatureNet(data.image_shape, kind, _classes(data))
             score = _stored(path, digest, kind, net)
