@@ -12,6 +12,8 @@ self-contained file, plus compare.md, differences.csv and the figures) gives:
 - per matched configuration, each arm's mean with its 95% bootstrap interval and A − B with
   its seed-paired interval, P(A better) and the call, on the validation metric that compares
   them (test/* beside it, reported, not used to choose);
+- per matched configuration, distortion (test/recon), rate (test/kl) and sample quality
+  (eval/fd_classifier) of both arms with A − B, reported, never called;
 - the learning curves of both arms overlaid, and the same test images reconstructed by both.
 """
 
@@ -39,7 +41,7 @@ from .page import Bullets, Section, Table, Text, render_html, render_markdown  #
 from .report import safe_name  # noqa: E402
 from .runs import (SEED_PARAM, ReportInputError, Study, add_tracking_uri_option, display_param,  # noqa: E402
                    load_study, open_store, recent_studies)
-from .tables import DIFFERENCE_COLUMNS, difference_cells  # noqa: E402
+from .tables import DIFFERENCE_COLUMNS, SAMPLE_FD, difference_cells, lower_is_better  # noqa: E402
 
 MAX_CURVE_PANELS = 6
 MAX_RECONSTRUCTED = 6
@@ -142,6 +144,29 @@ def difference_rows(a: Study, b: Study, matches: list[Match]) -> tuple[pd.DataFr
     columns = ["configuration", "metric", DIFFERENCE_COLUMNS[0], "A [95% interval]", "B [95% interval]",
                *DIFFERENCE_COLUMNS[1:]]
     return pd.DataFrame(rows, columns=columns), decided
+
+
+TRADE_OFF = (names.TEST_RECON, names.TEST_KL, *SAMPLE_FD)  # distortion, rate, sample quality
+
+
+def trade_off_rows(a: Study, b: Study, matches: list[Match]) -> pd.DataFrame:
+    """Each matched configuration's distortion, rate and sample quality (`TRADE_OFF`, the ones both
+    arms logged) on the test split: each arm's mean with its interval and A − B, paired by seed.
+    Reported beside the decisions, so no call."""
+    rows = []
+    for match in matches:
+        for metric in TRADE_OFF:
+            values_a = stats.seed_values(a.finished, match.label_a, metric)
+            values_b = stats.seed_values(b.finished, match.label_b, metric)
+            if not values_a or not values_b:
+                continue
+            found = stats.difference(values_a, values_b, metric, lower_is_better(metric))
+            rows.append({"configuration": match.name, "metric": metric,
+                         "A [95% interval]": stats.interval_text(stats.mean_interval(values_a.values())),
+                         "B [95% interval]": stats.interval_text(stats.mean_interval(values_b.values())),
+                         "A − B [95% interval]": stats.interval_text(found.interval), "seeds": stats.how_paired(found)})
+    return pd.DataFrame(rows, columns=["configuration", "metric", "A [95% interval]", "B [95% interval]",
+                                       "A − B [95% interval]", "seeds"])
 
 
 def summary_sentences(decided: list[stats.Difference], matches: list[Match], only_a: list[str],
@@ -258,6 +283,7 @@ def build_comparison(a: Study, b: Study, folder: Path) -> Path:
     arms += ([Text("Settings that differ between the arms (what the ablation changes):"), Table(settings)]
              if len(settings) else [Text("No setting differs between the arms' finished runs, apart from what "
                                          "they sweep.")])
+    trade_off = trade_off_rows(a, b, matches)
     unmatched = [f"only in A: {label}" for label in only_a] + [f"only in B: {label}" for label in only_b]
     figures, missing = reconstructions(a, b, matches, folder)
     sections = [
@@ -268,6 +294,13 @@ def build_comparison(a: Study, b: Study, folder: Path) -> Path:
         Section("Matched configurations",
                 [Table(differences) if len(differences) else Text("No configuration is in both studies."),
                  *([Text("Configurations without a counterpart:"), Bullets(unmatched)] if unmatched else [])]),
+        Section("Rate, distortion and sample quality", [
+            Text("On the test split, reported and never used to decide: distortion (test/recon) and rate (test/kl) "
+                 "in nats per image, and eval/fd_classifier, the Fréchet distance between the model's prior samples "
+                 "and the test images in the features of a classifier trained on the dataset (eval/fd_autoencoder "
+                 "where the data has no labels); lower is better for each. A − B is paired by seed where the arms "
+                 "share seeds."),
+            Table(trade_off) if len(trade_off) else Text("No matched configuration logged these metrics in both arms.")]),
         Section("Learning curves", [overlaid_curves(a, b, matches, folder / "learning_curves.png")]),
         Section("The same test images through both",
                 [*figures, *([Text("Missing from these figures:"), Bullets(missing)] if missing else [])]),

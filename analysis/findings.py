@@ -365,6 +365,34 @@ def pareto_findings(runs: pd.DataFrame) -> list[str]:
             f"(no other run has both lower val/kl and lower val/recon): {listed}."]
 
 
+FEATURE_NETS = {names.FD_CLASSIFIER: "a classifier trained on the dataset, test accuracy",
+                names.FD_AUTOENCODER: "an autoencoder trained on the dataset (it has no labels), test MSE per pixel"}
+
+
+def sample_quality_findings(summary: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    """How far each VAE configuration's prior samples are from the test images (eval/fd_*, lower is
+    better): the lowest and the highest, and the ★ rows'; reported, never used to choose."""
+    sentences = []
+    for space, network in FEATURE_NETS.items():
+        column = f"{space.fd} mean"
+        rows = summary.dropna(subset=[column]) if column in summary else summary.iloc[0:0]
+        if rows.empty:
+            continue
+        lowest, highest = rows.loc[rows[column].idxmin()], rows.loc[rows[column].idxmax()]
+        span = (f"{lowest['label']}: {_number(lowest[column])}" if len(rows) == 1 else
+                f"from {_number(lowest[column])} ({lowest['label']}) to {_number(highest[column])} ({highest['label']})")
+        scores = runs.get(f"metrics.{space.quality}", pd.Series(dtype=float)).dropna()
+        score = ("" if scores.empty else f" {_number(scores.iloc[0])}" if scores.nunique() == 1 else
+                 f" {_number(scores.min())} to {_number(scores.max())}")
+        starred = rows[rows["best"]] if "best" in rows else rows.iloc[0:0]
+        stars = "".join(f"; the ★ configuration {row['label']}: {_number(row[column])}"
+                        for _, row in starred.iterrows())
+        sentences.append(f"Prior samples against the test images, {space.fd} (the Fréchet distance in the features "
+                         f"of {network}{score}; lower is better; reported, not used to choose): {span} over "
+                         f"{len(rows)} VAE configuration(s){stars}.")
+    return sentences
+
+
 def seed_spread_findings(summary: pd.DataFrame) -> list[str]:
     std = f"{names.VAL_RECON} std"
     if std not in summary:
@@ -388,6 +416,7 @@ def all_findings(summary: pd.DataFrame, finished: pd.DataFrame, config_params: l
         *latent_size_findings(summary, finished, config_params, paired),
         *kl_weight_findings(summary, finished, config_params),
         *pareto_findings(finished),
+        *sample_quality_findings(summary, finished),
         *pca_baseline_findings(summary),
         *collapse_findings(finished),
         *iwae_findings(finished),

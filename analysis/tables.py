@@ -20,14 +20,20 @@ from .runs import SEED_PARAM, display_param, is_vae_family, parse_param
 VAL_METRICS = [*names.split_metrics(names.VAL, variational=True), names.VAL_RECON_PLUS_KL]
 TEST_METRICS = list(names.split_metrics(names.TEST, variational=True))
 EVAL_ORDER = [names.EVAL_NLL_IWAE, names.EVAL_MSE, names.EVAL_PCA_MSE, names.EVAL_PROBE, names.EVAL_KNN,
-              names.EVAL_ACTIVE_UNITS, names.EVAL_ACTIVE_FRACTION]
+              names.EVAL_ACTIVE_UNITS, names.EVAL_ACTIVE_FRACTION,
+              *(metric for space in (names.FD_CLASSIFIER, names.FD_AUTOENCODER) for metric in space[1:])]
+# how far prior samples are from the test images, beside distortion (test/recon) and rate (test/kl):
+# the third side of the trade-off (Blau & Michaeli 2019)
+SAMPLE_FD = [names.FD_CLASSIFIER.fd, names.FD_AUTOENCODER.fd]
+_AFTER_RATE = TEST_METRICS.index(names.TEST_KL) + 1
+REPORTED_ORDER = [*TEST_METRICS[:_AFTER_RATE], *SAMPLE_FD, *TEST_METRICS[_AFTER_RATE:], *EVAL_ORDER]
 
 
 def metric_names(runs: pd.DataFrame) -> list[str]:
     """The val/, test/ and eval/ metrics some run has, in reading order."""
     present = {column[len("metrics."):] for column in runs.columns
                if column.startswith("metrics.") and runs[column].notna().any()}
-    ordered = [name for name in VAL_METRICS + TEST_METRICS + EVAL_ORDER if name in present]
+    ordered = [name for name in VAL_METRICS + REPORTED_ORDER if name in present]
     extra = sorted(name for name in present if name.startswith(f"{names.EVAL}/") and name not in ordered)
     return ordered + extra
 

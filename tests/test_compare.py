@@ -25,8 +25,7 @@ ARMS = {"arm_a": ("train.lr=1e-3", ["ae", "linear_vae"]), "arm_b": ("train.lr=3e
 def arms(tmp_path_factory):
     folder = tmp_path_factory.mktemp("compare_store")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    common = [*TINY_RUN, f"tracking.uri={uri}", "train.epochs=2", "device=cpu", "eval.enabled=false",
-              "data.binarize=dynamic",
+    common = [*TINY_RUN, f"tracking.uri={uri}", "train.epochs=2", "device=cpu", "data.binarize=dynamic",
               "tracking.log_images=false"]
     data = load_data(load_config(None, common).data, "cpu")
     prepare_store(uri)
@@ -85,6 +84,19 @@ def test_page_matches_configurations_and_pairs_them_by_seed(arms):
         if with_interval:
             assert (f"On {metric}: A is better in {calls.count('A better')}, B in {calls.count('B better')}, "
                     f"and {sum(call.startswith('not resolved') for call in calls)} are not resolved") in text
+
+
+def test_page_sets_sample_quality_beside_rate_and_distortion(arms):
+    text = (arms["out"] / "compare.md").read_text()
+    section = text.split("## Rate, distortion and sample quality", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| linear_vae |")]
+    assert [row.split(" | ")[1] for row in rows] == ["test/recon", "test/kl", "eval/fd_classifier"]
+    a = metrics_by_seed(arms["client"], arms["parents"]["arm_a"], "linear_vae", "eval/fd_classifier")
+    b = metrics_by_seed(arms["client"], arms["parents"]["arm_b"], "linear_vae", "eval/fd_classifier")
+    cells = rows[2].split(" | ")
+    assert cells[2].startswith(f"{np.mean(list(a.values())):.2f} [")
+    assert cells[4].startswith(f"{np.mean([a[seed] - b[seed] for seed in a]):.2f} [")
+    assert cells[5].startswith("paired over 2 shared seeds")
 
 
 def test_page_overlays_curves_and_reconstructs_the_same_images(arms):

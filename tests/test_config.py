@@ -57,6 +57,7 @@ def test_int_is_accepted_for_float_and_list_from_scalar():
     ("model.latent_dim", ["section.key=value"]),
     ("model.activation=tanh", ["model.activation", "relu", "gated"]),
     ("loss.gaussian_std=0", ["loss.gaussian_std", "positive"]),
+    ("eval.fd_samples=0", ["eval.fd_samples", "positive"]),
     ("data.val_size=0.5.5", ["data.val_size", "number"]),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(override, words):

@@ -239,6 +239,9 @@ def test_comparison_table_matches_the_runs(store, study_report):
     columns = list(table.columns)
     assert columns.index("val/elbo") + 1 == columns.index("test/elbo")
     assert columns.index("val/recon") + 1 == columns.index("test/recon")
+    # sample quality beside distortion and rate; an AE has no prior samples to score
+    assert columns.index("test/recon") + 1 == columns.index("test/kl") == columns.index("eval/fd_classifier") - 1
+    assert ae_row["eval/fd_classifier"] == "–" and ae_row["eval/fd_classifier_recon"] != "–"
     vaes = [run for run in finished if run.data.params["model.name"] == "linear_vae"]
     best = max(vaes, key=lambda run: run.data.metrics["val/elbo"])
     star = stars[stars["family"] == "linear_vae"].iloc[0]
@@ -273,6 +276,15 @@ def test_findings_agree_with_the_numbers(store, study_report):
     assert f"computed on the test split for 4 run(s): {min(iwae_values):.1f} to {max(iwae_values):.1f} nats/image" \
         in iwae
     assert any("does not apply to the 2 plain autoencoder run(s)" in s for s in sentences)
+
+    [samples] = [s for s in sentences if s.startswith("Prior samples against the test images, eval/fd_classifier")]
+    distances = {key: metrics["eval/fd_classifier"] for key, metrics in vae.items()}
+    lowest, highest = min(distances, key=distances.get), max(distances, key=distances.get)
+    assert f"from {distances[lowest]:.1f} (" in samples and f"to {distances[highest]:.1f} (" in samples
+    assert f"latent_dim={lowest[0]}" in samples.split(f"from {distances[lowest]:.1f} (")[1].split(")")[0]
+    accuracy = {metrics["eval/fd_classifier_accuracy"] for metrics in vae.values()}
+    assert len(accuracy) == 1 and f"test accuracy {accuracy.pop():.4f}" in samples
+    assert "over 4 VAE configuration(s)" in samples
 
     flagged = sum(run.data.tags.get("posterior_collapse") == "true" for run in children(store)
                   if run.info.status == "FINISHED")

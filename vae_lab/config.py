@@ -176,6 +176,7 @@ class EvalConfig:
     iwae_samples: int = 100  # 5000 to compare with the literature
     iwae_points: int = 1000  # test images the IWAE estimate uses
     max_points: int = 10000  # cap on train/test points for probes, PCA and latents
+    fd_samples: int = 1000  # prior samples (and at most as many test images) of eval/fd_* and precision/recall
 
 
 @dataclass
@@ -417,6 +418,7 @@ def validate(config: Config) -> Config:
         "eval.iwae_samples": config.eval.iwae_samples,
         "eval.iwae_points": config.eval.iwae_points,
         "eval.max_points": config.eval.max_points,
+        "eval.fd_samples": config.eval.fd_samples,
         "loss.gaussian_std": config.loss.gaussian_std,
     }
     for key, value in positive.items():

@@ -5,13 +5,16 @@ Metrics are `<split>/<term>`:
     train/*  every `tracking.log_every_steps` steps (and at each epoch's end), on the training batches
     val/*    at the end of every epoch, on the validation split (carved from train; what selects)
     test/*   once, after training, on the test split (what is reported, never what selects)
-    eval/*   once, after training, on the test split (IWAE NLL, probes, active units, PCA baseline)
+    eval/*   once, after training, on the test split (IWAE NLL, probes, active units, PCA baseline,
+             sample quality)
 
 A study's objectives, its pruner, early stopping, the best trial and the report's best rows
 read `val/*` (or `train/*`): `is_selectable` says which names may choose.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 TRAIN, VAL, TEST, EVAL = "train", "val", "test", "eval"
 SPLIT_TERMS = ("loss", "recon", "kl", "elbo", "mse_per_pixel")
@@ -40,6 +43,24 @@ EVAL_MUTUAL_INFO, EVAL_TOTAL_CORRELATION, EVAL_DIMWISE_KL = (
     "eval/mutual_info", "eval/total_correlation", "eval/dimwise_kl")
 KL_DECOMPOSITION = (EVAL_MUTUAL_INFO, EVAL_TOTAL_CORRELATION, EVAL_DIMWISE_KL)
 
+
+class FeatureSpaceMetrics(NamedTuple):
+    """Sample quality in one feature space (`vae_lab.evaluation.sample_quality`)."""
+    fd: str  # Fréchet distance, prior samples against test images (VAEs)
+    fd_recon: str  # ... reconstructions of the test images against them (every model)
+    precision: str  # Kynkäänniemi et al. 2019, of the prior samples (VAEs)
+    recall: str
+    quality: str  # how good the feature network itself is on the test split
+
+
+FD_CLASSIFIER = FeatureSpaceMetrics("eval/fd_classifier", "eval/fd_classifier_recon", "eval/sample_precision",
+                                    "eval/sample_recall", "eval/fd_classifier_accuracy")
+# data without labels: an autoencoder's bottleneck, its reconstruction MSE per pixel as the quality
+FD_AUTOENCODER = FeatureSpaceMetrics("eval/fd_autoencoder", "eval/fd_autoencoder_recon",
+                                     "eval/sample_precision_autoencoder", "eval/sample_recall_autoencoder",
+                                     "eval/fd_autoencoder_mse_per_pixel")
+EVAL_FD, EVAL_FD_RECON = FD_CLASSIFIER.fd, FD_CLASSIFIER.fd_recon
+
 SELECTABLE_PREFIXES = (f"{VAL}/", f"{TRAIN}/")
 HELD_OUT_PREFIXES = (f"{TEST}/", f"{EVAL}/")  # scored on the test split
 
@@ -49,8 +70,10 @@ ALWAYS_LOGGED = (TRAIN_LOSS, TRAIN_RECON, IMAGES_PER_SEC, EPOCH_SECONDS,
                  STOPPED_EPOCH, TEST_LOSS, TEST_RECON, TEST_MSE)
 VAL_LOGGED = (VAL_LOSS, VAL_RECON, VAL_MSE, BEST_EPOCH)
 VAE_LOGGED = (TRAIN_KL, VAL_KL, VAL_ELBO, TEST_KL, TEST_ELBO)
-EVAL_LOGGED = (EVAL_MSE, EVAL_PCA_MSE, EVAL_PROBE, EVAL_KNN)
-EVAL_VAE_LOGGED = (EVAL_ACTIVE_UNITS, EVAL_ACTIVE_FRACTION)
+# the sample-quality names of labelled data (every dataset vae_lab loads has labels)
+EVAL_LOGGED = (EVAL_MSE, EVAL_PCA_MSE, EVAL_PROBE, EVAL_KNN, FD_CLASSIFIER.fd_recon, FD_CLASSIFIER.quality)
+EVAL_VAE_LOGGED = (EVAL_ACTIVE_UNITS, EVAL_ACTIVE_FRACTION, FD_CLASSIFIER.fd, FD_CLASSIFIER.precision,
+                   FD_CLASSIFIER.recall)
 IWAE_METRIC = EVAL_NLL_IWAE
 KNOWN_METRICS = ALWAYS_LOGGED + VAL_LOGGED + VAE_LOGGED + EVAL_LOGGED + EVAL_VAE_LOGGED + (IWAE_METRIC,)
 
@@ -111,6 +134,7 @@ PRECISION_TAG = "vae_lab.precision"  # what train.amp became on this device: "bf
 KL_ESTIMATOR_TAG = "vae_lab.kl_estimator"  # how */kl was computed: "analytic", or a one-sample Monte Carlo estimate
 RESUMED_FROM_TAG = "vae_lab.resumed_from_epoch"  # set when a run was continued from a checkpoint
 EVAL_SETTINGS_TAG = "vae_lab.eval_settings"  # the eval.* settings that vae_lab.evaluate scored a run with
+FD_FEATURE_SPACE_TAG = "vae_lab.fd_feature_space"  # the feature space of eval/fd_*, and how good it is
 POSTERIOR_COLLAPSE_TAG = "posterior_collapse"  # "true" when the posterior carries (almost) no information
 NLL_IWAE_TAG = "nll_iwae"  # how eval/nll_iwae was computed, or why it was not
 MODEL_TAG, DATASET_TAG = "model", "dataset"  # model.name and data.name, for the UI's columns
