@@ -112,7 +112,8 @@ def test_run_logs_every_artifact(tracked_run, tmp_path):
         with Image.open(png) as image:
             assert image.format == "PNG" and image.size[0] > 20
     latents = pd.read_parquet(folder / "latents" / "test_latents.parquet")
-    assert list(latents.columns) == ["z0", "z1", "label"]
+    assert list(latents.columns) == ["z0", "z1", "label", "class"]
+    assert (latents["class"] == latents["label"].astype(str)).all()  # mnist5k's classes are its digits
     assert len(latents) == 256
     with Image.open(folder / "images" / "class_panel.png") as panel:
         assert panel.size[1] > panel.size[0] // 2  # ten rows of (input + 8 samples)

@@ -70,7 +70,8 @@ ALWAYS_LOGGED = (TRAIN_LOSS, TRAIN_RECON, IMAGES_PER_SEC, EPOCH_SECONDS,
                  STOPPED_EPOCH, TEST_LOSS, TEST_RECON, TEST_MSE)
 VAL_LOGGED = (VAL_LOSS, VAL_RECON, VAL_MSE, BEST_EPOCH)
 VAE_LOGGED = (TRAIN_KL, VAL_KL, VAL_ELBO, TEST_KL, TEST_ELBO)
-# the sample-quality names of labelled data (every dataset vae_lab loads has labels)
+# eval/* of labelled data: without labels a run logs no probes, and FD_AUTOENCODER's names instead of
+# FD_CLASSIFIER's (the config alone cannot tell; eval/* never selects, so nothing is decided on this)
 EVAL_LOGGED = (EVAL_MSE, EVAL_PCA_MSE, EVAL_PROBE, EVAL_KNN, FD_CLASSIFIER.fd_recon, FD_CLASSIFIER.quality)
 EVAL_VAE_LOGGED = (EVAL_ACTIVE_UNITS, EVAL_ACTIVE_FRACTION, FD_CLASSIFIER.fd, FD_CLASSIFIER.precision,
                    FD_CLASSIFIER.recall)
