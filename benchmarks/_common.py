@@ -1,13 +1,22 @@
-"""Helpers the benchmark scripts share: the machine they ran on, a throwaway MLflow store."""
+"""Helpers the benchmark scripts share: the machine they ran on, a throwaway MLflow store.
+
+Importing it puts this checkout's root first on the import path (and on PYTHONPATH for the
+processes a benchmark starts), so a benchmark run from another checkout (a git worktree of the
+landed code, for before/after figures) measures that checkout's vae_lab, not the one the
+virtual environment has installed in editable mode."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
+CHECKOUT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, CHECKOUT)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [CHECKOUT, os.environ.get("PYTHONPATH", "")]))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402

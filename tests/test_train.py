@@ -132,6 +132,20 @@ def test_logged_model_loads_back_and_decodes(tracked_run):
     assert pickled.encode(torch.rand(2, 1, 28, 28)).mean.shape == (2, 2)
 
 
+def test_the_mlflow_model_is_the_runs_output_with_its_end_of_run_metrics_once(tracked_run):
+    uri, _, result = tracked_run
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    [output] = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.source_run_id == result.run_id and model.status.name == "READY" and model.name == "model"
+    assert model.params["model.name"] == "conv_vae"
+    linked = {metric.key: metric.value for metric in model.metrics}
+    assert {"eval/probe_accuracy", "eval/fd_classifier", "test/loss"} <= linked.keys()
+    assert linked["test/loss"] == run.data.metrics["test/loss"]
+    assert len(client.get_metric_history(result.run_id, "eval/probe_accuracy")) == 1  # not logged twice
+
+
 def test_training_lowers_the_validation_loss(tracked_run):
     uri, _, _ = tracked_run
     config = build_config(overrides=["model.hidden_dims=[128]", "model.latent_dim=8", "train.epochs=3",
