@@ -74,3 +74,18 @@ def test_frames_are_bounded_and_projected_on_fixed_axes(tmp_path):
     last = rng.normal(size=(200, 5)) * np.array([5.0, 3.0, 0.1, 0.1, 0.1])
     _, axes = latent_evolution._projection(last)
     assert np.abs(axes[:, :2]).sum(axis=1).min() > 0.99
+
+
+def test_the_latent_scatter_is_a_still_frame_with_every_class_in_its_colour(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    means = rng.normal(size=(200, 8)) + labels[:, None]  # 8-D: drawn on two principal components
+    path = latent_evolution.save_still(means, labels, tmp_path / "latents" / "latent_scatter.png",
+                                       class_names=("a", "b", "c", "d"))
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == latent_evolution.FRAME_SIZE
+        pixels = np.asarray(image.convert("RGB"))
+    plot = pixels[:, :latent_evolution.PLOT_SIZE].reshape(-1, 3)
+    for colour in latent_evolution.TAB10[:4]:  # each class's points, inside the plot
+        assert (plot == colour).all(axis=1).sum() >= 9 * 10
+    assert not (plot == latent_evolution.TAB10[4]).all(axis=1).any()  # no fifth class

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vae_lab.evaluation import figures
+from vae_lab.evaluation import figures, latent_evolution
 from vae_lab.config import Config
 from vae_lab.data.datasets import ImageData
 from vae_lab.evaluation.metrics import EvaluationResult
@@ -78,5 +78,5 @@ def write_run_artifacts(model: Autoencoder, data: ImageData, config: Config, fol
 
     means, labels = test_latents(model, data, config.eval.max_points)
     latents_frame(means, labels, data.class_names).to_parquet(folder / "latents" / "test_latents.parquet", index=False)
-    figures.save_latent_scatter(means, labels, folder / "latents" / "latent_scatter.png",
+    latent_evolution.save_still(means, labels, folder / "latents" / "latent_scatter.png",
                                 class_names=data.class_names)

@@ -101,20 +101,3 @@ def scatter_by_class(ax, points: np.ndarray, labels: np.ndarray, class_names=Non
         name = class_names[label] if class_names is not None else str(label)
         ax.scatter(points[chosen, 0], points[chosen, 1], s=size, color=colours(index % 10),
                    label=name, alpha=0.7, linewidths=0)
-
-
-def save_latent_scatter(latents: np.ndarray, labels: np.ndarray, path: Path, title: str = "",
-                        class_names=None) -> None:
-    points, axis_name = project_2d(latents)
-    figure, ax = plt.subplots(figsize=(6, 5))
-    scatter_by_class(ax, points, labels, class_names)
-    ax.set_xlabel(f"{axis_name}1")
-    ax.set_ylabel(f"{axis_name}2")
-    ax.set_title(title or ("test latents (posterior means)" if axis_name == "z"
-                           else "test latents, first two principal components"))
-    # the legend beside the axes, never over the points; fixed margins, because tight_layout and
-    # loc="best" (which tests every point against every placement) cost a run more than the drawing
-    ax.legend(markerscale=3, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    figure.subplots_adjust(left=0.11, right=0.82, bottom=0.1, top=0.93)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
