@@ -102,3 +102,15 @@ def test_an_embedded_split_is_kept_whole_in_the_cache_and_read_back_unchanged(na
     for arrays in (first, again, repaired):
         assert all(np.array_equal(got, want) and got.dtype == want.dtype for got, want in zip(arrays, parsed))
     assert np.load(cached[0])["train_x"].shape == parsed[0].shape  # rewritten whole
+
+
+def test_data_moves_to_another_device_whole_and_keeps_its_digest():
+    data = load_data(DataConfig(train_limit=64, test_limit=32, val_size=0.25))
+    assert data.to("cpu") is data
+    digest = data.digest
+    data.derived["feature_space"] = object()  # something tied to the old device
+    moved = data.to("meta")  # a device every machine has: the tensors move, the values do not come along
+    assert {tensor.device.type for tensor in (moved.train_images, moved.train_labels, moved.val_images,
+                                              moved.val_labels, moved.test_images, moved.test_labels)} == {"meta"}
+    assert moved.image_shape == data.image_shape and moved.class_names == data.class_names
+    assert moved.derived == {"digest": digest} and data.train_images.device.type == "cpu"

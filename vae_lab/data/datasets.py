@@ -77,6 +77,17 @@ class ImageData:
     def has_val(self) -> bool:
         return self.val_images is not None and self.val_images.shape[0] > 0
 
+    def to(self, device: torch.device | str) -> ImageData:
+        """The same data with its tensors on `device`: itself when they are there already, else a
+        copy (values that hold tensors or modules on the old device are not carried over)."""
+        device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as the tensors say
+        if self.train_images.device == device:
+            return self
+        moved = {item.name: value.to(device) if isinstance(value := getattr(self, item.name), torch.Tensor) else value
+                 for item in dataclasses.fields(self)}
+        moved["derived"] = {key: value for key, value in self.derived.items() if key == "digest"}
+        return ImageData(**moved)
+
     @property
     def digest(self) -> str:
         """sha256 of every split's images (as prepared: resized, binarized, channels) and labels,

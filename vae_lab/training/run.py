@@ -63,6 +63,7 @@ def run_trials(specs: Sequence[TrialSpec], *, data: ImageData, parent_run_id: st
     check_batchable(specs)
     first = specs[0].config
     device = resolve_device(first.device)
+    data = data.to(device)  # data a caller loaded elsewhere (train(config, data=...)) trains where the run does
     if data.train_images.shape[0] < first.train.batch_size:
         raise ConfigError(f"train.batch_size={first.train.batch_size} is larger than the "
                           f"{data.train_images.shape[0]} training images")
