@@ -206,6 +206,9 @@ def test_your_own_dataset_function_with_its_options(tmp_path):
     with pytest.raises(ConfigError, match=r"data.options.height is not an option of stripes; allowed: "
                                           r"data.options.count, data.options.width"):
         image_shape_of(build_config(overrides=[f"data.name={module}:stripes", "data.options.height=3"]).data)
+    module.write_text("def wrong():\n    return [1, 2, 3]\n")
+    with pytest.raises(ConfigError, match=r"data.name='.*my_data.py:wrong' returned list, not vae_lab.data.SourceImages"):
+        load_data(build_config(overrides=[f"data.name={module}:wrong"]).data)
     with pytest.raises(ConfigError, match=r"data.name='cifar100' is not a registered dataset; registered: "
                                           r"arrays, celeba, cifar10, digits, fashion-mnist, folder"):
         image_shape_of(build_config(overrides=["data.name=cifar100"]).data)

@@ -17,8 +17,8 @@ the density-estimation literature does).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -177,23 +177,8 @@ def check_dataset(config: DataConfig) -> None:
     check_options(dataset, short_name(config.name), "data", supplied, config.options)
 
 
-class _Arguments(dict):
-    """A dataset's arguments, carried past the cache: equal to any other, the cache key is their repr."""
-
-    def __hash__(self):
-        return 0
-
-    def __eq__(self, other):
-        return isinstance(other, _Arguments)
-
-
-@functools.lru_cache(maxsize=2)
-def _load_source_cached(name: str, key: str, stamp: tuple, arguments: _Arguments) -> SourceImages:
-    dataset = DATASETS.resolve(name)
-    source = dataset(**arguments)
-    if not isinstance(source, SourceImages):
-        raise ConfigError(f"data.name={name!r} returned {type(source).__name__}, not vae_lab.data.SourceImages")
-    return _checked(source, name)
+SOURCES_KEPT = 2  # the datasets' images a process keeps read (a study's data, and one more)
+_read_sources: OrderedDict[tuple, SourceImages] = OrderedDict()  # by (name, arguments, stamp), oldest first
 
 
 def _stamp(config: DataConfig) -> tuple:
@@ -212,9 +197,19 @@ def load_source(config: DataConfig) -> SourceImages:
     """The dataset's images as checked uint8 [N, C, H, W] arrays (labels int64 or None), read
     once per process for the last two data configs."""
     check_dataset(config)
-    arguments = dataset_arguments(config, DATASETS.resolve(config.name))
-    key = repr(sorted(arguments.items()))
-    return _load_source_cached(config.name, key, _stamp(config), _Arguments(arguments))
+    dataset = DATASETS.resolve(config.name)
+    arguments = dataset_arguments(config, dataset)
+    key = (config.name, repr(sorted(arguments.items())), _stamp(config))
+    if key not in _read_sources:
+        source = dataset(**arguments)
+        if not isinstance(source, SourceImages):
+            raise ConfigError(f"data.name={config.name!r} returned {type(source).__name__}, "
+                              "not vae_lab.data.SourceImages")
+        _read_sources[key] = _checked(source, config.name)
+        while len(_read_sources) > SOURCES_KEPT:
+            _read_sources.popitem(last=False)
+    _read_sources.move_to_end(key)
+    return _read_sources[key]
 
 
 def _as_images(array, what: str) -> np.ndarray:
