@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import os
 import pickle
 import shutil
@@ -157,8 +158,6 @@ def _package_file(package: str, relative: str) -> Path:
     """A data file shipped inside an installed package (where the embedded datasets come from),
     found without importing the package (scikit-learn's import alone costs about a second)."""
     top, *inner = package.split(".")
-    import importlib.util
-
     spec = importlib.util.find_spec(top)
     if spec is None or spec.origin is None:
         raise DataUnavailable(f"the package {top} that ships this dataset is not installed")
@@ -215,6 +214,7 @@ HOW_TO_GET = {
     "celeba": "download it where there is a network (data.download=true; Google Drive often refuses) or copy "
               "img_align_celeba/ and list_eval_partition.txt into data.root/celeba (or point data.path at it)",
 }
+DOWNLOAD_FOLDERS = {"cifar10": "cifar-10-batches-py", "svhn": "svhn", "celeba": "celeba"}  # else the class name
 FASHION_CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -224,13 +224,12 @@ def _root(root: str) -> Path:
     return Path(root).expanduser() if root else default_root()
 
 
-def _fetch_with_torchvision(name: str, root: Path, download: bool, **kwargs) -> None:
+def _fetch_with_torchvision(name: str, root: Path, download: bool) -> None:
     """Have torchvision download `name` into `root` (nothing is left half-downloaded when it fails)."""
     import torchvision
 
     dataset_class = getattr(torchvision.datasets, TORCHVISION_CLASSES[name])
-    folder = root / (dataset_class.__name__ if name in ("mnist", "fashion-mnist", "kmnist") else
-                     {"cifar10": "cifar-10-batches-py", "svhn": "svhn", "celeba": "celeba"}[name])
+    folder = root / DOWNLOAD_FOLDERS.get(name, TORCHVISION_CLASSES[name])
     existed = folder.exists()
     try:
         if not download:
@@ -254,10 +253,8 @@ def _fetch_with_torchvision(name: str, root: Path, download: bool, **kwargs) -> 
 def _mnist_like(name: str, root: str, download: bool) -> SourceImages:
     """The four arrays from the first folder that has the IDX files (Debian's Fashion-MNIST,
     then torchvision's raw folder under `root`), downloading there when allowed."""
-    import torchvision
-
     folders = [DEBIAN_FASHION_MNIST] if name == "fashion-mnist" else []
-    raw = _root(root) / getattr(torchvision.datasets, TORCHVISION_CLASSES[name]).__name__ / "raw"
+    raw = _root(root) / TORCHVISION_CLASSES[name] / "raw"
     for folder in [*folders, raw]:
         found = _load_idx_folder(folder)
         if found is not None:

@@ -105,7 +105,7 @@ class FeatureSpace:
 
 def feature_kind(data: ImageData) -> str:
     """The classifier where there are labels to learn, else the autoencoder."""
-    labeled = getattr(data, "labeled", True) and data.train_labels.unique().numel() > 1
+    labeled = data.labeled and data.train_labels.unique().numel() > 1
     return CLASSIFIER if labeled else AUTOENCODER
 
 
@@ -266,7 +266,10 @@ def sample_quality(model: Autoencoder, data: ImageData, count: int, seed: int) -
     metric = space.metric_names
     test_images, _ = data.split("test")
     test_images = data.to_float(test_images[:count])
-    test_features = space.embed(test_images)
+    features_key = ("feature_space_test_features", space.kind, count)  # the same for every trial on this data
+    if features_key not in data.derived:
+        data.derived[features_key] = space.embed(test_images)
+    test_features = data.derived[features_key]
     reconstructions = torch.cat([torch.sigmoid(model.decode(model.encode(test_images[start:start + 1000]).mean).float())
                                  for start in range(0, test_images.shape[0], 1000)])
     metrics = {metric.quality: space.score,
