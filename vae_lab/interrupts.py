@@ -11,7 +11,9 @@ store write, and never lost.
   train on. The training loop and the study's worker loop call `raise_if_lost()`, which raises
   again once a signal has arrived.
 
-Both hold inside `interruptible()`, which the commands (and their worker processes) enter.
+Both hold inside `interruptible()`, which the commands (and their worker processes) enter. A
+Slurm array task also stops this way on the signal Slurm sends before a time limit
+(`interruptible(also=WARNING_SIGNALS)`), and `received_signal()` tells it which signal it was.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ import threading
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C (the running MLflow runs end KILLED). Unlike Ctrl-C, it
-    reached only this process, not the worker processes it started."""
+    """SIGTERM (or a Slurm warning signal), handled like Ctrl-C (the running MLflow runs end
+    KILLED). Unlike Ctrl-C, it reached only this process, not the worker processes it started."""
+
+
+# What Slurm sends before it kills a job at its time limit (`sbatch --signal=USR1@90`; submitit's is USR2)
+WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 _received: int | None = None  # the first signal that arrived inside `interruptible`
@@ -34,7 +40,7 @@ _waiting: int | None = None  # a signal held back until the outermost `deferred(
 
 
 def _interrupt(signum: int) -> KeyboardInterrupt:
-    return Interrupted(f"signal {signum}") if signum == signal.SIGTERM else KeyboardInterrupt()
+    return KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(f"signal {signal.Signals(signum).name}")
 
 
 def _raise(signum: int):
@@ -59,14 +65,14 @@ def _reset() -> None:
 
 
 @contextlib.contextmanager
-def interruptible():
-    """Within this block (in the main thread), SIGINT and SIGTERM are handled as this module
-    says; on leaving it, the previous handlers are back and nothing is remembered."""
+def interruptible(also: tuple[int, ...] = ()):
+    """Within this block (in the main thread), SIGINT, SIGTERM and the signals `also` are handled
+    as this module says; on leaving it, the previous handlers are back and nothing is remembered."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _reset()
-    previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM, *also)}
     try:
         yield
     finally:
@@ -101,6 +107,11 @@ def deferring(function):
         with deferred():
             return function(*args, **kwargs)
     return call
+
+
+def received_signal() -> int | None:
+    """The first signal that arrived inside the current `interruptible()` block, or None."""
+    return _received
 
 
 def raise_if_lost() -> None:

@@ -128,6 +128,7 @@ CONFIGURATION_TAG = "vae_lab.configuration"  # a trial's swept values but the se
 BATCHED_TRIALS_TAG = "vae_lab.batched_trials"
 PADDED_TO_TAG = "vae_lab.padded_to"  # a batch of several sizes: the widest, which each trial is held in
 BEST_RUN_TAG = "vae_lab.best_run_id"
+SLURM_JOB_TAG = "vae_lab.slurm_job"  # the Slurm job (ARRAY_TASK) that trained the trial last: its log is there
 FAILURE_REASON_TAG = "failure_reason"
 STOP_REASON_TAG = "vae_lab.stop_reason"  # "early_stopping" or "epochs"
 THREADS_TAG = "vae_lab.threads"  # torch's CPU threads in the run's process, and why that many

@@ -31,7 +31,7 @@ from vae_lab import names
 from vae_lab.study.spec import SEED_PARAM, StudySpec
 from vae_lab.study.importance import param_importances, varying_params
 from vae_lab.study.plots import save_plots
-from vae_lab.study.storage import REASON_ATTR, REPORTED_ATTR, RUN_ID_ATTR, assignment_of, real_trials
+from vae_lab.study.storage import REASON_ATTR, REPORTED_ATTR, RETRY_OF_ATTR, RUN_ID_ATTR, assignment_of, real_trials
 
 ARTIFACT_DIR = "study"
 IMPORTANCES_FILE = "importances.json"
@@ -129,7 +129,12 @@ def running_seconds(trials: list[optuna.trial.FrozenTrial]) -> float:
 def summarize(study: optuna.Study, spec: StudySpec, table: pd.DataFrame, wall_seconds: float) -> dict:
     counts = {name.lower(): int((table["state"] == name).sum())
               for name in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
-    counts["failed"] = counts.pop("fail")
+    # a trial stopped from outside (Ctrl-C, a lost worker, a Slurm time limit) is FAIL in Optuna
+    # and goes on as its retry: "retried", not "failed"
+    retried = {str(trial.user_attrs[RETRY_OF_ATTR]) for trial in real_trials(study) if RETRY_OF_ATTR in trial.user_attrs}
+    counts["retried"] = int(sum(state == "FAIL" and str(number) in retried
+                                for state, number in zip(table["state"], table["number"])))
+    counts["failed"] = counts.pop("fail") - counts["retried"]
     best = [{"number": trial.number, "run_id": trial.user_attrs.get(RUN_ID_ATTR, ""),
              "values": dict(zip([o.metric for o in spec.objectives], trial.values)),
              "params": assignment_of(trial)} for trial in best_trials(study, spec)]

@@ -23,7 +23,7 @@ from vae_lab.study.claims import ask_trials
 from vae_lab.study.outcomes import can_continue, find_child_run, record_outcome
 from vae_lab.study.space import suggest_assignment
 from vae_lab.study.spec import StudySpec, configuration_label, point_label
-from vae_lab.study.workers import Heartbeat, Worker
+from vae_lab.study.workers import Heartbeat, Worker, slurm_task
 from vae_lab.tracking.errors import StoreUnavailable
 from vae_lab.training.batching import DEFAULT_CAP as DEFAULT_BATCH_CAP
 from vae_lab.training.batching import PER_TRIAL_KEYS, plan_batches
@@ -59,6 +59,8 @@ def prepare_trial(worker: Worker, trial: optuna.Trial, progress: bool) -> TrialS
     trial.set_user_attr(store.ASSIGNMENT_ATTR, json.dumps(swept))
     tags = {names.ROLE_TAG: "trial", names.STUDY_NAME_TAG: spec.name,
             names.TRIAL_NUMBER_TAG: str(trial.number), names.CONFIGURATION_TAG: configuration_label(swept)}
+    if slurm_task():
+        tags[names.SLURM_JOB_TAG] = slurm_task()
     return TrialSpec(config, run_name=point_label(swept) or f"{spec.name} trial {trial.number}", tags=tags,
                      resume=run_to_continue(worker, trial, config), on_epoch_end=pruning_callback(trial, spec))
 

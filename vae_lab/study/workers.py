@@ -64,6 +64,14 @@ def worker_id() -> str:
     return _identity[pid]
 
 
+def slurm_task() -> str | None:
+    """The Slurm job this process runs in, as scontrol names it (ARRAY_TASK for an array task), or None."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def machine_key() -> str:
     """Where a pid names one process: this kernel boot and this pid namespace ('' if unknown)."""
     try:

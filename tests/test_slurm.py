@@ -1,0 +1,131 @@
+"""`--launcher slurm`, for real: a throwaway single-node Slurm (tests/slurm.py), an `mlflow server`,
+a journal storage in a folder every "node" sees; one array task is sent the time-limit warning
+signal mid-trial, stops its trial resumable and requeues itself."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from servers import mlflow_server
+from slurm import slurm_cluster, slurm_missing
+
+PYTHON = sys.executable
+POINTS = [2, 3, 4, 5, 6, 7]  # model.latent_dim: a grid of 6 points
+EPOCHS = 12
+STUDY = "cluster"
+BASE = {
+    "data.name": "digits", "data.train_limit": 512, "data.test_limit": 256,
+    "model.hidden_dims": [64], "model.latent_dim": 4,
+    "train.epochs": EPOCHS, "train.batch_size": 16, "train.progress": False,
+    "eval.enabled": False, "tracking.log_model": False, "tracking.log_images": False,
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = slurm_missing()
+    assert missing is None, missing  # `make test` installs Slurm; a plain pytest run needs `make slurm` once
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as running:
+        yield running
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    with mlflow_server(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "artifacts",
+                       log_path=tmp_path / "mlflow-server.log") as url:
+        yield url
+
+
+def command_env(cluster) -> dict:
+    env = {**cluster.env, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def runs_of(client: MlflowClient) -> pd.DataFrame:
+    experiment = client.get_experiment_by_name("vae_lab")
+    if experiment is None:
+        return pd.DataFrame(columns=["run_id", "status"])
+    return pd.DataFrame([{"run_id": r.info.run_id, "status": r.info.status, **r.data.tags,
+                          **{f"param:{k}": v for k, v in r.data.params.items()}}
+                         for r in client.search_runs([experiment.experiment_id], max_results=1000)])
+
+
+def a_trial_mid_training(client: MlflowClient, sweep: subprocess.Popen, log: Path, timeout: float = 120) -> dict:
+    """A RUNNING trial run with at least one epoch logged and several to go."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert sweep.poll() is None, f"the command ended early:\n{log.read_text()}"
+        runs = runs_of(client)
+        if "vae_lab.slurm_job" in runs:
+            for _, run in runs[(runs["status"] == "RUNNING") & runs["vae_lab.slurm_job"].notna()].iterrows():
+                epochs = client.get_metric_history(run["run_id"], "train/loss")
+                if 1 <= len(epochs) <= EPOCHS - 4:
+                    return dict(run)
+        time.sleep(0.2)
+    raise AssertionError(f"no trial was mid-training within {timeout:.0f} s:\n{log.read_text()}")
+
+
+def test_a_grid_on_slurm_with_a_task_stopped_at_its_time_limit_finishes_every_point_once(
+        tmp_path, cluster, tracking_server):
+    study_file = tmp_path / "cluster.yaml"
+    # batch_trials off: latent sizes would pad into one pass, which one task would claim whole
+    study_file.write_text(yaml.safe_dump({"study": {"name": STUDY, "sampler": "grid", "batch_trials": "off"},
+                                          "base": BASE, "search_space": {"model.latent_dim": POINTS}}))
+    shared = tmp_path / "shared"  # what a cluster's nodes would mount
+    jobs = shared / "jobs"
+    command = [PYTHON, "-m", "vae_lab.sweep", str(study_file), "--launcher", "slurm", "--workers", "2", "--wait",
+               "--slurm", "time=10,cpus_per_task=1,signal_delay_s=60", "--slurm-folder", str(jobs),
+               "--storage", f"journal:///{shared / 'optuna.journal'}", "--tracking-uri", tracking_server]
+    client = MlflowClient(tracking_server)
+    log = tmp_path / "sweep.log"
+    with log.open("w") as stream:
+        sweep = subprocess.Popen(command, cwd=tmp_path, env=command_env(cluster), stdout=stream,
+                                 stderr=subprocess.STDOUT)
+    try:
+        stopped = a_trial_mid_training(client, sweep, log)
+        task = stopped["vae_lab.slurm_job"]
+        # what Slurm sends `signal_delay_s` before the time limit (submitit asks for USR2; USR1 alike)
+        subprocess.run(["scancel", "--signal=USR1", task], env=cluster.env, check=True, timeout=30)
+        assert sweep.wait(timeout=240) == 0, log.read_text()
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait(timeout=30)
+    output = log.read_text()
+    job_id = task.split("_")[0]
+    assert f"submitted Slurm job array {job_id}: 2 workers" in output
+    assert f"study {STUDY!r}: 6 complete, 0 pruned, 0 failed (1 stopped and continued by a retry), 0 left" in output, output
+
+    runs = runs_of(client)
+    assert "RUNNING" not in set(runs["status"]), runs[["run_id", "status"]]
+    parents = runs[runs["vae_lab.role"] == "study"]
+    assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
+    kids = runs[runs["vae_lab.role"] == "trial"]
+    assert len(kids) == len(POINTS) and set(kids["status"]) == {"FINISHED"}, kids[["run_id", "status"]]
+    assert Counter(kids["param:model.latent_dim"].astype(int)) == Counter(POINTS)  # each point once
+
+    # the stopped trial went on in its own run, from its last checkpoint: each epoch logged once
+    continued = runs[runs["run_id"] == stopped["run_id"]].iloc[0]
+    assert int(continued["vae_lab.resumed_from_epoch"]) >= 1
+    epochs = sorted(metric.step for metric in client.get_metric_history(stopped["run_id"], "val/loss"))
+    assert epochs == sorted(set(epochs)) and len(epochs) == EPOCHS, epochs  # one value per epoch, none twice
+    steps = [metric.step for metric in client.get_metric_history(stopped["run_id"], "train/loss")]
+    assert len(steps) == len(set(steps)), sorted(steps)
+
+    # the stopped task requeued itself and ran again (its log, appended to, says so twice)
+    task_log = (jobs / f"{task}_0_log.out").read_text()
+    assert len(re.findall(r"vae_lab worker in Slurm task", task_log)) == 2, task_log
+    assert "stopped by SIGUSR1 (time limit near)" in task_log
+    shown = subprocess.run(["scontrol", "show", "job", task], env=cluster.env, capture_output=True, text=True)
+    assert "Restarts=1" in shown.stdout, shown.stdout
