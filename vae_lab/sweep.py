@@ -170,17 +170,17 @@ def prepare(args: argparse.Namespace) -> SweepSettings:
     if "://" not in tracking_uri:
         raise ConfigError(f"--tracking-uri must be a URI such as sqlite:///abs/path.db or http://host:5000, "
                           f"got {tracking_uri!r}")
-    check_tracking_store(tracking_uri)
     storage_url = args.storage or store.default_storage_url(tracking_uri, default_store_dir(), spec.name)
     if storage_url == tracking_uri:
         raise ConfigError("--storage must not be the MLflow database: Optuna and MLflow need separate stores")
-    store.check_optuna_storage(storage_url)
-    first = next(spec.iter_grid_points()) if spec.is_grid else {}
     settings = SweepSettings(spec=spec, tracking_uri=tracking_uri, storage_url=storage_url, new_study=args.new_study)
     if args.launcher == "slurm":
         slurm.check_can_submit(settings, storage_given=bool(args.storage))
         args.slurm_parameters = slurm.slurm_options(args.slurm)
-    else:  # the workers run here: the trials' device must exist here
+    check_tracking_store(tracking_uri)
+    store.check_optuna_storage(storage_url)
+    if args.launcher == "local":  # the workers run here: the trials' device must exist here
+        first = next(spec.iter_grid_points()) if spec.is_grid else {}
         resolve_device(spec.trial_config({key: value for key, value in first.items()}).device)
     return settings
 
