@@ -23,6 +23,7 @@ PYTHON = sys.executable
 POINTS = [2, 3, 4, 5, 6, 7]  # model.latent_dim: a grid of 6 points
 EPOCHS = 12
 STUDY = "cluster"
+SECRET = "s3cret-Token"
 BASE = {
     "data.name": "digits", "data.train_limit": 512, "data.test_limit": 256,
     "model.hidden_dims": [64], "model.latent_dim": 4,
@@ -88,9 +89,11 @@ def test_a_grid_on_slurm_with_a_task_at_its_time_limit_and_one_preempted_finishe
                                           "base": BASE, "search_space": {"model.latent_dim": POINTS}}))
     shared = tmp_path / "shared"  # what a cluster's nodes would mount
     jobs = shared / "jobs"
+    # a password in the URI (this server ignores it) reaches the tasks, and no file on the shared filesystem
+    with_password = tracking_server.replace("http://", f"http://alice:{SECRET}@")
     command = [PYTHON, "-m", "vae_lab.sweep", str(study_file), "--launcher", "slurm", "--workers", "2", "--wait",
                "--slurm", "time=10,cpus_per_task=1,signal_delay_s=60", "--slurm-folder", str(jobs),
-               "--storage", f"journal:///{shared / 'optuna.journal'}", "--tracking-uri", tracking_server]
+               "--storage", f"journal:///{shared / 'optuna.journal'}", "--tracking-uri", with_password]
     client = MlflowClient(tracking_server)
     log = tmp_path / "sweep.log"
     with log.open("w") as stream:
@@ -111,6 +114,9 @@ def test_a_grid_on_slurm_with_a_task_at_its_time_limit_and_one_preempted_finishe
             sweep.kill()
             sweep.wait(timeout=30)
     output = log.read_text()
+    assert SECRET not in output
+    leaked = [path for path in shared.rglob("*") if path.is_file() and SECRET.encode() in path.read_bytes()]
+    assert not leaked
     job_id = task.split("_")[0]
     assert f"submitted Slurm job array {job_id}: 2 workers" in output
     assert f"study {STUDY!r}: 6 complete, 0 pruned, 0 failed (2 stopped and continued by a retry), 0 left" in output, output
