@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from vae_lab.data.datasets import DataUnavailable, load_data
     from vae_lab.models.components import check as check_components
-    from vae_lab.tracking.checks import check_tracking_store
+    from vae_lab.tracking.checks import check_tracking_store, refused_by_server
     from vae_lab.tracking.errors import store_patience_seconds
     from vae_lab.tracking.uris import resolve_tracking_uri
     from vae_lab.training.device import apply_threads, plan_threads, resolve_device
@@ -142,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Exception as error:
+        refused = refused_by_server(error, resolve_tracking_uri(config.tracking.uri))
+        if refused is None:
+            raise
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: the run was marked KILLED", file=sys.stderr)
         return 130

@@ -130,6 +130,20 @@ def check_credentials(uri: str, timeout: float) -> None:
     raise StoreUnreachable(f"{server} refused the credentials of {who} (HTTP 401); check {source}")
 
 
+def refused_by_server(error: BaseException, uri: str) -> StoreUnreachable | None:
+    """The one-line StoreUnreachable (exit 2) to raise when `error` is the tracking server refusing
+    the credentials (401) or the permission (403) after the start check passed (a password changed
+    mid-study, a user who may read but not write); None for any other error."""
+    from vae_lab.tracking.errors import refusal
+
+    refused = refusal(error)
+    if refused is None:
+        return None
+    return StoreUnreachable(f"the MLflow tracking server {redact(uri)} {refused}; rerun as a user it accepts "
+                            "and that may write to the experiment (MLFLOW_TRACKING_USERNAME / "
+                            "MLFLOW_TRACKING_PASSWORD): a study continues where it stopped")
+
+
 def check_tracking_store(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
         deadline = time.monotonic() + CHECK_SECONDS
