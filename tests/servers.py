@@ -212,21 +212,41 @@ class TcpProxy:
                     end.close()
 
 
+def write_basic_auth_config(folder: Path, admin_username: str, admin_password: str) -> Path:
+    """The ini of MLflow's basic-auth app (MLFLOW_AUTH_CONFIG_PATH), its users database in `folder`:
+    `admin_username` is created with `admin_password` on the first start; other users read all."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "basic_auth.ini"
+    config.write_text("[mlflow]\ndefault_permission = READ\n"
+                      f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
+                      f"admin_username = {admin_username}\nadmin_password = {admin_password}\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return config
+
+
 @contextlib.contextmanager
-def mlflow_server(backend_store_uri: str, artifacts_dir: str | Path, timeout: float = 90, log_path: Path | None = None):
+def mlflow_server(backend_store_uri: str, artifacts_dir: str | Path, timeout: float = 90, log_path: Path | None = None,
+                  auth_config: Path | None = None):
     """Yield the URL `http://127.0.0.1:PORT` of an `mlflow server` (one worker) on this store,
-    serving artifacts from `artifacts_dir`. Its whole process group is killed at the end."""
+    serving artifacts from `artifacts_dir`. Its whole process group is killed at the end.
+    With `auth_config` (`write_basic_auth_config`) it is `mlflow server --app-name basic-auth`."""
     mlflow = Path(sys.executable).parent / "mlflow"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     own_log = log_path is None
     log_path = Path(tempfile.mkstemp(prefix="vae_lab-mlflow-", suffix=".log")[1]) if own_log else Path(log_path)
+    auth_args, auth_env = [], {}
+    if auth_config is not None:  # the app's CSRF protection (of its user-admin pages) needs a fixed secret key
+        auth_args = ["--app-name", "basic-auth"]
+        auth_env = {"MLFLOW_AUTH_CONFIG_PATH": str(auth_config), "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()}
     with log_path.open("ab") as log:
         server = subprocess.Popen(
             [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(artifacts_dir)],
+             "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(artifacts_dir), *auth_args],
             # no job runner: MLflow 3 would start 7 huey consumer processes for features vae_lab never uses
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                 **auth_env},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + timeout

@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from vae_lab.data.datasets import DataUnavailable, load_data
     from vae_lab.models.components import check as check_components
+    from vae_lab.tracking.checks import check_tracking_store, refused_by_server
     from vae_lab.tracking.errors import store_patience_seconds
+    from vae_lab.tracking.uris import resolve_tracking_uri
     from vae_lab.training.device import apply_threads, plan_threads, resolve_device
 
     resume = None
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = load_config(args.config, args.overrides)
         check_components(config)
+        if config.tracking.enabled and resume is None:  # resumable_run has checked it
+            check_tracking_store(resolve_tracking_uri(config.tracking.uri))
         device = resolve_device(config.device)
         apply_threads(plan_threads(config.threads))
         data = load_data(config.data, device, config.train.batch_size)
@@ -131,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from vae_lab.interrupts import interruptible
     from vae_lab.training.trial import TrainingDiverged
-    from vae_lab.tracking.uris import resolve_tracking_uri
 
     try:
         with interruptible():
@@ -139,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Exception as error:
+        refused = refused_by_server(error, resolve_tracking_uri(config.tracking.uri))
+        if refused is None:
+            raise
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: the run was marked KILLED", file=sys.stderr)
         return 130

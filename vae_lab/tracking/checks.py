@@ -4,13 +4,16 @@
     vae_lab.study.storage.check_optuna_storage("postgresql://u@db/optuna")   # the same checks, for Optuna
 
 Each check gives up within CHECK_SECONDS with one line naming the URI (password hidden) and
-what failed; MLflow's own client would retry an unreachable server for minutes.
+what failed; MLflow's own client would retry an unreachable server for minutes. A tracking
+server that asks for a login (`mlflow server --app-name basic-auth`) and refuses the credentials
+MLflow's client would send, or has none, is refused here too.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,6 +23,7 @@ from vae_lab.config import ConfigError
 from vae_lab.tracking.uris import redact, sqlite_path
 
 CHECK_SECONDS = 10
+EXPERIMENTS_SEARCH = "/api/2.0/mlflow/experiments/search"  # the cheapest read of MLflow's REST API
 
 # During a study a store call that fails is retried by vae_lab (metrics wait in the run's buffer,
 # `tracking.RunTracker.attempt`), so MLflow's own retries are kept short: about 15 s, not 4 min.
@@ -87,14 +91,70 @@ def health_request(uri: str) -> urllib.request.Request:
     return request
 
 
+def _sent_username(response) -> str | None:
+    """The user named by the Basic Authorization header `response`'s request carried, if any."""
+    header = response.request.headers.get("Authorization", "")
+    if not header.startswith("Basic "):
+        return None
+    try:
+        return base64.b64decode(header[len("Basic "):]).decode().split(":", 1)[0]
+    except ValueError:
+        return None
+
+
+def check_credentials(uri: str, timeout: float) -> None:
+    """A read that needs a login on a server that asks for one (`mlflow server --app-name basic-auth`
+    leaves /health open), sent with the credentials MLflow's client would send."""
+    from vae_lab.tracking import mlflow_compat
+
+    try:
+        response = mlflow_compat.tracking_server_get(uri, EXPERIMENTS_SEARCH, timeout, max_results=1)
+    except Exception as error:
+        raise StoreUnreachable(f"cannot reach the MLflow tracking server {redact(uri)}: "
+                               f"{redact(str(error).splitlines()[0][:200])}") from None
+    if response.status_code not in (401, 403):
+        return
+    server = f"the MLflow tracking server {redact(uri)}"
+    source = ("the user:password in the tracking URI" if urllib.parse.urlsplit(uri).username is not None
+              else "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    sent = "Authorization" in response.request.headers
+    user = _sent_username(response)
+    who = f"user {user!r}" if user is not None else "the credentials given"
+    if response.status_code == 403:
+        raise StoreUnreachable(f"{server} denies {who} permission to read experiments (HTTP 403); ask its "
+                               f"admin for access, or log in as another user ({source})")
+    if not sent:
+        raise StoreUnreachable(f"{server} needs a login and none was given (HTTP 401); set "
+                               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or use "
+                               "http://USER:PASSWORD@host)")
+    raise StoreUnreachable(f"{server} refused the credentials of {who} (HTTP 401); check {source}")
+
+
+def refused_by_server(error: BaseException, uri: str) -> StoreUnreachable | None:
+    """The one-line StoreUnreachable (exit 2) to raise when `error` is the tracking server refusing
+    the credentials (401) or the permission (403) after the start check passed (a password changed
+    mid-study, a user who may read but not write); None for any other error."""
+    from vae_lab.tracking.errors import refusal
+
+    refused = refusal(error)
+    if refused is None:
+        return None
+    return StoreUnreachable(f"the MLflow tracking server {redact(uri)} {refused}; rerun as a user it accepts "
+                            "and that may write to the experiment (MLFLOW_TRACKING_USERNAME / "
+                            "MLFLOW_TRACKING_PASSWORD): a study continues where it stopped")
+
+
 def check_tracking_store(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
+        deadline = time.monotonic() + CHECK_SECONDS
         try:
             with urllib.request.urlopen(health_request(uri), timeout=CHECK_SECONDS):
-                return
+                pass
         except Exception as error:
             raise StoreUnreachable(f"cannot reach the MLflow tracking server {redact(uri)}: {_reason(error)}; "
                                    "start it (mlflow server ...) or pass another --tracking-uri") from None
+        check_credentials(uri, timeout=max(deadline - time.monotonic(), 1.0))
+        return
     if sqlite_path(uri) is not None:
         check_local_file(sqlite_path(uri), "MLflow store", uri)
     elif uri.startswith(("postgresql", "mysql", "mssql")):

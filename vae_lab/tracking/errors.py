@@ -51,13 +51,25 @@ def is_store_error(error: BaseException) -> bool:
         return True
     if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
         return True
-    if not isinstance(error, mlflow.exceptions.MlflowException):
+    if not isinstance(error, mlflow.exceptions.MlflowException) or refusal(error) is not None:
         return False
     message = str(error)
     # MLflow's database stores raise TEMPORARILY_UNAVAILABLE for the driver's operational errors
     # (a database server gone, "database or disk is full")
     return (error.error_code == "TEMPORARILY_UNAVAILABLE" or "Max retries exceeded" in message
             or "Connection refused" in message or "timed out" in message)
+
+
+_REFUSALS = {"UNAUTHENTICATED": "refused the credentials (HTTP 401)",
+             "CUSTOMER_UNAUTHORIZED": "refused the credentials (HTTP 401)",
+             "PERMISSION_DENIED": "denied the user permission (HTTP 403)"}
+
+
+def refusal(error: BaseException) -> str | None:
+    """What a tracking server refused ("refused the credentials (HTTP 401)", "denied the user
+    permission (HTTP 403)") when `error` is such an answer, else None. Not an outage: the same
+    request would be refused again, so it is neither waited for nor retried."""
+    return _REFUSALS.get(getattr(error, "error_code", None))
 
 
 def describe(error: BaseException) -> str:

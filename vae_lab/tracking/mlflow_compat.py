@@ -51,3 +51,14 @@ def skip_requirement_scan() -> None:
 
     if getattr(requirements_utils, "_MODULES_TO_PACKAGES", {}) is None:
         requirements_utils._MODULES_TO_PACKAGES = {}
+
+
+def tracking_server_get(uri: str, endpoint: str, timeout: float, **params):
+    """GET `endpoint` of the tracking server `uri` as MLflow's REST store sends its requests (the
+    same credentials: user:password in the URI, $MLFLOW_TRACKING_USERNAME/PASSWORD, a token, its
+    TLS settings), once: no retries. The requests.Response, whatever its status."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    return http_request(get_default_host_creds(uri), endpoint, "GET", max_retries=0, backoff_factor=0,
+                        timeout=timeout, raise_on_status=False, params=params)

@@ -53,10 +53,18 @@ def resolve_tracking_uri(configured: str = "") -> str:
 
 
 def missing_store(tracking_uri: str) -> str | None:
-    """Why an SQLite store cannot be read, or None (opening a missing one would create it)."""
+    """Why the store cannot be read, or None: an SQLite file that is not there (opening it would
+    create it), a tracking server that does not answer or refuses this process's credentials."""
     database = sqlite_path(tracking_uri)
     if database is not None:
         if not database.is_file():
             return f"no MLflow store at {database}; train a model first ({shell_command('python')} -m " \
                    "vae_lab.train) or pass --tracking-uri"
+    if tracking_uri.startswith(("http://", "https://")):
+        from vae_lab.tracking.checks import StoreUnreachable, check_tracking_store
+
+        try:
+            check_tracking_store(tracking_uri)
+        except StoreUnreachable as error:
+            return str(error)
     return None
