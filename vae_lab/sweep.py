@@ -44,7 +44,7 @@ from vae_lab.study.session import Session, SweepSettings
 from vae_lab.study.spec import Choices, load_study_spec, point_label
 from vae_lab.tracking.checks import check_tracking_store, short_http_retries
 from vae_lab.study.workers import heartbeat_seconds
-from vae_lab.tracking.errors import StoreUnavailable, describe, is_store_error, store_patience_seconds
+from vae_lab.tracking.errors import StoreUnavailable, describe, is_store_error, refusal, store_patience_seconds
 from vae_lab.tracking.links import browse_lines
 from vae_lab.tracking.uris import default_store_dir, redact, resolve_tracking_uri
 from vae_lab.training.batching import plan_batches
@@ -277,6 +277,10 @@ def _run_command(args: argparse.Namespace, data_cache: DataCache | None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except Exception as error:
+        if refusal(error) is not None:  # after the start check: a password changed, a user who may only read
+            print(f"error: the MLflow tracking server {refusal(error)}; rerun with credentials it accepts: "
+                  "the study continues where it stopped", file=sys.stderr)
+            return 2
         if not is_store_error(error):
             raise
         print(f"error: a store could not be written or reached ({describe(error)}); rerun the same command "
