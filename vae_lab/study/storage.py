@@ -407,15 +407,24 @@ def serve_storage(url: str, host: str, port: int):
             return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=handler.request_deserializer,
                                                        response_serializer=handler.response_serializer)
 
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    other_port = "choose another --port (0 picks a free one)"
+    try:  # asked first: gRPC would log its own lines about it before raising
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {address} ({error.strerror or error}); {other_port}") from None
+    # no SO_REUSEPORT: a second proxy on a port in use is refused rather than sharing its calls
     server = grpc.server(ThreadPoolExecutor(max_workers=PROXY_THREADS), interceptors=[OutageAsUnavailable()],
                          options=[("grpc.so_reuseport", 0)])
     api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(proxied_storage(url)), server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
-    except RuntimeError as error:
-        raise ConfigError(f"cannot listen on {address} ({error}); choose another --port (0 picks a free one)") from None
-    if bound == 0:  # older grpcio says so instead of raising
-        raise ConfigError(f"cannot listen on {address}; choose another --port (0 picks a free one)")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise ConfigError(f"cannot listen on {address}; {other_port}")
     server.start()
     return server, bound
