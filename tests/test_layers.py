@@ -20,7 +20,8 @@ LAYERS = [
     ("training", ["vae_lab.training"]),
     ("study", ["vae_lab.study"]),
     ("serve", ["vae_lab.serve"]),
-    ("commands", ["vae_lab.train", "vae_lab.sweep", "vae_lab.evaluate", "vae_lab.serve.__main__"]),
+    ("commands", ["vae_lab.train", "vae_lab.sweep", "vae_lab.evaluate", "vae_lab.serve.__main__",
+                  "vae_lab.storage_proxy"]),
     ("analysis", ["analysis"]),
 ]
 

@@ -68,3 +68,33 @@ def test_the_patient_storage_stands_in_for_every_storage_method_and_keeps_optuna
     study = optuna.create_study(storage=rdb, study_name="cached")
     study.enqueue_trial(params={"x": 1.0})
     assert [trial.state for trial in study.get_trials()] == [TrialState.WAITING]
+
+
+def test_the_storage_proxy_serves_optunas_servicer_and_a_restarted_one_takes_a_claimed_trials_params(tmp_path):
+    """`storage.serve_storage` builds Optuna's gRPC proxy from its private servicer and generated
+    stub (`optuna.storages._grpc`); `proxied_storage` re-reads the trials (`FrozenStudy._study_id`)
+    when Optuna's cache refuses the parameters of a trial it has not read, as after a restart."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"  # SQLite: the command refuses it, the parts serve it
+    server, port = store.serve_storage(url, "127.0.0.1", 0)
+    try:
+        storage = store.open_storage(f"grpc://127.0.0.1:{port}")
+        study = optuna.create_study(storage=storage, study_name="proxied")
+        study.enqueue_trial(params={"x": 1.0})
+        trial = store.pop_waiting_trial(study, storage)
+        server.stop(grace=None).wait()
+        server, _ = store.serve_storage(url, "127.0.0.1", port)  # a new proxy: its cache is empty
+        assert trial.suggest_float("x", 0.0, 5.0) == 1.0
+        study.tell(trial, 0.5)
+        assert [(t.state, t.params) for t in study.get_trials()] == [(TrialState.COMPLETE, {"x": 1.0})]
+    finally:
+        server.stop(grace=None).wait()
+
+    # what the re-read is for: Optuna's cache still refuses a trial it has not read
+    fresh = store.cached(optuna.storages.RDBStorage(url))
+    other = optuna.create_study(storage=url, study_name="unread")
+    other.enqueue_trial(params={"x": 2.0})
+    unread_id = store.trial_id(fresh, other, 0)
+    distribution = optuna.distributions.FloatDistribution(0.0, 5.0)
+    with pytest.raises(KeyError):
+        fresh.set_trial_param(unread_id, "x", 2.0, distribution)
+    store.proxied_storage(url).set_trial_param(unread_id, "x", 2.0, distribution)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import sys
 
 
@@ -35,3 +36,13 @@ def shell_command(program: str) -> str:
         return program
     relative = os.path.relpath(own)
     return own if relative.startswith("..") else relative
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both raise KeyboardInterrupt in the main thread (a server's wait ends
+    there). SIGINT is set explicitly: a process started in the background inherits it ignored."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)

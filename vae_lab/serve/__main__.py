@@ -11,9 +11,9 @@ This module is the command: arguments, the run it opens on, the server's lifetim
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
+from vae_lab.cli import stop_on_signals
 from vae_lab.serve.app import DEFAULT_PORT, create_app, make_json_server
 from vae_lab.serve.catalog import RunCatalog, choose_run, describe_run
 from vae_lab.serve.images import RequestError
@@ -22,16 +22,6 @@ from vae_lab.tracking.uris import missing_store, resolve_tracking_uri
 
 def url_of(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def stop_on_signals() -> None:
-    """Ctrl-C and SIGTERM both end `serve_forever` through KeyboardInterrupt. SIGINT is set
-    explicitly: a process started in the background inherits it ignored."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:

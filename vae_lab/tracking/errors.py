@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 
 PATIENCE_ENV = "VAE_LAB_STORE_PATIENCE_SECONDS"
 DEFAULT_PATIENCE_SECONDS = 300.0
@@ -51,6 +52,10 @@ def is_store_error(error: BaseException) -> bool:
         return True
     if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
         return True
+    grpc = sys.modules.get("grpc")  # an Optuna storage proxy (grpc://): loaded only where one is used
+    if grpc is not None and isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)):
+        # UNAVAILABLE: the proxy is down or restarting, or its database is (`storage.serve_storage`)
+        return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     if not isinstance(error, mlflow.exceptions.MlflowException) or refusal(error) is not None:
         return False
     message = str(error)
@@ -77,5 +82,7 @@ def describe(error: BaseException) -> str:
     wrappers' ("An exception is raised during the commit", "raised as a result of autoflush")."""
     while error.__cause__ is not None or getattr(error, "orig", None) is not None:
         error = getattr(error, "orig", None) or error.__cause__
+    if callable(getattr(error, "details", None)) and callable(getattr(error, "code", None)):  # a grpc call's
+        return f"{error.code().name}: {error.details() or ''}".splitlines()[0][:200]
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__
