@@ -23,7 +23,7 @@ from vae_lab.config import parse_yaml
 from vae_lab import names
 from vae_lab.models.registry import MODEL_FAMILIES
 from vae_lab.tracking.studies import newest_study, parse_objectives, study_parents
-from vae_lab.tracking.uris import missing_store
+from vae_lab.tracking.checks import missing_store
 from vae_lab.names import ROLE_TAG, STUDY_NAME_TAG
 
 # our own tqdm bars count the runs; MLflow's per-download bars would drown them

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     from vae_lab.data.datasets import DataUnavailable
     from vae_lab.data.cache import DataCache
     from vae_lab.tracking.logged import has_logged_model
-    from vae_lab.tracking.uris import missing_store, redact, resolve_tracking_uri
+    from vae_lab.tracking.checks import missing_store
+    from vae_lab.tracking.uris import redact, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     try:

@@ -228,7 +228,7 @@ def submit_to_slurm(settings: SweepSettings, args: argparse.Namespace) -> int:
         return 0
     bar = TrialsBar(session, enabled=True)
     try:
-        slurm.wait_for_array(session, array, bar)
+        slurm.wait_for_array(array, bar)
     except KeyboardInterrupt:
         bar.close()
         print(f"stopped waiting; job array {array.job_id} goes on (scancel {array.job_id} stops it)", file=sys.stderr)

@@ -17,7 +17,8 @@ from vae_lab.cli import stop_on_signals
 from vae_lab.serve.app import DEFAULT_PORT, create_app, make_json_server
 from vae_lab.serve.catalog import RunCatalog, choose_run, describe_run
 from vae_lab.serve.images import RequestError
-from vae_lab.tracking.uris import missing_store, resolve_tracking_uri
+from vae_lab.tracking.checks import missing_store
+from vae_lab.tracking.uris import resolve_tracking_uri
 
 
 def url_of(host: str, port: int) -> str:

@@ -3,7 +3,7 @@
     options = slurm_options("partition=gpu,time=04:00:00,gpus_per_task=1")   # ConfigError if unknown
     check_can_submit(settings, storage_given=True)                           # before anything is created
     array = submit_array(settings, workers=32, options=options, folder=logs) # returns at once
-    wait_for_array(session, array)                                           # --wait: follow it
+    wait_for_array(array, bar)                                               # --wait: follow it
 
 Each array task runs `array_task(settings)`: the same worker loop as a local worker
 (`runner.run_study`), so grid claims, retries and resumes are the storage's as ever. On the signal
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from vae_lab.config import ConfigError
 from vae_lab.study import storage as store
-from vae_lab.study.session import Session, SweepSettings
+from vae_lab.study.session import SweepSettings
 from vae_lab.study.workers import slurm_task
 from vae_lab.tracking.uris import redact, sqlite_path
 
@@ -206,7 +206,7 @@ def array_task(settings: SweepSettings) -> str:
         signum = received_signal()
     counts = outcome.summary["counts"]
     ended = (f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed, "
-             f"{outcome.unfinished} waiting or running")
+             f"{counts['retried']} retried, {outcome.unfinished} waiting or running")
     if not outcome.interrupted:
         print(f"study {settings.spec.name!r}: nothing left for this task ({ended})", flush=True)
         return ended
@@ -238,7 +238,7 @@ def array_tasks_left(job_id: str) -> int | None:
     return len([line for line in out.stdout.splitlines() if line.strip()])
 
 
-def wait_for_array(session: Session, array: SubmittedArray, bar) -> None:
+def wait_for_array(array: SubmittedArray, bar) -> None:
     """Until Slurm holds none of the array's tasks, redrawing the study's progress bar."""
     while True:
         left = array_tasks_left(array.job_id)

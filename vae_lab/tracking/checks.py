@@ -19,6 +19,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from vae_lab.cli import shell_command
 from vae_lab.config import ConfigError
 from vae_lab.tracking.uris import redact, sqlite_path
 
@@ -159,3 +160,18 @@ def check_tracking_store(uri: str) -> None:
         check_local_file(sqlite_path(uri), "MLflow store", uri)
     elif uri.startswith(("postgresql", "mysql", "mssql")):
         check_database(uri, "MLflow store")
+
+
+def missing_store(tracking_uri: str) -> str | None:
+    """Why the store cannot be read, or None: an SQLite file that is not there (opening it would
+    create it), a tracking server that does not answer or refuses this process's credentials."""
+    database = sqlite_path(tracking_uri)
+    if database is not None and not database.is_file():
+        return (f"no MLflow store at {database}; train a model first ({shell_command('python')} -m "
+                "vae_lab.train) or pass --tracking-uri")
+    if tracking_uri.startswith(("http://", "https://")):
+        try:
+            check_tracking_store(tracking_uri)
+        except StoreUnreachable as error:
+            return str(error)
+    return None

@@ -11,7 +11,6 @@ import os
 import re
 from pathlib import Path
 
-from vae_lab.cli import shell_command
 
 SQLITE_PREFIX = "sqlite:///"
 _PASSWORD_IN_NETLOC = re.compile(r"(://[^:/@?#]+):[^@/?#]*@")
@@ -50,21 +49,3 @@ def default_tracking_uri() -> str:
 
 def resolve_tracking_uri(configured: str = "") -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-
-
-def missing_store(tracking_uri: str) -> str | None:
-    """Why the store cannot be read, or None: an SQLite file that is not there (opening it would
-    create it), a tracking server that does not answer or refuses this process's credentials."""
-    database = sqlite_path(tracking_uri)
-    if database is not None:
-        if not database.is_file():
-            return f"no MLflow store at {database}; train a model first ({shell_command('python')} -m " \
-                   "vae_lab.train) or pass --tracking-uri"
-    if tracking_uri.startswith(("http://", "https://")):
-        from vae_lab.tracking.checks import StoreUnreachable, check_tracking_store
-
-        try:
-            check_tracking_store(tracking_uri)
-        except StoreUnreachable as error:
-            return str(error)
-    return None
