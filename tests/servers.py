@@ -275,3 +275,46 @@ def mlflow_server(backend_store_uri: str, artifacts_dir: str | Path, timeout: fl
         server.wait(timeout=10)
         if own_log:
             log_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def answering_server(status_of_path):
+    """Yield (url, authorizations) of a bare HTTP server on 127.0.0.1 that answers every GET and
+    POST with `status_of_path(path)` and an empty body, recording each request's Authorization
+    header: a stand-in for what a tracking server answers, where the real one cannot be made to."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    authorizations: list = []
+
+    class Answers(BaseHTTPRequestHandler):
+        def do_GET(self):
+            authorizations.append(self.headers.get("Authorization"))
+            self.send_response(status_of_path(self.path))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", authorizations
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def runs_of(client) -> "pandas.DataFrame":
+    """Every run of the `vae_lab` experiment on `client`'s store: id, status, tags, `param:` params."""
+    import pandas as pd
+
+    experiment = client.get_experiment_by_name("vae_lab")
+    if experiment is None:
+        return pd.DataFrame(columns=["run_id", "status"])
+    return pd.DataFrame([{"run_id": r.info.run_id, "status": r.info.status, **r.data.tags,
+                          **{f"param:{k}": v for k, v in r.data.params.items()}}
+                         for r in client.search_runs([experiment.experiment_id], max_results=1000)])

@@ -7,11 +7,9 @@ import os
 import secrets
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
@@ -87,26 +85,12 @@ def test_the_rest_api_asks_for_a_login_and_health_does_not(server):
 
 
 def test_a_user_without_permission_gets_one_line_saying_so(monkeypatch):
-    class Forbids(BaseHTTPRequestHandler):  # as a server whose users may not read experiments
-        def do_GET(self):
-            self.send_response(200 if self.path == "/health" else 403)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    forbidding = ThreadingHTTPServer(("127.0.0.1", 0), Forbids)
-    threading.Thread(target=forbidding.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{forbidding.server_address[1]}"
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
-    try:
+    # as a server whose users may not read experiments (the real one lets every user search them)
+    with servers.answering_server(lambda path: 200 if path == "/health" else 403) as (url, _):
         with pytest.raises(StoreUnreachable) as refused:
             check_tracking_store(url)
-    finally:
-        forbidding.shutdown()
-        forbidding.server_close()
     assert str(refused.value).startswith(f"the MLflow tracking server {url} denies user 'bob' permission")
     assert "HTTP 403" in str(refused.value) and "\n" not in str(refused.value) and PASSWORD not in str(refused.value)
 

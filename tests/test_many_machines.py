@@ -11,12 +11,11 @@ from collections import Counter
 from pathlib import Path
 
 import optuna
-import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from servers import mlflow_server, postgres_server
+from servers import mlflow_server, postgres_server, runs_of
 
 PYTHON = sys.executable
 POINTS = [2, 3, 4, 5, 6, 7]  # model.latent_dim: a grid of 6 points, one training pass each
@@ -41,15 +40,6 @@ def postgres(tmp_path):
 def tracking_server(tmp_path, postgres):
     with mlflow_server(f"{postgres}/mlflow", tmp_path / "artifacts", log_path=tmp_path / "mlflow-server.log") as url:
         yield url
-
-
-def runs_of(client: MlflowClient) -> pd.DataFrame:
-    experiment = client.get_experiment_by_name("vae_lab")
-    if experiment is None:
-        return pd.DataFrame(columns=["run_id", "status"])
-    return pd.DataFrame([{"run_id": r.info.run_id, "status": r.info.status, **r.data.tags,
-                          **{f"param:{k}": v for k, v in r.data.params.items()}}
-                         for r in client.search_runs([experiment.experiment_id], max_results=1000)])
 
 
 class Trials:

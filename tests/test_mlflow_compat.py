@@ -1,9 +1,7 @@
 """Each private MLflow name vae_lab uses (vae_lab/tracking/mlflow_compat.py), against the real MLflow:
 a release that renames or changes one fails here, by name, rather than somewhere in a run."""
 
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils import requirements_utils
 
+from servers import answering_server
 from vae_lab.tracking import mlflow_compat
 from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
 
@@ -72,26 +71,9 @@ def test_the_requirement_scan_map_is_the_module_global_mlflow_reads(monkeypatch)
 
 
 def test_a_tracking_server_request_carries_the_credentials_mlflow_client_sends(monkeypatch):
-    sent = []
-
-    class RefusesAll(BaseHTTPRequestHandler):
-        def do_GET(self):
-            sent.append(self.headers.get("Authorization"))
-            self.send_response(401)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_POST = do_GET
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RefusesAll)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-env")
-    try:
+    with answering_server(lambda path: 401) as (url, sent):
         for uri in (url, url.replace("http://", "http://bob:from-uri@")):
             sent.clear()
             response = mlflow_compat.tracking_server_get(uri, "/api/2.0/mlflow/experiments/search", 5, max_results=1)
@@ -100,6 +82,3 @@ def test_a_tracking_server_request_carries_the_credentials_mlflow_client_sends(m
                 MlflowClient(uri).search_experiments(max_results=1)
             ours, the_clients = sent
             assert ours is not None and ours == the_clients, uri
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -11,12 +11,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from servers import mlflow_server
+from servers import mlflow_server, runs_of
 from slurm import slurm_cluster, slurm_missing
 
 PYTHON = sys.executable
@@ -52,15 +51,6 @@ def command_env(cluster) -> dict:
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
-
-
-def runs_of(client: MlflowClient) -> pd.DataFrame:
-    experiment = client.get_experiment_by_name("vae_lab")
-    if experiment is None:
-        return pd.DataFrame(columns=["run_id", "status"])
-    return pd.DataFrame([{"run_id": r.info.run_id, "status": r.info.status, **r.data.tags,
-                          **{f"param:{k}": v for k, v in r.data.params.items()}}
-                         for r in client.search_runs([experiment.experiment_id], max_results=1000)])
 
 
 def a_trial_mid_training(client: MlflowClient, sweep: subprocess.Popen, log: Path, not_in_task: str = "",
