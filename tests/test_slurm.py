@@ -20,7 +20,7 @@ from slurm import slurm_cluster, slurm_missing
 
 PYTHON = sys.executable
 POINTS = [2, 3, 4, 5, 6, 7]  # model.latent_dim: a grid of 6 points
-EPOCHS = 12
+EPOCHS = 16
 STUDY = "cluster"
 SECRET = "s3cret-Token"
 BASE = {
@@ -54,18 +54,19 @@ def command_env(cluster) -> dict:
 
 
 def a_trial_mid_training(client: MlflowClient, sweep: subprocess.Popen, log: Path, not_in_task: str = "",
-                         timeout: float = 120) -> dict:
-    """A RUNNING trial run with at least one epoch logged and several to go (in another task than `not_in_task`)."""
+                         not_run: str = "", timeout: float = 120) -> dict:
+    """A RUNNING trial run (not `not_run`) with at least one epoch logged and at least half its
+    epochs to go (so it is still training when the signal lands), in another task than `not_in_task`."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert sweep.poll() is None, f"the command ended early:\n{log.read_text()}"
         runs = runs_of(client)
         if "vae_lab.slurm_job" in runs:
             running = runs[(runs["status"] == "RUNNING") & runs["vae_lab.slurm_job"].notna()
-                           & (runs["vae_lab.slurm_job"] != not_in_task)]
+                           & (runs["vae_lab.slurm_job"] != not_in_task) & (runs["run_id"] != not_run)]
             for _, run in running.iterrows():
-                epochs = client.get_metric_history(run["run_id"], "train/loss")
-                if 1 <= len(epochs) <= EPOCHS - 4:
+                epochs = client.get_metric_history(run["run_id"], "val/loss")  # one value per epoch
+                if 1 <= len(epochs) <= EPOCHS // 2:
                     return dict(run)
         time.sleep(0.2)
     raise AssertionError(f"no trial was mid-training within {timeout:.0f} s:\n{log.read_text()}")
@@ -94,7 +95,7 @@ def test_a_grid_on_slurm_with_a_task_at_its_time_limit_and_one_preempted_finishe
         task = stopped["vae_lab.slurm_job"]
         # what Slurm sends `signal_delay_s` before the time limit (submitit asks for USR2; USR1 alike)
         subprocess.run(["scancel", "--signal=USR1", task], env=cluster.env, check=True, timeout=30)
-        preempted = a_trial_mid_training(client, sweep, log, not_in_task=task)
+        preempted = a_trial_mid_training(client, sweep, log, not_in_task=task, not_run=stopped["run_id"])
         other_task = preempted["vae_lab.slurm_job"]
         # what preemption on a PreemptMode=REQUEUE partition does: SIGTERM to the task, which Slurm requeues
         subprocess.run(["scontrol", "requeue", other_task], env=cluster.env, check=True, timeout=30)
