@@ -42,9 +42,9 @@ from vae_lab.study.progress import TrialsBar
 from vae_lab.study.runner import check_without_creating, finish_parent, open_session, run_study, unfinished
 from vae_lab.study.session import Session, SweepSettings
 from vae_lab.study.spec import Choices, load_study_spec, point_label
-from vae_lab.tracking.checks import check_tracking_store, short_http_retries
+from vae_lab.tracking.checks import check_tracking_store, refused_by_server, short_http_retries
 from vae_lab.study.workers import heartbeat_seconds
-from vae_lab.tracking.errors import StoreUnavailable, describe, is_store_error, refusal, store_patience_seconds
+from vae_lab.tracking.errors import StoreUnavailable, describe, is_store_error, store_patience_seconds
 from vae_lab.tracking.links import browse_lines
 from vae_lab.tracking.uris import default_store_dir, redact, resolve_tracking_uri
 from vae_lab.training.batching import plan_batches
@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None, data_cache: DataCache | None = None) -> 
 
 
 def _run_command(args: argparse.Namespace, data_cache: DataCache | None) -> int:
+    settings = None
     try:
         settings = prepare(args)
         if args.dry_run:
@@ -277,9 +278,9 @@ def _run_command(args: argparse.Namespace, data_cache: DataCache | None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except Exception as error:
-        if refusal(error) is not None:  # after the start check: a password changed, a user who may only read
-            print(f"error: the MLflow tracking server {refusal(error)}; rerun with credentials it accepts: "
-                  "the study continues where it stopped", file=sys.stderr)
+        refused = refused_by_server(error, settings.tracking_uri) if settings is not None else None
+        if refused is not None:  # after the start check: a password changed, a user who may only read
+            print(f"error: {refused}", file=sys.stderr)
             return 2
         if not is_store_error(error):
             raise

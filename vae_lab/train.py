@@ -51,10 +51,9 @@ def resumable_run(run_id: str, config_file: str | None, overrides: list[str]):
 
     from vae_lab.training.checkpoints import HOW_IT_RUNS, Resume, read_checkpoint
     from vae_lab.config import apply_overrides, parse_override
-    from vae_lab.tracking.checks import StoreUnreachable, check_tracking_store, short_http_retries
+    from vae_lab.tracking.checks import StoreUnreachable, check_tracking_store, missing_store, short_http_retries
     from vae_lab.tracking.errors import is_store_error
     from vae_lab.tracking.logged import load_run_config
-    from vae_lab.tracking.checks import missing_store
     from vae_lab.tracking.uris import redact, resolve_tracking_uri
 
     if config_file:

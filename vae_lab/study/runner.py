@@ -32,7 +32,6 @@ from vae_lab.study.spec import StudySpec, fingerprint_changes
 from vae_lab.study.summary import log_summary
 from vae_lab.study.trials import work
 from vae_lab.study.workers import Helpers, Worker, machine_key, process_gone, worker_id
-from vae_lab.tracking.checks import refused_by_server
 from vae_lab.tracking.errors import StoreUnavailable, is_store_error, refusal
 from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
 from vae_lab.tracking.tracker import config_for_the_record, log_params
@@ -324,18 +323,8 @@ def run_study(settings: SweepSettings, workers: int = 1, data_cache: DataCache |
 
     A helper that crashes is noticed: its trials are failed and queued again, and this process
     takes them up. A tracking server that refuses the credentials or the permission midway
-    (HTTP 401/403) stops the study with one line (StoreUnreachable); its runs and trials stay as
-    a crash leaves them, for the rerun to continue."""
-    try:
-        return _run_study(settings, workers, data_cache)
-    except Exception as error:
-        refused = refused_by_server(error, settings.tracking_uri)
-        if refused is None:
-            raise
-        raise refused from None
-
-
-def _run_study(settings: SweepSettings, workers: int, data_cache: DataCache | None) -> StudyRun:
+    (HTTP 401/403) stops the helpers too and is raised: its runs and trials stay as a crash
+    leaves them, for the rerun to continue."""
     data_cache = data_cache or DataCache()
     spec = settings.spec
     settings = SweepSettings(**{**vars(settings), "workers_here": workers})
