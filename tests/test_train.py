@@ -132,6 +132,33 @@ def test_logged_model_loads_back_and_decodes(tracked_run):
     assert pickled.encode(torch.rand(2, 1, 28, 28)).mean.shape == (2, 2)
 
 
+MODEL_WITHOUT_THE_PACKAGE = """
+import sys
+import mlflow.pytorch, torch
+sys.meta_path[:] = [finder for finder in sys.meta_path if "editable" not in type(finder).__module__]
+sys.path[:] = [entry for entry in sys.path if entry not in ("", {repo!r})]
+model = mlflow.pytorch.load_model({uri!r})
+import vae_lab
+print(vae_lab.__file__)
+print(tuple(model.sample(4, torch.Generator().manual_seed(0)).shape), tuple(model(torch.rand(2, 1, 28, 28)).logits.shape))
+"""
+
+
+def test_the_mlflow_model_loads_and_runs_with_only_the_code_it_carries(tracked_run, tmp_path):
+    """The MLflow model carries the part of vae_lab a model needs (tracker.MODEL_CODE): it
+    loads, samples and reconstructs where the installed package cannot be imported."""
+    uri, _, result = tracked_run
+    model_uri = MlflowClient(uri).download_artifacts(result.run_id, "model", str(tmp_path))
+    script = MODEL_WITHOUT_THE_PACKAGE.format(repo=str(Path(__file__).resolve().parents[1]), uri=model_uri)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported_from, shapes = done.stdout.strip().splitlines()[-2:]
+    assert imported_from.startswith(str(Path(model_uri) / "code" / "vae_lab"))
+    assert shapes == "(4, 1, 28, 28) (2, 1, 28, 28)"
+    carried = {path.name for path in (Path(model_uri) / "code" / "vae_lab").iterdir()}
+    assert carried == {"__init__.py", "config.py", "components.py", "names.py", "data", "models"}
+
+
 def test_the_mlflow_model_is_the_runs_output_with_its_end_of_run_metrics_once(tracked_run):
     uri, _, result = tracked_run
     client = MlflowClient(uri)

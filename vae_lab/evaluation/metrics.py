@@ -164,31 +164,43 @@ def _standardize(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor,
 def logistic_probe_accuracy(train_features, train_labels, test_features, test_labels,
                             l2_inverse: float = 1.0, max_iter: int = 500) -> float:
     """Accuracy of a multinomial logistic regression on standardized features: scikit-learn's
-    `make_pipeline(StandardScaler(), LogisticRegression(C=1.0))` (its objective scaled by 1/N:
-    mean cross-entropy plus ||W||^2 / (2 C N), intercept unpenalized; stop when the gradient's
-    largest entry is under 1e-4), minimized with L-BFGS in float64. In torch, because
-    scikit-learn's import alone costs a one-run process about 1 s."""
+    `make_pipeline(StandardScaler(), LogisticRegression(C=1.0))`, solved as it solves it: its
+    objective (mean cross-entropy plus ||W||^2 / (2 C N), intercept unpenalized, every class its
+    own weights, from zeros) with its analytic gradient, minimized by SciPy's L-BFGS-B with its
+    settings (stop when the gradient's largest entry is under 1e-4). Without scikit-learn, whose
+    import alone costs a one-run process about 1 s; SciPy's L-BFGS-B needs about 6x fewer
+    evaluations than torch's L-BFGS and matches scikit-learn's result. NumPy's BLAS runs on one
+    thread: its idle threads would otherwise spin on the cores torch trains on next."""
+    from scipy.optimize import minimize  # about 0.2 s, once per process: only where a probe runs
+    from threadpoolctl import threadpool_limits
+
     train = torch.from_numpy(np.asarray(train_features, dtype=np.float64))
     test = torch.from_numpy(np.asarray(test_features, dtype=np.float64))
-    train, test = _standardize(train, test)
+    train, test = (np.concatenate([split.numpy(), np.ones((split.shape[0], 1))], axis=1)  # the intercept's column
+                   for split in _standardize(train, test))
     classes, targets = np.unique(np.asarray(train_labels), return_inverse=True)
-    targets = torch.from_numpy(targets)
-    weights = torch.zeros(train.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weights, bias], max_iter=max_iter, tolerance_grad=1e-4,
-                                  tolerance_change=1e-12, history_size=10, line_search_fn="strong_wolfe")
+    count, width = train.shape
+    one_hot = np.zeros((count, len(classes)))
+    one_hot[np.arange(count), targets] = 1.0
+    penalized = np.ones((width, 1))
+    penalized[-1] = 0.0  # the intercept's row
+    strength = 1.0 / (l2_inverse * count)
 
-    def objective():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(train @ weights + bias, targets) \
-            + weights.square().sum() / (2 * l2_inverse * train.shape[0])
-        loss.backward()
-        return loss
+    def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
+        weights = flat.reshape(width, len(classes))
+        logits = train @ weights
+        logits -= logits.max(axis=1, keepdims=True)
+        log_normalizer = np.log(np.exp(logits).sum(axis=1))
+        loss = (log_normalizer - (logits * one_hot).sum(axis=1)).mean() \
+            + 0.5 * strength * float((penalized * weights * weights).sum())
+        probabilities = np.exp(logits - log_normalizer[:, None])
+        gradient = train.T @ (probabilities - one_hot) / count + strength * penalized * weights
+        return loss, gradient.ravel()
 
-    with torch.enable_grad():
-        optimizer.step(objective)
-    with torch.no_grad():
-        predicted = classes[(test @ weights + bias).argmax(dim=1).numpy()]
+    with threadpool_limits(limits=1, user_api="blas"):
+        solution = minimize(objective, np.zeros(width * len(classes)), jac=True, method="L-BFGS-B",
+                            options={"maxiter": max_iter, "maxls": 50, "gtol": 1e-4, "ftol": 64 * np.finfo(float).eps})
+    predicted = classes[(test @ solution.x.reshape(width, len(classes))).argmax(axis=1)]
     return float(np.mean(predicted == np.asarray(test_labels)))
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -34,6 +36,29 @@ from vae_lab.tracking.uris import redact, resolve_tracking_uri
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
+# the part of the package that unpickling and running a logged model imports: what its MLflow
+# model carries as code (tests/test_train.py loads one where vae_lab comes only from there)
+MODEL_CODE = ("__init__.py", "config.py", "components.py", "names.py", "data", "models")
+
+
+_model_code: dict[int, tempfile.TemporaryDirectory] = {}  # by process id: a forked worker makes its own
+
+
+def model_code() -> str:
+    """A folder `vae_lab` holding MODEL_CODE, made once per process and removed when it exits
+    (the MLflow model of every run copies it: a quarter of the package's files)."""
+    package = Path(__file__).resolve().parents[1]
+    folder = _model_code.get(os.getpid())
+    if folder is None:
+        folder = _model_code[os.getpid()] = tempfile.TemporaryDirectory(prefix="vae_lab_model_code_")
+        for name in MODEL_CODE:
+            source, target = package / name, Path(folder.name) / package.name / name
+            if source.is_dir():
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.parent.mkdir(exist_ok=True)
+                shutil.copy2(source, target)
+    return str(Path(folder.name) / package.name)
 
 
 def config_for_the_record(config: Config) -> Config:
@@ -66,6 +91,7 @@ class RunTracker:
         self._logged: set[tuple] | None = None  # (key, step, value) a resumed run already holds
         self._failing_since: float | None = None
         self._checkpointed = False
+        self._params: dict[str, str] | None = None  # as logged, for the MLflow model (None: read from the run)
         self.ended = False
 
     @classmethod
@@ -142,6 +168,7 @@ class RunTracker:
     @deferring
     def log_params(self, params: dict[str, Any]) -> None:
         log_params(self.client, self.run_id, params)
+        self._params = {**(self._params or {}), **{key: _param_value(value) for key, value in params.items()}}
 
     @deferring
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -214,7 +241,9 @@ class RunTracker:
         metrics still buffered (the end of run's: eval/*, test/*) go out once, carrying the
         model's id, so the model lists them as before.
         """
-        params = {key: str(value) for key, value in self.client.get_run(self.run_id).data.params.items()}
+        params = self._params
+        if params is None:  # a resumed run: its params are in the store
+            params = dict(self.client.get_run(self.run_id).data.params)
         logged = self.client.create_logged_model(self.experiment_id, name=MODEL_ARTIFACT, source_run_id=self.run_id,
                                                  params=params)
         self._pending = [Metric(metric.key, metric.value, metric.timestamp, metric.step, run_id=self.run_id,
@@ -232,7 +261,7 @@ class RunTracker:
         mlflow.pytorch.log_model(
             model, name=MODEL_ARTIFACT, model_id=logged.model_id, serialization_format="pickle",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            code_paths=[str(Path(__file__).resolve().parents[1])],
+            code_paths=[model_code()],
         )
         self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=0)])
         self.client.set_terminated(self.run_id, "FINISHED")
