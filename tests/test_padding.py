@@ -222,3 +222,32 @@ def test_seed_000s_study_trains_in_one_pass_under_a_cap(tmp_path, tracking_uri):
     assert set(kids[names.BATCHED_TRIALS_TAG]) == {"5"}
     assert set(kids[names.PADDED_TO_TAG]) == {"latent_dim=64, hidden_dims=[512]"}
     assert sorted(kids["param:model.latent_dim"].astype(int)) == [4, 8, 16, 32, 64]
+
+
+@pytest.mark.parametrize("family", ["linear_vae", "conv_ae"])
+def test_every_step_gives_each_trials_posterior_means_from_its_encoder_alone(family):
+    """`encode_means` (the latent GIF's frames) is each model's own `encode(images).mean`, as the
+    full forward gives it, for a plain, a stacked and a padded step."""
+    from vae_lab.training.steps import StackedStep
+
+    configs = [build_config(None, [*TINY_RUN, f"model.name={family}", "model.hidden_dims=[16]",
+                                   "model.conv_channels=[4, 8]", f"model.latent_dim={dims}", f"train.seed={seed}"])
+               for seed, dims in ((0, 3), (1, 5))]
+    torch.manual_seed(0)
+    models = [build_model(config.model, (1, 28, 28), config.prior).eval() for config in configs]
+    images = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        alone = [model.encode(images).mean for model in models]
+    padded = PaddedStep(models, configs, torch.device("cpu")).encode_means(images)
+    same_size = [build_model(configs[0].model, (1, 28, 28), configs[0].prior).eval() for _ in range(2)]
+    stacked = StackedStep(same_size, [configs[0]] * 2, torch.device("cpu")).encode_means(images)
+    plain = PlainStep(models[1], configs[1], torch.device("cpu"))
+    noise = torch.zeros(6, 5) if models[1].variational else None
+    for row, means in enumerate(alone):
+        torch.testing.assert_close(padded[row][:, :means.shape[1]], means, rtol=1e-5, atol=1e-6)
+        assert bool((padded[row][:, means.shape[1]:] == 0).all())  # the padding of the smaller trial
+    for row, model in enumerate(same_size):
+        with torch.no_grad():
+            torch.testing.assert_close(stacked[row], model.encode(images).mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain.encode_means(images)[0], alone[1])
+    torch.testing.assert_close(plain.encode_means(images), plain.forward(images, noise, None)[1])

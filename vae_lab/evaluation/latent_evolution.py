@@ -51,12 +51,10 @@ def due(step: int, config) -> bool:
 
 
 @torch.no_grad()
-def capture(forward, images: torch.Tensor, latent_dim: int, variational: bool) -> np.ndarray:
-    """Posterior means [K, N, latent_dim] of K models, through the engine's `forward(images, noise,
-    noise_dim)` (zero noise: only the means are kept)."""
-    noise = torch.zeros(images.shape[0], latent_dim, device=images.device) if variational else None
-    _, means, *_ = forward(images, noise, None)
-    return means.float().flatten(2).cpu().numpy()
+def capture(encode_means, images: torch.Tensor) -> np.ndarray:
+    """Posterior means [K, N, D] of K models, through the engine's `encode_means(images)` (the
+    encoders alone)."""
+    return encode_means(images).float().flatten(2).cpu().numpy()
 
 
 def thinned(frames: list[tuple[int, np.ndarray]], limit: int = MAX_FRAMES) -> list[tuple[int, np.ndarray]]:

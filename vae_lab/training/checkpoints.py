@@ -28,7 +28,7 @@ import hashlib
 import io
 import json
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -94,15 +94,17 @@ class Found:
 
 
 def _cpu(state: dict | None) -> dict | None:
+    """The state's tensors on the CPU (those already there as they are: torch.save reads them now)."""
     if state is None:
         return None
-    return {name: value.detach().to("cpu", copy=True) if torch.is_tensor(value) else _cpu(value)
+    return {name: value.detach().to("cpu") if torch.is_tensor(value) else _cpu(value)
             if isinstance(value, dict) else value for name, value in state.items()}
 
 
 def encode(checkpoint: Checkpoint, config: Config) -> bytes:
     """The slot's bytes: a header line (magic, format, checksum, config fingerprint), then torch.save's."""
-    payload = asdict(checkpoint)
+    # its fields as they are: dataclasses.asdict would deep-copy every tensor first
+    payload = {item.name: getattr(checkpoint, item.name) for item in fields(checkpoint)}
     for key in ("model_state", "optimizer_state", "best_state"):
         payload[key] = _cpu(payload[key])
     buffer = io.BytesIO()

@@ -183,8 +183,7 @@ class Engine:
         rows = [row for row, trial in enumerate(self.trials) if latent_evolution.due(self.step, trial.config)]
         if not rows:
             return
-        means = latent_evolution.capture(self.step_impl.forward, self.frame_images, max(self.latent_dims),
-                                         self.variational)
+        means = latent_evolution.capture(self.step_impl.encode_means, self.frame_images)
         for row in rows:  # a padded batch's trials: their own latent dimensions
             self.trials[row].latent_frames.append((self.step, means[row][:, :self.latent_dims[row]]))
 

@@ -5,6 +5,7 @@ Both steps hold K >= 1 trials' weights and optimizer state, and answer the same 
     sums = step.train_step(images, images_dim, noise, noise_dim, weights)   # [K, 3] sums of loss·B, recon, kl
     # weights: {"kl_weight", "free_bits", "tc_weight"}, a tensor of one value per trial each
     logits, mean, logvar = step.forward(images, noise, noise_dim)             # [K, B, ...], no grad
+    means = step.encode_means(images)    # [K, B, D] posterior means, the encoders alone, no grad
     step.keep(rows)                      # drop trials that left
     state = step.state(row); step.load_state(row, state)   # a trial's weights (early stopping)
     moments = step.optimizer_state(row); step.load_optimizer_states([moments, ...])  # checkpoints
@@ -70,6 +71,17 @@ class NoiseInput(nn.Module):
             return self.model.decode(posterior.mean), posterior.mean
         z = posterior.sample(noise)
         return self.model.decode(z), posterior.mean, posterior.logvar, self.model.kl_terms(posterior, z), z
+
+
+class PosteriorMean(nn.Module):
+    """A model's posterior means, its encoder alone (its parameters named as in NoiseInput)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model.encode(images).mean
 
 
 def plain_forward(model: Autoencoder, amp: bool, device: torch.device):
@@ -159,6 +171,12 @@ class PlainStep:
     def forward(self, images, noise, noise_dim):
         return plain_forward(self._model, self.amp, self.device)(images, noise, noise_dim)
 
+    @torch.no_grad()
+    def encode_means(self, images):
+        self.network.eval()
+        with autocast(self.device, self.amp):
+            return self._model.encode(images).mean.unsqueeze(0)
+
     def keep(self, rows: list[int]) -> None:
         if rows != [0]:
             raise ValueError("a PlainStep holds one trial")
@@ -206,6 +224,7 @@ class StackedStep:
         self.params = {f"model.{name}": value.detach() for name, value in params.items()}
         self.buffers = {f"model.{name}": value for name, value in buffers.items()}
         self.template = NoiseInput(copy.deepcopy(models[0]).to("meta"))
+        self.means_template = PosteriorMean(self.template.model)
         self.config = configs[0]  # the shared part (vae_lab.training.batching.batch_key) is the same in each
         self.configs = list(configs)
         self.device = device
@@ -287,6 +306,15 @@ class StackedStep:
         images_dim = None if images.dim() == 4 else 0
         return vmap(self._forward, in_dims=(0, 0, images_dim, noise_dim))(
             self.params, self.buffers, images, noise)
+
+    @torch.no_grad()
+    def encode_means(self, images):
+        from torch.func import functional_call, vmap
+
+        def means(params, buffers, images):
+            with autocast(self.device, self.amp):
+                return functional_call(self.means_template, (params, buffers), (images,))
+        return vmap(means, in_dims=(0, 0, None))(self.params, self.buffers, images)
 
     def keep(self, rows: list[int]) -> None:
         """Drop every row not in `rows` (trials that left), Adam moments included."""
