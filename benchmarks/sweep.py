@@ -26,6 +26,7 @@ at most 20% of its share of its batch's training pass.
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import sys
 import time
@@ -151,17 +152,43 @@ def main(argv=None) -> int:
     return 0
 
 
+# the parts of eval/* (vae_lab.evaluation.metrics.evaluate_model), timed by wrapping them here
+EVAL_PARTS = {"_encode_split": "encode", "probe_accuracies": "probes", "kl_decomposition": "KL decomposition",
+              "iwae_nll": "IWAE", "sample_quality": "sample quality", "pca_mse_per_pixel": "PCA"}
+
+
+def time_eval_parts(seconds: collections.Counter) -> None:
+    """Count the seconds spent in each of EVAL_PARTS into `seconds`."""
+    from vae_lab.evaluation import metrics
+
+    def timed(name, function):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[EVAL_PARTS[name]] += time.perf_counter() - started
+        return call
+
+    for name in EVAL_PARTS:
+        setattr(metrics, name, timed(name, getattr(metrics, name)))
+
+
 def study_breakdown(study_file: Path) -> int:
     """Run a whole study and print where each batch's time went."""
     from vae_lab.sweep import main as sweep_main
 
     batches = []
+    eval_seconds: collections.Counter = collections.Counter()
+    time_eval_parts(eval_seconds)
 
     def timed_run_trials(specs, **kwargs):
         before, started = END_OF_RUN_SECONDS.copy(), time.perf_counter()
+        eval_before = eval_seconds.copy()
         outcomes = run_trials(specs, **kwargs)
         batches.append({"model": specs[0].config.model.name, "trials": len(specs),
                         "seconds": time.perf_counter() - started, "end": END_OF_RUN_SECONDS - before,
+                        "eval": eval_seconds - eval_before,
                         "run_ids": [outcome.run_id for outcome in outcomes if hasattr(outcome, "run_id")]})
         return outcomes
 
@@ -189,6 +216,11 @@ def study_breakdown(study_file: Path) -> int:
         print(f"{batch['model']:>12s} {trials:2d} {batch['training']:6.2f} {share:6.2f} {rest:6.2f} "
               f"{end / trials:9.2f} {end / trials / share:8.0%}  "
               + "  ".join(f"{batch['end'][stage] / trials:{len(stage)}.3f}" for stage in stages))
+    parts = list(EVAL_PARTS.values())
+    print(f"\neval/* per trial, by part:\n{'batch':>12s}  " + "  ".join(parts))
+    for batch in batches:
+        print(f"{batch['model']:>12s}  " + "  ".join(f"{batch['eval'][part] / batch['trials']:{len(part)}.3f}"
+                                                     for part in parts))
     training = sum(batch["training"] for batch in batches)
     end = sum(sum(batch["end"].values()) for batch in batches)
     print(f"all batches: training passes {training:.1f} s, end-of-run work {end:.1f} s ({end / training:.0%} of "

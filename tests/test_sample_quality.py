@@ -153,3 +153,19 @@ def test_a_sample_count_that_is_not_positive_exits_2_with_one_line(tracking_uri,
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "eval.fd_samples" in error and "positive" in error
     assert not Path(tracking_uri[len("sqlite:///"):]).exists()
+
+
+def test_the_evaluation_scores_the_reconstructions_it_made_as_sample_quality_would(mnist):
+    """evaluate_model hands its test reconstructions to sample_quality: the numbers are the ones
+    sample_quality computes on its own."""
+    from vae_lab.evaluation.metrics import evaluate_model
+
+    config = build_config(None, [*TINY_RUN, "model.name=linear_vae", "model.hidden_dims=[32]", "model.latent_dim=4",
+                                 "eval.fd_samples=150"])
+    data = mnist[0]
+    torch.manual_seed(0)
+    model = build_model(config.model, data.image_shape, config.prior).eval()
+    alone, _ = sample_quality.sample_quality(model, data, 150, config.train.seed + 2_000_003)
+    evaluated = evaluate_model(model, data, config, torch.device("cpu")).metrics
+    assert alone.keys() <= evaluated.keys() and {names.EVAL_FD, names.EVAL_FD_RECON} <= alone.keys()
+    assert {key: evaluated[key] for key in alone} == pytest.approx(alone, rel=1e-9)

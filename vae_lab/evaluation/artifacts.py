@@ -73,10 +73,14 @@ def write_run_artifacts(model: Autoencoder, data: ImageData, config: Config, fol
     panel_images = data.to_float(test_images[:panel_count])
     figures.save_class_panel(model, panel_images, test_labels[:panel_count],
                              folder / "images" / "class_panel.png", seed=config.train.seed)
+    if evaluation is not None and evaluation.test_means is not None:  # encoded once, by the evaluation
+        means, labels = evaluation.test_means, evaluation.test_labels
+    else:
+        means, labels = test_latents(model, data, config.eval.max_points)
+    panel_means = torch.from_numpy(means[:panel_count]).to(panel_images.device) if len(means) >= panel_count else None
     figures.save_latent_traversal(model, panel_images, test_labels[:panel_count],
-                                  folder / "images" / "latent_traversal.png")
+                                  folder / "images" / "latent_traversal.png", means=panel_means)
 
-    means, labels = test_latents(model, data, config.eval.max_points)
     latents_frame(means, labels, data.class_names).to_parquet(folder / "latents" / "test_latents.parquet", index=False)
     latent_evolution.save_still(means, labels, folder / "latents" / "latent_scatter.png",
                                 class_names=data.class_names)

@@ -60,9 +60,10 @@ def save_class_panel(model: Autoencoder, images: torch.Tensor, labels: torch.Ten
 
 @torch.no_grad()
 def save_latent_traversal(model: Autoencoder, images: torch.Tensor, labels: torch.Tensor, path: Path,
-                          steps: int = 15) -> None:
+                          steps: int = 15, means: torch.Tensor | None = None) -> None:
     """2-D latent: the decoder over a grid on [-2, 2]^2. Otherwise: interpolations between
-    the latent means of consecutive classes (0->1, 1->2, ..., last->0)."""
+    the latent means of consecutive classes (0->1, 1->2, ..., last->0); `means`: the images'
+    posterior means when the caller has them."""
     device = next(model.parameters()).device
     if model.latent_dim == 2:
         axis = torch.linspace(-2.0, 2.0, steps, device=device)
@@ -70,7 +71,8 @@ def save_latent_traversal(model: Autoencoder, images: torch.Tensor, labels: torc
         z = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
         save_image(_pixels(model.decode(z)), path, nrow=steps, pad_value=1.0)
         return
-    means = model.encode(images).mean
+    if means is None:
+        means = model.encode(images).mean
     classes = sorted(labels.unique().tolist())
     class_means = torch.stack([means[labels == label].mean(dim=0) for label in classes])
     weights = torch.linspace(0.0, 1.0, steps, device=device).unsqueeze(1)

@@ -258,10 +258,12 @@ def prior_samples(model: Autoencoder, count: int, seed: int, batch_size: int = 1
 
 
 @torch.no_grad()
-def sample_quality(model: Autoencoder, data: ImageData, count: int, seed: int) -> tuple[dict[str, float], str]:
+def sample_quality(model: Autoencoder, data: ImageData, count: int, seed: int,
+                   reconstructions: torch.Tensor | None = None) -> tuple[dict[str, float], str]:
     """The metrics of `names.FeatureSpaceMetrics` for `model` against (at most `count`) test images, and
     the feature space in words: reconstructions for every model; prior samples for a VAE (an AE has
-    no prior to sample)."""
+    no prior to sample). `reconstructions`: the test images' (at least `count`, in order, from the
+    posterior means, in [0, 1]) when the caller has them."""
     space = feature_space(data)
     metric = space.metric_names
     test_images, _ = data.split("test")
@@ -270,8 +272,10 @@ def sample_quality(model: Autoencoder, data: ImageData, count: int, seed: int) -
     if features_key not in data.derived:
         data.derived[features_key] = space.embed(test_images)
     test_features = data.derived[features_key]
-    reconstructions = torch.cat([torch.sigmoid(model.decode(model.encode(test_images[start:start + 1000]).mean).float())
-                                 for start in range(0, test_images.shape[0], 1000)])
+    if reconstructions is None or reconstructions.shape[0] < test_images.shape[0]:
+        reconstructions = torch.cat([torch.sigmoid(model.decode(model.encode(test_images[start:start + 1000]).mean).float())
+                                     for start in range(0, test_images.shape[0], 1000)])
+    reconstructions = reconstructions[:test_images.shape[0]]
     metrics = {metric.quality: space.score,
                metric.fd_recon: frechet_distance(test_features, space.embed(reconstructions))}
     if model.variational:
