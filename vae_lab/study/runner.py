@@ -300,8 +300,10 @@ def worker_process(settings: SweepSettings, joined=None, busy=None, slot: int = 
 
 
 def import_end_of_run_modules() -> None:
-    """What the end of this process's first run would import (matplotlib, torchvision; about 2 s),
-    and the FLOP counter that orders a grid's batches for several workers."""
+    """What the end of this process's first run would import (matplotlib, torchvision, SciPy's
+    optimizers for the probe; about 2 s), and the FLOP counter that orders a grid's batches for
+    several workers."""
+    import scipy.optimize  # noqa: F401
     import torch.utils.flop_counter  # noqa: F401
 
     import vae_lab.evaluation.artifacts  # noqa: F401
