@@ -43,7 +43,7 @@ Wall time is from launching the process to its exit; each tool runs `--repeats` 
 (round-robin, so drifting load hits all tools alike) and the best (lowest) counts. The test loss
 is BCE summed over pixels + KL in nats per image (a loss: the pixels are grey, not binary, so
 not an ELBO) from one posterior sample after the last epoch. Goals:
-example / vae_lab >= 2.0x, pythae / vae_lab >= 1.3x, test losses within 1%.
+example / vae_lab >= 2.0x, pythae / vae_lab >= 1.5x (issue 22; issue 9 asked 1.3x), test losses within 1%.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 TOOLS = ("example", "pythae", "vae_lab")
 LOSS_MARK = "peers: final test loss"
-GOALS = {"example": 2.0, "pythae": 1.3}
+GOALS = {"example": 2.0, "pythae": 1.5}
 
 # A rewrite of the pytorch/examples vae/main.py loop (same model, loss, data pipeline, logging,
 # per-epoch test pass and image saving), pointed at Fashion-MNIST.

@@ -166,3 +166,26 @@ def test_a_slot_that_fails_its_checksum_is_skipped_and_when_both_fail_each_is_na
         slot_path(client, run_id, slot).unlink()
     none = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert none.returncode == 2 and "has no checkpoint to continue from" in none.stderr
+
+
+def test_a_checkpoint_holds_each_tensor_alone_not_the_storage_it_is_a_view_of():
+    """A padded trial's weights are slices of its widest tensors: the checkpoint keeps the slice's
+    entries only, and gives back the same values; the fields are written as they are."""
+    from vae_lab.training.checkpoints import Checkpoint, decode, encode
+
+    config = build_config(None, TINY_RUN)
+    widest = torch.arange(400 * 1000, dtype=torch.float32).view(400, 1000)
+
+    def checkpoint(weights: torch.Tensor) -> Checkpoint:
+        return Checkpoint(epoch=1, step=3, sequence=0, finished_training=False, model_state={"w": weights},
+                          optimizer_state={"step": 3.0, "exp_avg": {"w": weights}, "exp_avg_sq": {"w": weights}},
+                          order_generator=torch.Generator().get_state(), noise_generator=torch.Generator().get_state(),
+                          best_val_loss=1.0, best_epoch=1, best_state=None, val={"val/loss": 1.0}, last_train={},
+                          last_epoch={}, pending_metrics=[["train/loss", 1.0, 0, 3]])
+
+    view, alone = widest[:2, :5], widest[:2, :5].clone()
+    encoded = encode(checkpoint(view), config)
+    assert len(encoded) < len(encode(checkpoint(alone), config)) + 2000  # not the 1.6 MB storage
+    restored = decode(encoded, config)
+    assert torch.equal(restored.model_state["w"], alone) and restored.pending_metrics == [["train/loss", 1.0, 0, 3]]
+    assert torch.equal(restored.optimizer_state["exp_avg_sq"]["w"], alone)

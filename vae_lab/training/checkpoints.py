@@ -93,11 +93,17 @@ class Found:
         return "; ".join(self.problems) if self.problems else "no checkpoint"
 
 
+def _compact_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """On the CPU, copied only where needed: torch.save writes a view's whole storage (a padded
+    trial's slice of its widest tensor), and reads the tensor now, so one already there stays."""
+    tensor = tensor.detach().to("cpu")
+    return tensor.clone() if tensor.untyped_storage().nbytes() > tensor.nbytes else tensor
+
+
 def _cpu(state: dict | None) -> dict | None:
-    """The state's tensors on the CPU (those already there as they are: torch.save reads them now)."""
     if state is None:
         return None
-    return {name: value.detach().to("cpu") if torch.is_tensor(value) else _cpu(value)
+    return {name: _compact_cpu(value) if torch.is_tensor(value) else _cpu(value)
             if isinstance(value, dict) else value for name, value in state.items()}
 
 
