@@ -132,8 +132,9 @@ def test_sigkill_while_a_batch_writes_its_artifacts_leaves_no_duplicate_run(tmp_
 
 def test_a_helper_process_that_dies_is_noticed_and_its_trial_continued(tmp_path, tracking_uri):
     space = {"model.latent_dim": [2, 3, 4, 5]}
+    # trials of about 5 s each: 10 epochs took 1.5 s, a window the poll below once missed
     path = write_study(tmp_path / "helper.yaml", "helper", space, study={"batch_trials": "off"},
-                       **SLOW_DIGITS, **{"train.epochs": 10})
+                       **SLOW_DIGITS, **{"train.epochs": 100})
     log = tmp_path / "sweep.log"
     process = subprocess.Popen([PYTHON, "-m", "vae_lab.sweep", str(path), "--workers", "2"],
                                env=subprocess_env(tracking_uri), stdout=log.open("w"), stderr=subprocess.STDOUT)
