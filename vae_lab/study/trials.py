@@ -24,7 +24,7 @@ from vae_lab.study.outcomes import can_continue, find_child_run, record_outcome
 from vae_lab.study.space import suggest_assignment
 from vae_lab.study.spec import StudySpec, configuration_label, point_label
 from vae_lab.study.workers import Heartbeat, Worker, slurm_task
-from vae_lab.tracking.errors import StoreUnavailable
+from vae_lab.tracking.errors import StoreUnavailable, describe
 from vae_lab.training.batching import DEFAULT_CAP as DEFAULT_BATCH_CAP
 from vae_lab.training.batching import PER_TRIAL_KEYS, plan_batches
 from vae_lab.training.checkpoints import Resume, load_checkpoint, read_checkpoint
@@ -211,5 +211,6 @@ def work(worker: Worker, progress: bool, bar=None) -> None:
         if isinstance(worker.store_down, StoreUnavailable):
             raise worker.store_down  # says which store, for how long, and what to do
         if worker.store_down is not None:
-            raise StoreUnavailable(f"a trial lost its store ({worker.store_down}); rerun the same command once the "
-                                   "store is back: the trial continues from its checkpoint")
+            # the driver's own first line: a database error's text goes on with its SQL and parameters
+            raise StoreUnavailable(f"a trial lost its store ({describe(worker.store_down)}); rerun the same command "
+                                   "once the store is back: the trial continues from its checkpoint")
