@@ -229,3 +229,45 @@ def test_an_emptied_journal_is_refused_rather_than_the_study_run_again(tmp_path,
     assert len(runs_of(tracking_uri)) == 2  # the parent and its one trial: nothing trained again
     assert run(path, tracking_uri, "--new-study") == 0  # the way out: a new study beside the old runs
     assert len(runs_of(tracking_uri)[lambda runs: runs["vae_lab.role"] == "study"]) == 2
+
+
+def test_a_run_another_worker_starts_while_orphans_are_looked_for_is_not_killed(tmp_path, tracking_uri):
+    """`kill_orphan_runs` lists the running trials, then searches the RUNNING runs: a trial
+    claimed in between, whose run started before the search, is live, not an orphan. Here
+    another worker claims one and starts its run exactly then (inside the search call)."""
+    import dataclasses
+
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from vae_lab.study.claims import ask_trials
+    from vae_lab.study.repair import kill_orphan_runs
+    from vae_lab.study.runner import open_session, start_worker
+    from vae_lab.study.session import SweepSettings
+    from vae_lab.study.spec import load_study_spec
+
+    path = write_study(tmp_path / "orphans.yaml", "orphans", {"model.latent_dim": [2, 3]})
+    settings = SweepSettings(spec=load_study_spec(path, []), tracking_uri=tracking_uri,
+                             storage_url=f"journal:///{tmp_path / 'optuna.journal'}", progress=False)
+    session = open_session(settings)
+    other_worker = start_worker(open_session(settings))
+    started = []
+
+    class SearchDuringWhichAnotherWorkerStartsARun(MlflowClient):
+        def search_runs(self, *args, **kwargs):
+            if not started:
+                trial = ask_trials(other_worker, count=1)[0]
+                experiment_id = self.get_run(session.parent_run_id).info.experiment_id
+                started.append(self.create_run(experiment_id, tags={
+                    MLFLOW_PARENT_RUN_ID: session.parent_run_id, names.TRIAL_NUMBER_TAG: str(trial.number)}).info.run_id)
+            return super().search_runs(*args, **kwargs)
+
+    searching = dataclasses.replace(session, client=SearchDuringWhichAnotherWorkerStartsARun(tracking_uri))
+    assert kill_orphan_runs(searching) == 0
+    assert started and MlflowClient(tracking_uri).get_run(started[0]).info.status == "RUNNING"
+    # a run whose trial no worker runs is still an orphan
+    experiment_id = session.client.get_run(session.parent_run_id).info.experiment_id
+    orphan = session.client.create_run(experiment_id, tags={MLFLOW_PARENT_RUN_ID: session.parent_run_id,
+                                                            names.TRIAL_NUMBER_TAG: "99"}).info.run_id
+    assert kill_orphan_runs(session) == 1
+    assert session.client.get_run(orphan).info.status == "KILLED"
+    assert session.client.get_run(started[0]).info.status == "RUNNING"

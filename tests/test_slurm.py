@@ -72,6 +72,11 @@ def a_trial_mid_training(client: MlflowClient, sweep: subprocess.Popen, log: Pat
     raise AssertionError(f"no trial was mid-training within {timeout:.0f} s:\n{log.read_text()}")
 
 
+def tasks_told(jobs: Path) -> str:
+    """What the array tasks printed (a trial that failed says why there), for a failing assertion."""
+    return "".join(f"\n--- {path.name}\n{path.read_text(errors='replace')}" for path in sorted(jobs.glob("*_log.out")))
+
+
 def test_a_grid_on_slurm_with_a_task_at_its_time_limit_and_one_preempted_finishes_every_point_once(
         tmp_path, cluster, tracking_server):
     study_file = tmp_path / "cluster.yaml"
@@ -99,7 +104,7 @@ def test_a_grid_on_slurm_with_a_task_at_its_time_limit_and_one_preempted_finishe
         other_task = preempted["vae_lab.slurm_job"]
         # what preemption on a PreemptMode=REQUEUE partition does: SIGTERM to the task, which Slurm requeues
         subprocess.run(["scontrol", "requeue", other_task], env=cluster.env, check=True, timeout=30)
-        assert sweep.wait(timeout=240) == 0, log.read_text()
+        assert sweep.wait(timeout=240) == 0, log.read_text() + tasks_told(jobs)
     finally:
         if sweep.poll() is None:
             sweep.kill()
@@ -110,7 +115,8 @@ def test_a_grid_on_slurm_with_a_task_at_its_time_limit_and_one_preempted_finishe
     assert not leaked
     job_id = task.split("_")[0]
     assert f"submitted Slurm job array {job_id}: 2 workers" in output
-    assert f"study {STUDY!r}: 6 complete, 0 pruned, 0 failed (2 stopped and continued by a retry), 0 left" in output, output
+    assert f"study {STUDY!r}: 6 complete, 0 pruned, 0 failed (2 stopped and continued by a retry), 0 left" in output, \
+        output + tasks_told(jobs)
 
     runs = runs_of(client)
     assert "RUNNING" not in set(runs["status"]), runs[["run_id", "status"]]

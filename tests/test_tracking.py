@@ -4,6 +4,7 @@ import json
 import sqlite3
 import threading
 
+import torch
 from mlflow.tracking import MlflowClient
 
 from vae_lab.tracking.stores import prepare_store
@@ -87,6 +88,40 @@ def test_experiments_open_on_their_runs_and_runs_carry_their_data_as_dataset_inp
     again = train(config, data=data).run_id  # the same seed: MLflow's own random names would repeat
     names = [client.get_run(run).info.run_name for run in (run_id, again)]
     assert names[0] != names[1] and all(name.startswith(f"{config.model.name}-") for name in names)
+
+
+def test_two_workers_logging_one_new_dataset_at_once_both_log_it(tiny_overrides, tracking_uri):
+    """MLflow looks a dataset up, then inserts it: another worker's insert between the two made the
+    second insert fail (UNIQUE constraint), and with it the first trial of a worker. Here that
+    other worker's insert lands in exactly that gap (SQLAlchemy's hook, before our INSERT runs)."""
+    import sqlalchemy
+
+    from vae_lab.config import load_config
+    from vae_lab.data.datasets import load_data
+    from vae_lab.tracking.tracker import RunTracker
+
+    config = load_config(None, [*tiny_overrides, "train.epochs=1"])
+    data = load_data(config.data, "cpu")
+    ours, theirs = (RunTracker.start(config, torch.device("cpu"), run_name=name) for name in ("ours", "theirs"))
+    cut_in = []
+
+    def other_worker_first(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO DATASETS") and not cut_in:
+            cut_in.append(True)
+            theirs.log_datasets(data)  # its own lookup finds nothing yet, and its insert commits
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", other_worker_first)
+    try:
+        ours.log_datasets(data)
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", other_worker_first)
+    assert cut_in  # the other worker's insert did land between our lookup and our insert
+    client = MlflowClient(tracking_uri)
+    logged = [{(entry.dataset.name, entry.dataset.digest) for entry in client.get_run(tracker.run_id).inputs.dataset_inputs}
+              for tracker in (ours, theirs)]
+    assert logged[0] == logged[1] and len(logged[0]) == 3  # train, validation, test: one row each, shared
+    for tracker in (ours, theirs):
+        tracker.end("FINISHED")
 
 
 def test_an_older_experiment_is_tagged_when_used_again(tmp_path):

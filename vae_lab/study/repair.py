@@ -61,12 +61,14 @@ def kill_orphan_runs(session: Session) -> int:
     """End KILLED every child run left RUNNING whose trial is no longer running live
     (a retry that continues it makes it RUNNING again)."""
     parent = session.client.get_run(session.parent_run_id)
-    running = session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    running_trials = {trial.number for trial in running}
-    running_runs = {trial.user_attrs.get(store.RUN_ID_ATTR) for trial in running}
+    before = session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     orphans = session.client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{session.parent_run_id}' and attributes.status = 'RUNNING'")
+    # and after: a trial another worker claimed meanwhile may have started its run before the search
+    running = before + session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    running_trials = {trial.number for trial in running}
+    running_runs = {trial.user_attrs.get(store.RUN_ID_ATTR) for trial in running}
     killed = 0
     for run in orphans:
         number = run.data.tags.get(names.TRIAL_NUMBER_TAG, "")

@@ -65,6 +65,20 @@ def is_store_error(error: BaseException) -> bool:
             or "Connection refused" in message or "timed out" in message)
 
 
+# what SQLite, PostgreSQL and MySQL say of a row whose unique key another writer inserted first
+_DUPLICATE_ROW = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
+
+
+def is_duplicate_row(error: BaseException) -> bool:
+    """Did the store refuse a row because another process inserted the same key first? MLflow
+    looks a shared row up and inserts it if missing, in two steps: two workers that log the
+    same new dataset at once both miss it, and the second insert fails. Asked again, the store
+    finds the row."""
+    import mlflow
+
+    return isinstance(error, mlflow.exceptions.MlflowException) and any(text in str(error) for text in _DUPLICATE_ROW)
+
+
 _REFUSALS = {"UNAUTHENTICATED": "refused the credentials (HTTP 401)",
              "CUSTOMER_UNAUTHORIZED": "refused the credentials (HTTP 401)",
              "PERMISSION_DENIED": "denied the user permission (HTTP 403)"}
