@@ -6,8 +6,11 @@ a module-wide store; the rest are Optuna studies built in memory, with no traini
 """
 
 import json
+import warnings
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import optuna
 import pytest
 import yaml
@@ -22,7 +25,7 @@ from analysis.runs import load_study
 from vae_lab import sweep
 from vae_lab.study.spec import parse_study
 from vae_lab.study.importance import param_importances, varying_params
-from vae_lab.study.plots import save_plots
+from vae_lab.study.plots import applicable_plots, save_plots
 from vae_lab.study.summary import log_summary
 from vae_lab.tracking.stores import get_or_create_experiment
 
@@ -145,10 +148,18 @@ def test_two_objectives_get_importances_and_plots_each_and_the_seed_is_named(tmp
         assert set(by_param) == {"loss.kl_weight", "train.seed"} and sum(by_param.values()) == pytest.approx(1.0)
         assert by_param["loss.kl_weight"] > by_param["train.seed"]
     assert "as rerunning with another seed" in importances["notes"]["train.seed"]
-    assert save_plots(study, spec, params, True, tmp_path) == {}
+    assert save_plots(study, spec, params, importances, tmp_path) == {}
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "param_importances_val_kl.png", "param_importances_val_recon.png", "pareto_front.png",
         "slice_val_kl.png", "slice_val_recon.png"]
+    # each chart draws the importances importances.json holds (not a second fit)
+    for metric, file in (("val/recon", "param_importances_val_recon.png"), ("val/kl", "param_importances_val_kl.png")):
+        with warnings.catch_warnings(), matplotlib.rc_context():  # as save_plots draws it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            axes = applicable_plots(study, spec, params, importances)[file]()
+        drawn = sorted(bar.get_width() for bar in axes.patches)
+        plt.close(axes.figure)
+        assert drawn == pytest.approx(sorted(importances["objectives"][metric].values()))
 
 
 def test_no_varying_param_or_a_constant_objective_skips_importance():

@@ -29,6 +29,17 @@ def make_evaluator() -> optuna.importance.FanovaImportanceEvaluator:
     return optuna.importance.FanovaImportanceEvaluator(seed=0)
 
 
+class Computed(optuna.importance.BaseImportanceEvaluator):
+    """Importances already computed (`param_importances`), for Optuna's importance chart, which
+    would otherwise fit fANOVA's forest again: the chart shows what importances.json holds."""
+
+    def __init__(self, importances: dict[str, float]):
+        self.importances = importances
+
+    def evaluate(self, study, params=None, *, target=None) -> dict[str, float]:
+        return dict(self.importances)
+
+
 def objective_value(index: int) -> Callable[[FrozenTrial], float]:
     """Optuna's `target` for one objective of the study."""
     return lambda trial: trial.values[index]

@@ -31,7 +31,7 @@ from optuna.distributions import FloatDistribution, IntDistribution  # noqa: E40
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
 
 from vae_lab.study.spec import StudySpec  # noqa: E402
-from vae_lab.study.importance import complete_trials, make_evaluator, objective_value  # noqa: E402
+from vae_lab.study.importance import Computed, complete_trials, objective_value  # noqa: E402
 
 # in the order a reader wants them
 KINDS = ("optimization_history", "pareto_front", "param_importances", "contour", "slice")
@@ -49,9 +49,10 @@ def _numeric(study: optuna.Study, param: str) -> bool:
 
 
 def applicable_plots(study: optuna.Study, spec: StudySpec, params: list[str],
-                     with_importances: bool) -> dict[str, partial]:
+                     importances: dict | None) -> dict[str, partial]:
     """File name -> the Optuna call that draws it, for the plots this study can support.
-    `params` are the params that vary (importance.varying_params)."""
+    `params` are the params that vary (importance.varying_params); `importances` is what
+    `importance.param_importances` computed (None: no importance charts)."""
     if not complete_trials(study):
         return {}
     metrics = [objective.metric for objective in spec.objectives]
@@ -67,9 +68,10 @@ def applicable_plots(study: optuna.Study, spec: StudySpec, params: list[str],
     for index, metric in enumerate(metrics):
         named = metric if len(metrics) > 1 else None
         per_objective = {"params": params, "target": objective_value(index), "target_name": metric}
-        if with_importances:
+        if importances is not None:
             plots[plot_file("param_importances", named)] = partial(
-                optuna_plots.plot_param_importances, study, make_evaluator(), **per_objective)
+                optuna_plots.plot_param_importances, study, Computed(importances["objectives"][metric]),
+                **per_objective)
         if two_numbers:
             plots[plot_file("contour", named)] = partial(optuna_plots.plot_contour, study, **per_objective)
         plots[plot_file("slice", named)] = partial(optuna_plots.plot_slice, study, **per_objective)
@@ -90,12 +92,12 @@ def plain_log_ticks(figure) -> None:
             axis.set_minor_formatter(plain if max(limits) / min(limits) < 10 else NullFormatter())
 
 
-def save_plots(study: optuna.Study, spec: StudySpec, params: list[str], with_importances: bool,
+def save_plots(study: optuna.Study, spec: StudySpec, params: list[str], importances: dict | None,
                folder: Path) -> dict[str, str]:
     """Draw the applicable plots into `folder`; returns {file: error} for any Optuna could not
     draw, so that a plot never costs a finished study its summary."""
     errors = {}
-    for name, draw in applicable_plots(study, spec, params, with_importances).items():
+    for name, draw in applicable_plots(study, spec, params, importances).items():
         # the plots are experimental in Optuna; each sets the ggplot style, which rc_context undoes
         with warnings.catch_warnings(), matplotlib.rc_context():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

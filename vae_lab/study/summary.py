@@ -165,7 +165,7 @@ def log_summary(client: MlflowClient, parent_run_id: str, study: optuna.Study, s
                              if has_importances else importances)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        plot_errors = save_plots(study, spec, params, has_importances, folder)
+        plot_errors = save_plots(study, spec, params, importances if has_importances else None, folder)
         if plot_errors:
             summary["plot_errors"] = plot_errors
         if has_importances:
