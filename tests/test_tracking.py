@@ -136,6 +136,33 @@ def test_an_older_experiment_is_tagged_when_used_again(tmp_path):
     assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_two_workers_tagging_an_older_experiment_at_once_both_go_on(tmp_path):
+    """MLflow's experiment tag is looked up, then inserted: the other worker's insert lands in
+    that gap here (as in the dataset test above), and tagging goes on."""
+    import sqlalchemy
+
+    from vae_lab.tracking.stores import get_or_create_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    prepare_store(uri)
+    client = MlflowClient(uri)
+    old = client.create_experiment("old", artifact_location=str(tmp_path / "artifacts"))
+    cut_in = []
+
+    def other_worker_first(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO EXPERIMENT_TAGS") and not cut_in:
+            cut_in.append("the other worker")  # first: its own insert passes this hook too
+            cut_in.append(get_or_create_experiment(MlflowClient(uri), "old", uri))
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", other_worker_first)
+    try:
+        assert get_or_create_experiment(client, "old", uri) == old
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", other_worker_first)
+    assert cut_in == ["the other worker", old]
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_ui_links_open_model_training_mode_and_never_print_credentials():
     from vae_lab.cli import shell_command
     from vae_lab.tracking.links import browse_lines, ui_links

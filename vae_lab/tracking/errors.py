@@ -79,6 +79,17 @@ def is_duplicate_row(error: BaseException) -> bool:
     return isinstance(error, mlflow.exceptions.MlflowException) and any(text in str(error) for text in _DUPLICATE_ROW)
 
 
+def again_if_duplicate_row(call):
+    """`call()`, made once more when the store refused a row that another process inserted first
+    (`is_duplicate_row`): the second time, MLflow finds that row."""
+    try:
+        return call()
+    except Exception as error:
+        if not is_duplicate_row(error):
+            raise
+        return call()
+
+
 _REFUSALS = {"UNAUTHENTICATED": "refused the credentials (HTTP 401)",
              "CUSTOMER_UNAUTHORIZED": "refused the credentials (HTTP 401)",
              "PERMISSION_DENIED": "denied the user permission (HTTP 403)"}

@@ -12,6 +12,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from vae_lab import names
+from vae_lab.tracking.errors import again_if_duplicate_row
 from vae_lab.tracking.uris import SQLITE_PREFIX, sqlite_path
 
 
@@ -80,7 +81,9 @@ def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str)
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         if experiment.tags.get(names.EXPERIMENT_KIND_TAG) != names.EXPERIMENT_KIND:  # made by an older vae_lab
-            client.set_experiment_tag(experiment.experiment_id, names.EXPERIMENT_KIND_TAG, names.EXPERIMENT_KIND)
+            # another worker may be tagging it at the same moment
+            again_if_duplicate_row(lambda: client.set_experiment_tag(
+                experiment.experiment_id, names.EXPERIMENT_KIND_TAG, names.EXPERIMENT_KIND))
         return experiment.experiment_id
     artifact_root = _local_artifact_root(tracking_uri)
     location = f"{artifact_root}/{name}" if artifact_root else None

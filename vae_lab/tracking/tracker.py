@@ -29,7 +29,8 @@ from vae_lab.config import Config
 from vae_lab.interrupts import deferring
 from vae_lab.names import CHECKPOINT_DIR, CONFIG_ARTIFACT, MODEL_ARTIFACT
 from vae_lab.tracking import mlflow_compat
-from vae_lab.tracking.errors import StoreUnavailable, describe, is_duplicate_row, is_store_error, store_patience_seconds
+from vae_lab.tracking.errors import (StoreUnavailable, again_if_duplicate_row, describe, is_store_error,
+                                     store_patience_seconds)
 from vae_lab.tracking.provenance import dataset_inputs, environment_tags
 from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
 from vae_lab.tracking.uris import redact, resolve_tracking_uri
@@ -159,12 +160,8 @@ class RunTracker:
         """The run's train, validation and test data as MLflow dataset inputs (the UI's Dataset column),
         and its digest and source as tags (what `evaluate`, the report and serve check it against)."""
         inputs = dataset_inputs(data)
-        try:
-            self.client.log_inputs(self.run_id, datasets=inputs)
-        except mlflow.exceptions.MlflowException as error:
-            if not is_duplicate_row(error):  # another worker logged the same new dataset at the same moment
-                raise
-            self.client.log_inputs(self.run_id, datasets=inputs)  # which MLflow now finds
+        # another worker may be logging the same new dataset at the same moment
+        again_if_duplicate_row(lambda: self.client.log_inputs(self.run_id, datasets=inputs))
         tags = {names.DATASET_TAG: data.name, names.DATA_DIGEST_TAG: data.digest,
                 names.DATA_SOURCE_TAG: data.source or data.name}
         if not data.labeled:
