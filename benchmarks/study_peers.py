@@ -143,8 +143,10 @@ def main(argv=None) -> int:
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1"}
     checkouts = {"vae_lab": REPO, **({f"vae_lab at {args.checkout}": args.checkout} if args.checkout else {})}
     seconds: dict[str, list[float]] = {"by hand": [], **{side: [] for side in checkouts}}
+    sides = list(seconds)
     for repeat in range(args.repeats):
-        for side in seconds:
+        shift = repeat % len(sides)  # each round starts with another side: none always runs after the same one
+        for side in sides[shift:] + sides[:shift]:
             with tempfile.TemporaryDirectory(prefix="vae_lab_bench_") as folder:
                 uri = f"sqlite:///{Path(folder) / 'mlflow.db'}"
                 if side == "by hand":
