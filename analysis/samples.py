@@ -17,10 +17,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from vae_lab.data.datasets import DataUnavailable, load_data  # noqa: E402
+from vae_lab.evaluation.figures import image_grid  # noqa: E402
 from vae_lab import names  # noqa: E402
 from vae_lab.names import STATE_DICT_ARTIFACT  # noqa: E402
 from vae_lab.tracking.logged import has_logged_model, load_logged_model  # noqa: E402
@@ -75,7 +75,7 @@ def _data_key(config) -> tuple:
 
 def _rows_figure(rows: list[tuple[str, torch.Tensor]], path: Path, per_row: int) -> Path:
     """One labelled row of images per entry, images as [N, C, H, W] in [0, 1]."""
-    grids = [make_grid(images.float().cpu().clamp(0, 1), nrow=per_row, padding=2, pad_value=1.0)
+    grids = [image_grid(images.float().cpu().clamp(0, 1), nrow=per_row, padding=2, pad_value=1.0)
              for _, images in rows]
     height, width = grids[0].shape[1], max(grid.shape[2] for grid in grids)
     canvas = torch.ones(3 if grids[0].shape[0] == 3 else 1, height * len(grids), width)

@@ -22,7 +22,8 @@ from pathlib import Path
 from _common import machine_line, ratio, set_threads
 
 from vae_lab.config import load_config  # noqa: E402
-from vae_lab.data.datasets import DEBIAN_FASHION_MNIST, load_data  # noqa: E402
+from vae_lab.data.datasets import load_data  # noqa: E402
+from vae_lab.data.sources import DEBIAN_FASHION_MNIST  # noqa: E402
 from vae_lab.training.device import resolve_device  # noqa: E402
 from vae_lab.train import train  # noqa: E402
 

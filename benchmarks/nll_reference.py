@@ -24,7 +24,8 @@ from pathlib import Path
 from _common import machine_line
 
 from vae_lab.config import ConfigError, load_config  # noqa: E402
-from vae_lab.data.datasets import DEBIAN_FASHION_MNIST, DataUnavailable  # noqa: E402
+from vae_lab.data.datasets import DataUnavailable  # noqa: E402
+from vae_lab.data.sources import DEBIAN_FASHION_MNIST  # noqa: E402
 from vae_lab.training.device import resolve_device  # noqa: E402
 from vae_lab.train import resumable_run, train  # noqa: E402
 

@@ -45,7 +45,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vae_lab.config import DataConfig, load_config  # noqa: E402
-from vae_lab.data.datasets import DEBIAN_FASHION_MNIST, ImageData, load_data  # noqa: E402
+from vae_lab.data.datasets import ImageData, load_data  # noqa: E402
+from vae_lab.data.sources import DEBIAN_FASHION_MNIST  # noqa: E402
 from vae_lab.tracking.stores import get_or_create_experiment, prepare_store  # noqa: E402
 from vae_lab.training.device import resolve_device  # noqa: E402
 from vae_lab.train import train  # noqa: E402

@@ -155,3 +155,25 @@ def test_the_pca_baseline_is_the_same_on_each_path(monkeypatch):
         monkeypatch.setattr(metrics, "EXACT_PCA_LIMIT", 10)
         assert metrics.pca_mse_per_pixel(train, test, 6) == pytest.approx(expected, rel=1e-6)
         monkeypatch.undo()
+
+
+def test_the_pca_baseline_is_computed_once_per_data_and_read_back_by_later_processes(monkeypatch, tmp_path):
+    from vae_lab.evaluation import metrics
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the cache under a home of this test's own
+    config = build_config({}, ["data.name=digits", "model.latent_dim=3"])
+    computed = []
+    original = metrics.pca_mse_per_pixel
+    monkeypatch.setattr(metrics, "pca_mse_per_pixel", lambda *args: computed.append(args) or original(*args))
+    model = build_model(config.model, (1, 8, 8), config.prior)
+    first = evaluate_model(model, load_data(config.data), config, torch.device("cpu")).metrics["eval/pca_mse_per_pixel"]
+    assert len(computed) == 1
+    # another process: the same data loaded again, nothing in memory
+    again = evaluate_model(model, load_data(config.data), config, torch.device("cpu")).metrics["eval/pca_mse_per_pixel"]
+    assert again == first and len(computed) == 1
+    files = list(tmp_path.rglob("pca_baselines/*.json"))
+    assert len(files) == 1 and not list(tmp_path.rglob("pca_baselines/.*"))
+    files[0].write_text("{torn")  # an unreadable file is computed again, and replaced
+    third = evaluate_model(model, load_data(config.data), config, torch.device("cpu")).metrics["eval/pca_mse_per_pixel"]
+    assert third == first and len(computed) == 2
+    assert files[0].read_text() != "{torn"

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # lowest first; a module may import its own layer and the layers before it, never one after it
 LAYERS = [
-    ("base", ["vae_lab", "vae_lab.config", "vae_lab.components", "vae_lab.names", "vae_lab.cli", "vae_lab.interrupts"]),
+    ("base", ["vae_lab", "vae_lab.config", "vae_lab.components", "vae_lab.names", "vae_lab.cli", "vae_lab.interrupts",
+              "vae_lab.files"]),
     ("data", ["vae_lab.data"]),
     ("models", ["vae_lab.models"]),
     ("evaluation", ["vae_lab.evaluation"]),
@@ -137,3 +138,19 @@ def test_every_third_party_import_of_the_packages_is_declared():
                 missing.setdefault(", ".join(sorted(distributions)), f"{module}:{line}")
     assert not missing, "imported but not declared in pyproject.toml: " + "; ".join(
         f"{dist} (first at {where})" for dist, where in sorted(missing.items()))
+
+
+def test_every_name_the_benchmark_scripts_import_from_the_packages_exists():
+    """A benchmark imports by name from vae_lab and analysis; a name that moved breaks it silently
+    until someone runs it (single_run.py and two others once imported a constant that had moved)."""
+    import importlib
+
+    missing = []
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("vae_lab", "analysis"):
+                module = importlib.import_module(node.module)
+                missing += [f"{script.name}:{node.lineno} {node.module}.{alias.name}" for alias in node.names
+                            if not hasattr(module, alias.name) and not (
+                                hasattr(module, "__path__") and importlib.util.find_spec(f"{node.module}.{alias.name}"))]
+    assert not missing, "benchmark scripts import names that do not exist: " + ", ".join(missing)

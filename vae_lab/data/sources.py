@@ -23,11 +23,9 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.util
-import os
 import pickle
 import shutil
 import struct
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from vae_lab.config import ConfigError
+from vae_lab.files import write_whole
 from vae_lab.data.registry import DATASETS, register_dataset
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -115,16 +114,7 @@ def _read_embedded(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # absent, or unreadable: parse again
         pass
     arrays = _parse_mnist5k() if name == "mnist5k" else _parse_digits()
-    draft = cache.with_name(f".{cache.name}.{uuid.uuid4().hex}")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with draft.open("wb") as handle:
-            np.savez(handle, **dict(zip(keys, arrays)))
-        os.replace(draft, cache)  # atomic; two makers write equal files
-    except OSError:  # a read-only home: parse again next time
-        pass
-    finally:
-        draft.unlink(missing_ok=True)
+    write_whole(cache, lambda handle: np.savez(handle, **dict(zip(keys, arrays))))  # a read-only home: parse again next time
     return arrays
 
 

@@ -30,6 +30,7 @@ Sizes are capped by `eval.max_points` (probe, PCA, units), `eval.iwae_points` (I
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -38,7 +39,8 @@ import torch
 
 from vae_lab import names
 from vae_lab.config import Config
-from vae_lab.data.datasets import ImageData
+from vae_lab.files import write_whole
+from vae_lab.data.datasets import ImageData, default_root
 from vae_lab.evaluation.sample_quality import sample_quality
 from vae_lab.models.losses import DEFAULT_GAUSSIAN_STD, reconstruction_nll
 from vae_lab.models.priors import StandardNormal, gaussian_log_density, kl_to_standard_normal
@@ -166,6 +168,26 @@ def pca_mse_per_pixel(train_pixels, test_pixels, components: int) -> float:
     return float((centred @ basis.T @ basis - centred).square().mean())
 
 
+PCA_CACHE_VERSION = 1  # bump when pca_mse_per_pixel's arithmetic changes
+
+
+def pca_baseline(data: ImageData, train_pixels, test_pixels, components: int, cap: int, seed: int | None) -> float:
+    """`pca_mse_per_pixel` of these pixels, which depend on the data, the cap and (under dynamic
+    binarization) the seed alone: computed once per data, then kept in memory (the trials of a
+    study) and in ~/.cache/vae_lab/pca_baselines/, keyed by the data's digest (later runs: 0.6 s
+    saved on Fashion-MNIST's 10,000 x 784 pixels). A file that cannot be read is computed again."""
+    key = ("pca_mse_per_pixel", components, cap, seed)
+    if key not in data.derived:
+        path = (default_root() / "pca_baselines"
+                / f"v{PCA_CACHE_VERSION}-{data.digest}-k{components}-n{cap}{'' if seed is None else f'-s{seed}'}.json")
+        try:
+            data.derived[key] = float(json.loads(path.read_text())["mse"])
+        except (OSError, ValueError, KeyError, TypeError):
+            data.derived[key] = pca_mse_per_pixel(train_pixels, test_pixels, components)
+            write_whole(path, lambda handle: handle.write(json.dumps({"mse": data.derived[key]}).encode()))
+    return data.derived[key]
+
+
 def _standardize(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's StandardScaler: the train mean and (population) std; a constant feature keeps scale 1."""
     mean, std = train.mean(dim=0), train.std(dim=0, unbiased=False)
@@ -216,12 +238,17 @@ def logistic_probe_accuracy(train_features, train_labels, test_features, test_la
     return float(np.mean(predicted == np.asarray(test_labels)))
 
 
-def knn_accuracy(train_features, train_labels, test_features, test_labels, neighbours: int = 5,
-                 chunk: int = 2048) -> float:
+KNN_CHUNK_ENTRIES = 2 ** 21  # test-to-train distances per chunk: 8 MB, so topk reads them from the cache
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, neighbours: int = 5) -> float:
     """Accuracy of a `neighbours`-nearest-neighbour vote (Euclidean), ties going to the smallest
-    label, as scikit-learn's KNeighborsClassifier decides them."""
+    label, as scikit-learn's KNeighborsClassifier decides them. The test points go in chunks whose
+    distance table stays in the CPU's cache (10,000 x 10,000 points: 0.23 s against 0.5 s in
+    chunks of 2,048 rows)."""
     train = torch.from_numpy(np.asarray(train_features, dtype=np.float32))
     test = torch.from_numpy(np.asarray(test_features, dtype=np.float32))
+    chunk = max(1, KNN_CHUNK_ENTRIES // max(1, train.shape[0]))
     classes, train_codes = np.unique(np.asarray(train_labels), return_inverse=True)
     train_codes = torch.from_numpy(train_codes)
     neighbours = min(neighbours, train.shape[0])
@@ -279,13 +306,9 @@ def evaluate_model(model: Autoencoder, data: ImageData, config: Config,
     test_pixels, test_means, test_labels, kl_sums, squared_error = _encode_split(
         model, data, "test", cap, generator, logvars=test_logvars, reconstructions=reconstructions)
 
-    # the baseline depends on the data and the latent size only: trials of one study share it
-    baseline_key = ("pca_mse_per_pixel", model.latent_dim, cap,
-                    config.train.seed if data.binarize == "dynamic" else None)
-    if baseline_key not in data.derived:
-        data.derived[baseline_key] = pca_mse_per_pixel(train_pixels, test_pixels, model.latent_dim)
     metrics = {names.EVAL_MSE: squared_error / test_pixels.size,
-               names.EVAL_PCA_MSE: data.derived[baseline_key]}
+               names.EVAL_PCA_MSE: pca_baseline(data, train_pixels, test_pixels, model.latent_dim, cap,
+                                                config.train.seed if data.binarize == "dynamic" else None)}
     if data.labeled and len(np.unique(train_labels)) > 1:  # a probe needs classes to tell apart
         metrics.update(probe_accuracies(train_means, train_labels, test_means, test_labels))
     result = EvaluationResult(metrics, test_means=test_means, test_labels=test_labels)

@@ -16,9 +16,7 @@ digest or version does not match is never used: the network is trained again and
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from torch import nn
 
 from vae_lab import names
 from vae_lab.data.datasets import ImageData, default_root
+from vae_lab.files import write_whole
 from vae_lab.models.autoencoders import Autoencoder
 
 FEATURE_NET_VERSION = 1  # bump when the network, its training or the stored payload changes
@@ -132,17 +131,9 @@ def _stored(path: Path, digest: str, kind: str, net: FeatureNet) -> float | None
 
 def _store(path: Path, digest: str, kind: str, net: FeatureNet, score: float) -> None:
     """Written whole (a temporary file renamed) or not at all; a read-only home keeps it in memory only."""
-    draft = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     payload = {"digest": digest, "version": FEATURE_NET_VERSION, "kind": kind, "score": score,
                "state_dict": {key: value.detach().cpu() for key, value in net.state_dict().items()}}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, draft)
-        os.replace(draft, path)
-    except OSError:
-        pass
-    finally:
-        draft.unlink(missing_ok=True)
+    write_whole(path, lambda handle: torch.save(payload, handle))
 
 
 def _train(data: ImageData, kind: str, device: torch.device) -> tuple[FeatureNet, float]:

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from torchvision.utils import make_grid, save_image
 
 from vae_lab import names
 from vae_lab.components import short_name
 from vae_lab.config import Config, DataConfig
 from vae_lab.data.datasets import ImageData, check_digest, load_data
+from vae_lab.evaluation.figures import image_grid, save_image
 from vae_lab.models.autoencoders import Autoencoder
 from vae_lab.tracking.logged import IncompatibleModel, load_logged_model
 
@@ -52,7 +52,7 @@ def grid(images: torch.Tensor, per_row: int) -> torch.Tensor:
     """Images in rows with a 2-pixel white border (make_grid leaves a lone image unpadded)."""
     if len(images) == 1:
         return F.pad(images[0].float(), (2, 2, 2, 2), value=1.0)
-    return make_grid(images.float(), nrow=per_row, padding=2, pad_value=1.0)
+    return image_grid(images.float(), nrow=per_row, padding=2, pad_value=1.0)
 
 
 def input_beside_samples(example: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:

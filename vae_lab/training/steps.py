@@ -11,10 +11,11 @@ Both steps hold K >= 1 trials' weights and optimizer state, and answer the same 
     moments = step.optimizer_state(row); step.load_optimizer_states([moments, ...])  # checkpoints
     model = step.model(row)              # a trial as a plain model of its own
 
-- `PlainStep`: one model, plain autograd, `torch.optim.Adam` (fused), `clip_grad_norm_`.
+- `PlainStep`: one model, plain autograd, fused Adam (`adam.FusedAdam`: `torch.optim.Adam(fused=True)`'s
+  kernel and arithmetic), `clip_grad_norm_`.
 - `StackedStep`: K same-shaped models stacked along a new first dimension
-  (`torch.func.stack_module_state`), one `vmap`ped forward/backward per step, and Adam as
-  `torch.optim.Adam` itself with one param group per learning rate over those rows, so each
+  (`torch.func.stack_module_state`), one `vmap`ped forward/backward per step, and the same
+  fused Adam with one param group per learning rate over those rows, so each
   trial has its own learning rate and moments. Gradient clipping uses `clip_grad_norm_`'s
   arithmetic per trial. Only floating-point summation order differs from K `PlainStep`s.
 
@@ -37,6 +38,7 @@ from vae_lab.models.priors import StandardNormal, gaussian_log_density, standard
 from vae_lab.models.autoencoders import Autoencoder
 from vae_lab.models.components import build_model, build_objective
 from vae_lab.models.objectives import Draws, Objective
+from vae_lab.training.adam import FusedAdam
 from vae_lab.training.padding import Embedding, widest
 
 CLIP_EPS = 1e-6  # clip_grad_norm_'s
@@ -136,7 +138,7 @@ def _loss_and_sums(outputs, images, loss: LossConfig, weights: dict, tc_of: int 
 
 
 class PlainStep:
-    """One model trained with autograd and `torch.optim.Adam`."""
+    """One model trained with autograd and fused Adam."""
 
     def __init__(self, model: Autoencoder, config: Config, device: torch.device, amp: bool = False,
                  train_size: int = 0):
@@ -147,7 +149,7 @@ class PlainStep:
         self.objective = build_objective(config.loss)
         self.device = device
         self.amp = amp
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=True)
+        self.optimizer = FusedAdam([{"params": model.parameters(), "lr": config.train.lr}])
 
     @property
     def _model(self) -> Autoencoder:
@@ -160,7 +162,7 @@ class PlainStep:
             outputs = self.network(images, noise)
         loss, sums = _loss_and_sums(outputs, images, self.config.loss, {name: value[0] for name, value in weights.items()},
                                     self.tc_of, self.analytic_kl, self.objective)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         loss.backward()
         if self.config.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._model.parameters(), self.config.train.grad_clip)
@@ -240,7 +242,7 @@ class StackedStep:
         self.objective = build_objective(self.config.loss)  # so is the objective
         self._step_fn = None
 
-    def _adam(self, lrs: list[float], states: list[dict] | None) -> torch.optim.Optimizer:
+    def _adam(self, lrs: list[float], states: list[dict] | None) -> FusedAdam:
         """One param group per run of equal learning rates: the rows [start:stop] of every
         stacked tensor."""
         groups, start = [], 0
@@ -248,7 +250,7 @@ class StackedStep:
             stop = start + lrs.count(lr)
             groups.append({"params": [value[start:stop] for value in self.params.values()], "lr": lr})
             start = stop
-        optimizer = torch.optim.Adam(groups, fused=True)
+        optimizer = FusedAdam(groups)
         if states is not None:  # carried over from the previous optimizer, already row-selected
             params = [param for group in optimizer.param_groups for param in group["params"]]
             for param, state in zip(params, states):
