@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,37 @@ def test_data_moves_to_another_device_whole_and_keeps_its_digest():
                                               moved.val_labels, moved.test_images, moved.test_labels)} == {"meta"}
     assert moved.image_shape == data.image_shape and moved.class_names == data.class_names
     assert moved.derived == {"digest": digest} and data.train_images.device.type == "cpu"
+
+
+def write_idx(path, array):
+    import gzip
+    import struct
+
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def test_gzipped_idx_files_are_unpacked_once_and_read_again_when_they_change(tmp_path, monkeypatch):
+    from vae_lab.data import sources
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (6, 4, 4)), "train-labels-idx1-ubyte": np.arange(6) % 3,
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (2, 4, 4)), "t10k-labels-idx1-ubyte": np.arange(2)}
+    for stem, array in arrays.items():
+        write_idx(folder / f"{stem}.gz", array)
+    expected = list(arrays.values())
+    first = sources._load_idx_folder(folder)
+    cached = list((tmp_path / "home" / ".cache" / "vae_lab").iterdir())
+    assert len(cached) == 1 and cached[0].name.startswith("idx-raw-")  # whole: no draft beside it
+    again = sources._load_idx_folder(folder)
+    for got in (first, again):
+        assert all(np.array_equal(have, want) for have, want in zip(got, expected))
+        assert got[1].dtype == np.int64 and got[0].dtype == np.uint8
+    changed = arrays["t10k-labels-idx1-ubyte"][::-1]
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", changed)  # a new file: its size or time differs
+    os.utime(folder / "t10k-labels-idx1-ubyte.gz", ns=(1, 1))
+    assert np.array_equal(sources._load_idx_folder(folder)[3], changed)
