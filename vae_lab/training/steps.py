@@ -240,7 +240,6 @@ class StackedStep:
         self.tc_of = train_size if any(config.loss.tc_weight != 1 for config in configs) else None
         self.analytic_kl = isinstance(models[0].prior, StandardNormal)  # the prior is part of the batch key
         self.objective = build_objective(self.config.loss)  # so is the objective
-        self._step_fn = None
 
     def _adam(self, lrs: list[float], states: list[dict] | None) -> FusedAdam:
         """One param group per run of equal learning rates: the rows [start:stop] of every
@@ -263,26 +262,23 @@ class StackedStep:
         with autocast(self.device, self.amp):
             return functional_call(self.template, (params, buffers), (images, noise))
 
-    def _train_step_fn(self):
-        from torch.func import grad_and_value
-
-        loss = self.config.loss  # the likelihood is part of the batch key: the same in every row
-
-        def trial_loss(params, buffers, images, noise, weights):
-            images = self.objective.repeat(images)
-            return _loss_and_sums(self._forward(params, buffers, images, noise), images, loss, weights, self.tc_of,
-                                  self.analytic_kl, self.objective)
-
-        return grad_and_value(trial_loss, has_aux=True)
+    def _trial_loss(self, params, buffers, images, noise, weights):
+        """One trial's loss and its [loss·B, recon, kl] sums (`_loss_and_sums`), vmapped over trials."""
+        images = self.objective.repeat(images)
+        return _loss_and_sums(self._forward(params, buffers, images, noise), images, self.config.loss, weights,
+                              self.tc_of, self.analytic_kl, self.objective)
 
     def train_step(self, images, images_dim, noise, noise_dim, weights: dict) -> torch.Tensor:
+        """The K trials' losses in one vmapped forward, then one plain backward of their sum: the
+        trials share no weight, so each stacked row's gradient is its own trial's. (torch.func's
+        grad would do the same under vmap, and imports torch._dynamo on its first call: 1.6 s.)"""
         from torch.func import vmap
 
-        if self._step_fn is None:
-            self._step_fn = self._train_step_fn()
-        grads, (_, sums) = vmap(self._step_fn, in_dims=(0, 0, images_dim, noise_dim, 0))(
-            self.params, self.buffers, images, noise, weights)
-        self._adam_step(grads)
+        leaves = {name: value.detach().requires_grad_() for name, value in self.params.items()}  # the same storage
+        values, sums = vmap(self._trial_loss, in_dims=(0, 0, images_dim, noise_dim, 0))(
+            leaves, self.buffers, images, noise, weights)
+        values.sum().backward()
+        self._adam_step({name: leaf.grad for name, leaf in leaves.items()})
         return sums
 
     def _adam_step(self, grads: dict[str, torch.Tensor]) -> None:
