@@ -165,3 +165,39 @@ def test_other_processes_load_is_measured_without_our_own(monkeypatch):
         monkeypatch.setattr(device, "_applied", None)
         monkeypatch.setattr(device, "_external_busy", 0.0)
         torch.set_num_threads(before)
+
+
+def test_a_command_s_process_serves_blocks_up_to_32_mb_from_its_heap():
+    """keep_freed_memory: glibc maps a large block from the kernel afresh on each malloc (and
+    its pages fault in again) unless told otherwise; after it, up to 32 MB comes from the heap."""
+    code = """
+import ctypes, sys
+from vae_lab.training.device import keep_freed_memory
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype = ctypes.c_void_p
+
+def mapped_by(size):
+    block = libc.malloc(size)
+    mapped = libc.mallinfo2().hblkhd
+    libc.free(ctypes.c_void_p(block))
+    return mapped
+
+before = libc.mallinfo2().hblkhd
+assert keep_freed_memory()
+assert mapped_by(24 << 20) - before < 24 << 20, "24 MB still mapped from the kernel"
+assert mapped_by(48 << 20) - before >= 48 << 20, "mallinfo2 does not see mapped blocks"
+"""
+    env = {key: value for key, value in os.environ.items() if key not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+    result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # a user's own allocator settings win
+    result = subprocess.run([PYTHON, "-c", "from vae_lab.training.device import keep_freed_memory\n"
+                             "assert not keep_freed_memory()"], capture_output=True, text=True, timeout=120,
+                            env={**env, "MALLOC_MMAP_THRESHOLD_": "1000000"})
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,8 +1,9 @@
-"""Where and how a run computes: the device, its CPU threads, the seeds, and whether bf16
-autocast may run."""
+"""Where and how a run computes: the device, its CPU threads and memory allocator, the seeds,
+and whether bf16 autocast may run."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import random
@@ -72,8 +73,10 @@ _busy_workers: Callable[[], int] | None = None  # how many of this machine's wor
 
 def apply_threads(plan: ThreadPlan) -> None:
     """Set torch's intra-op threads (and its inter-op threads, where this process has not used
-    them yet: torch allows that once) to the plan; `applied_threads` reports it for the run's tag."""
+    them yet: torch allows that once) to the plan; `applied_threads` reports it for the run's tag.
+    A command's process also keeps its freed memory (`keep_freed_memory`)."""
     global _applied
+    keep_freed_memory()
     torch.set_num_threads(plan.threads)
     try:
         torch.set_num_interop_threads(plan.threads)
@@ -81,6 +84,29 @@ def apply_threads(plan: ThreadPlan) -> None:
         pass
     _applied = plan
     _other_load.look()  # where the first training pass measures other processes' load from
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+HEAP_UP_TO = 32 << 20  # the largest mmap threshold glibc accepts on a 64-bit machine
+KEEP_FREED = 1 << 30
+ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
+def keep_freed_memory() -> bool:
+    """glibc's malloc, told to serve blocks up to 32 MB (a batch's activations, an evaluation's
+    1,000-image batch) from its heap and to keep what is freed there, rather than mapping each
+    from the kernel and unmapping it when freed, so that every step faults the same pages in
+    again: conv training 5-9% faster, a conv encoder on 1,000 images 1.5-2x (benchmarks/RESULTS.md
+    §0r). The process keeps its peak heap, as a caching allocator would. Nothing is changed where
+    the environment sets the allocator itself (the variables in ALLOCATOR_SETTINGS) or the C
+    library has no mallopt; True when both settings took."""
+    if any(os.environ.get(name) for name in ALLOCATOR_SETTINGS):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows)
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_UP_TO)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED))
 
 
 def share_with(busy_workers: Callable[[], int] | None) -> None:
