@@ -150,7 +150,8 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory(prefix="vae_lab_bench_") as folder:
                 uri = f"sqlite:///{Path(folder) / 'mlflow.db'}"
                 if side == "by hand":
-                    seconds[side].append(timed([sys.executable, "-c", HAND_WRITTEN, uri], env))
+                    # run in the temporary folder: MLflow puts its artifacts in ./mlruns there
+                    seconds[side].append(timed([sys.executable, "-c", HAND_WRITTEN, uri], env, cwd=Path(folder)))
                 else:  # `python -m` from the checkout imports that checkout's vae_lab
                     seconds[side].append(timed([sys.executable, "-m", "vae_lab.sweep", "experiments/default.yaml",
                                                 "--tracking-uri", uri], env, cwd=checkouts[side]))
