@@ -270,3 +270,47 @@ def test_early_stopping_in_a_batch_finishes_that_trial_alone(tracking_uri):
     solo = build_config(None, [*common, "train.lr=1e-3", "tracking.enabled=false"])
     assert steady.metrics["test/loss"] == pytest.approx(train(solo, data=data).metrics["test/loss"],
                                                         rel=SOLO_MATCH)
+
+
+def test_stacked_weights_take_their_gradients_layout_and_a_trial_leaving_changes_no_other():
+    """A vmapped linear layer's weight gradient comes transposed: the stacked weight and its Adam
+    moments move into that layout once (no step copies a gradient), and a trial that leaves the
+    stack (`keep`) leaves the others on the steps they would take without it."""
+    from vae_lab.models.components import build_model
+    from vae_lab.training.steps import StackedStep, loss_weights
+
+    configs = [build_config(None, [*TWO_EPOCHS, "tracking.enabled=false", "model.name=linear_vae",
+                                   f"train.seed={seed}", "train.grad_clip=5"]) for seed in (0, 1)]
+    cpu = torch.device("cpu")
+
+    def model(config):
+        torch.manual_seed(config.train.seed)
+        return build_model(config.model, (1, 28, 28), config.prior)
+
+    pair = StackedStep([model(config) for config in configs], configs, cpu)
+    alone = StackedStep([model(configs[1])], configs[1:], cpu)
+    generator = torch.Generator().manual_seed(3)
+    latent = configs[0].model.latent_dim
+    draws = [(torch.rand(2, 16, 1, 28, 28, generator=generator), torch.randn(2, 16, latent, generator=generator))
+             for _ in range(5)]
+
+    def both_step(index):
+        images, noise = draws[index]
+        rows = len(pair.configs)  # 2, then 1 once the first trial has left
+        pair.train_step(images[-rows:], 0, noise[-rows:], 0, loss_weights(pair.configs, cpu))
+        alone.train_step(images[-1:], 0, noise[-1:], 0, loss_weights(alone.configs, cpu))
+
+    both_step(0)
+    weight = pair.params["model.encoder.0.weight"]  # [K, hidden, pixels]
+    assert not weight.is_contiguous() and weight.transpose(1, 2).is_contiguous()
+    storage = weight.data_ptr()
+    both_step(1)
+    assert pair.params["model.encoder.0.weight"].data_ptr() == storage  # stepped in place, not moved again
+    pair.keep([1])
+    for index in (2, 3, 4):
+        both_step(index)
+    for name, value in alone.state(0).items():
+        torch.testing.assert_close(pair.state(0)[name], value, rtol=0, atol=1e-6)
+    for key in ("exp_avg", "exp_avg_sq"):
+        for name, value in alone.optimizer_state(0)[key].items():
+            torch.testing.assert_close(pair.optimizer_state(0)[key][name], value, rtol=0, atol=1e-6)

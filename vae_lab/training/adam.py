@@ -43,8 +43,9 @@ class FusedAdam:
                     by_kind.setdefault((param.device, param.dtype), []).append(param)
             for params in by_kind.values():
                 states = [self._state(param) for param in params]
-                fused_adam_(params, [param.grad for param in params], [state["exp_avg"] for state in states],
-                            [state["exp_avg_sq"] for state in states], [state["step"] for state in states],
+                tensors = [_in_memory_order(param, param.grad, state["exp_avg"], state["exp_avg_sq"])
+                           for param, state in zip(params, states)]
+                fused_adam_(*map(list, zip(*tensors)), [state["step"] for state in states],
                             lr=group["lr"], beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
 
     def _state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -55,3 +56,19 @@ class FusedAdam:
                 "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
                 "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
         return state
+
+
+def _in_memory_order(param: torch.Tensor, grad: torch.Tensor, *moments: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A tensor, its gradient and its moments as the kernel must have them. The kernel updates
+    them element by element in memory order: a gradient laid out unlike its tensor would be
+    read in the wrong order (so it is copied into the tensor's layout), and tensors that share
+    one dense non-contiguous layout (a transposed weight, `steps.StackedStep`) are handed over
+    as contiguous views of the same memory, which it would otherwise copy and copy back."""
+    if grad.stride() != param.stride():
+        grad = torch.empty_like(param, memory_format=torch.preserve_format).copy_(grad)
+    tensors = (param, grad, *moments)
+    if param.is_contiguous() or any(tensor.stride() != param.stride() for tensor in moments):
+        return tensors
+    order = sorted(range(param.dim()), key=lambda dim: -param.stride(dim))
+    views = tuple(tensor.permute(order) for tensor in tensors)
+    return views if views[0].is_contiguous() else tensors
