@@ -47,6 +47,9 @@ def test_deleting_an_artifact_folder_of_a_run(tracking_uri, tmp_path):
     mlflow_compat.delete_artifacts(client, run_id, "checkpoint")
     assert client.list_artifacts(run_id, "checkpoint") == []
     assert [item.path for item in client.list_artifacts(run_id)] == ["kept.txt"]
+    client.log_artifact(run_id, str(tmp_path / "a.pt"), "best")  # the run's artifact URI given, as a tracker knows it
+    mlflow_compat.delete_artifacts(client, run_id, "best", client.get_run(run_id).info.artifact_uri)
+    assert [item.path for item in client.list_artifacts(run_id)] == ["kept.txt"]
 
 
 def test_system_metrics_monitor_logs_into_a_run_given_by_id(tracking_uri):

@@ -206,7 +206,6 @@ def logistic_probe_accuracy(train_features, train_labels, test_features, test_la
     evaluations than torch's L-BFGS and matches scikit-learn's result. NumPy's BLAS runs on one
     thread: its idle threads would otherwise spin on the cores torch trains on next."""
     from scipy.optimize import minimize  # about 0.2 s, once per process: only where a probe runs
-    from threadpoolctl import threadpool_limits
 
     train = torch.from_numpy(np.asarray(train_features, dtype=np.float64))
     test = torch.from_numpy(np.asarray(test_features, dtype=np.float64))
@@ -214,8 +213,8 @@ def logistic_probe_accuracy(train_features, train_labels, test_features, test_la
                    for split in _standardize(train, test))
     classes, targets = np.unique(np.asarray(train_labels), return_inverse=True)
     count, width = train.shape
-    one_hot = np.zeros((count, len(classes)))
-    one_hot[np.arange(count), targets] = 1.0
+    rows = np.arange(count)
+    train_t = np.ascontiguousarray(train.T)
     penalized = np.ones((width, 1))
     penalized[-1] = 0.0  # the intercept's row
     strength = 1.0 / (l2_inverse * count)
@@ -224,18 +223,35 @@ def logistic_probe_accuracy(train_features, train_labels, test_features, test_la
         weights = flat.reshape(width, len(classes))
         logits = train @ weights
         logits -= logits.max(axis=1, keepdims=True)
-        log_normalizer = np.log(np.exp(logits).sum(axis=1))
-        loss = (log_normalizer - (logits * one_hot).sum(axis=1)).mean() \
+        probabilities = np.exp(logits)
+        normalizer = probabilities.sum(axis=1)
+        loss = (np.log(normalizer) - logits[rows, targets]).mean() \
             + 0.5 * strength * float((penalized * weights * weights).sum())
-        probabilities = np.exp(logits - log_normalizer[:, None])
-        gradient = train.T @ (probabilities - one_hot) / count + strength * penalized * weights
+        probabilities /= normalizer[:, None]
+        probabilities[rows, targets] -= 1.0  # minus the one-hot targets
+        gradient = train_t @ probabilities
+        gradient /= count
+        gradient += strength * penalized * weights
         return loss, gradient.ravel()
 
-    with threadpool_limits(limits=1, user_api="blas"):
+    with blas_on_one_thread():
         solution = minimize(objective, np.zeros(width * len(classes)), jac=True, method="L-BFGS-B",
                             options={"maxiter": max_iter, "maxls": 50, "gtol": 1e-4, "ftol": 64 * np.finfo(float).eps})
     predicted = classes[(test @ solution.x.reshape(width, len(classes))).argmax(axis=1)]
     return float(np.mean(predicted == np.asarray(test_labels)))
+
+
+_blas_threads = None  # threadpoolctl's controller: finding the BLAS libraries costs 3-13 ms a time
+
+
+def blas_on_one_thread():
+    """NumPy's BLAS held to one thread (a context manager)."""
+    global _blas_threads
+    if _blas_threads is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_threads = ThreadpoolController()
+    return _blas_threads.limit(limits=1, user_api="blas")
 
 
 KNN_CHUNK_ENTRIES = 2 ** 21  # test-to-train distances per chunk: 8 MB, so topk reads them from the cache

@@ -227,12 +227,15 @@ def _coverage(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor,
 
 
 def precision_recall(real: torch.Tensor, generated: torch.Tensor, k: int = NEIGHBOURS,
-                     chunk: int = 1024) -> tuple[float, float]:
+                     chunk: int = 1024, real_radii: torch.Tensor | None = None) -> tuple[float, float]:
     """Kynkäänniemi et al. (2019): precision, the share of generated points inside the real manifold
     (the union of balls around real points reaching their k-th nearest real neighbour); recall, the
-    share of real points inside the generated manifold, built the same way."""
+    share of real points inside the generated manifold, built the same way. `real_radii`: the
+    real points' `_knn_radii`, when the caller keeps them (they are the same for every model)."""
     real, generated = real.float(), generated.float()
-    precision = _coverage(generated, real, _knn_radii(real, k, chunk), chunk)
+    if real_radii is None:
+        real_radii = _knn_radii(real, k, chunk)
+    precision = _coverage(generated, real, real_radii, chunk)
     recall = _coverage(real, generated, _knn_radii(generated, k, chunk), chunk)
     return precision, recall
 
@@ -272,5 +275,9 @@ def sample_quality(model: Autoencoder, data: ImageData, count: int, seed: int,
     if model.variational:
         sample_features = space.embed(prior_samples(model, count, seed))
         metrics[metric.fd] = frechet_distance(test_features, sample_features)
-        metrics[metric.precision], metrics[metric.recall] = precision_recall(test_features, sample_features)
+        radii_key = ("feature_space_test_radii", space.kind, count)
+        if radii_key not in data.derived:
+            data.derived[radii_key] = _knn_radii(test_features.float(), NEIGHBOURS, 1024)
+        metrics[metric.precision], metrics[metric.recall] = precision_recall(
+            test_features, sample_features, real_radii=data.derived[radii_key])
     return metrics, space.description

@@ -33,11 +33,12 @@ def start_system_metrics(run_id: str, every_seconds: float, resume: bool, tracki
     return monitor
 
 
-def delete_artifacts(client, run_id: str, path: str) -> None:
-    """Delete a folder of a run's artifacts (MlflowClient has no call for it)."""
+def delete_artifacts(client, run_id: str, path: str, artifact_uri: str | None = None) -> None:
+    """Delete a folder of a run's artifacts (MlflowClient has no call for it); `artifact_uri`, the
+    run's, when the caller knows it (else it is read from the run)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    artifact_uri = client.get_run(run_id).info.artifact_uri
+    artifact_uri = artifact_uri or client.get_run(run_id).info.artifact_uri
     get_artifact_repository(artifact_uri, tracking_uri=client.tracking_uri).delete_artifacts(path)
 
 

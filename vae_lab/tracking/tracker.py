@@ -82,11 +82,13 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
 class RunTracker:
     """One MLflow run: params, buffered metrics, artifacts, model, and its final status."""
 
-    def __init__(self, client: MlflowClient, tracking_uri: str, run_id: str, experiment_id: str):
+    def __init__(self, client: MlflowClient, tracking_uri: str, run_id: str, experiment_id: str,
+                 artifact_uri: str | None = None):
         self.client = client
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.experiment_id = experiment_id
+        self.artifact_uri = artifact_uri
         self._pending: list[Metric] = []
         self._system_monitor = None
         self._logged: set[tuple] | None = None  # (key, step, value) a resumed run already holds
@@ -112,7 +114,7 @@ class RunTracker:
         # get the same name. os.urandom is not seeded.
         name = run_name or config.tracking.run_name or f"{short_name(config.model.name)}-{uuid.uuid4().hex[:6]}"
         run = client.create_run(experiment_id, run_name=name, tags=all_tags)
-        tracker = cls(client, tracking_uri, run.info.run_id, experiment_id)
+        tracker = cls(client, tracking_uri, run.info.run_id, experiment_id, run.info.artifact_uri)
         recorded = config_for_the_record(config)
         tracker.log_params(recorded.flat())
         # what `--resume`, a study's next worker and vae_lab.evaluate rebuild the run from
@@ -131,7 +133,7 @@ class RunTracker:
         tracking_uri = resolve_tracking_uri(config.tracking.uri)
         client = MlflowClient(tracking_uri=tracking_uri)
         run = client.get_run(run_id)
-        tracker = cls(client, tracking_uri, run_id, run.info.experiment_id)
+        tracker = cls(client, tracking_uri, run_id, run.info.experiment_id, run.info.artifact_uri)
         tracker._logged = {(metric.key, metric.step, metric.value) for key in run.data.metrics
                            for metric in client.get_metric_history(run_id, key)}
         tracker._checkpointed = checkpoint is not None
@@ -300,7 +302,7 @@ class RunTracker:
 
     def _finished(self) -> None:
         if self._checkpointed:  # a finished run keeps its model, not its training state
-            delete_checkpoints(self.client, self.run_id)
+            delete_checkpoints(self.client, self.run_id, self.artifact_uri)
 
 
 class NullTracker:
@@ -320,9 +322,9 @@ class NullTracker:
     def end(self, status="FINISHED", reason=None, resumable=False): pass
 
 
-def delete_checkpoints(client, run_id: str) -> None:
+def delete_checkpoints(client, run_id: str, artifact_uri: str | None = None) -> None:
     """Remove the run's checkpoints (best effort: a store that cannot delete keeps them)."""
     try:
-        mlflow_compat.delete_artifacts(client, run_id, CHECKPOINT_DIR)
+        mlflow_compat.delete_artifacts(client, run_id, CHECKPOINT_DIR, artifact_uri)
     except Exception:
         pass
