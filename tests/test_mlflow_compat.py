@@ -2,6 +2,7 @@
 a release that renames or changes one fails here, by name, rather than somewhere in a run."""
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +51,22 @@ def test_deleting_an_artifact_folder_of_a_run(tracking_uri, tmp_path):
     client.log_artifact(run_id, str(tmp_path / "a.pt"), "best")  # the run's artifact URI given, as a tracker knows it
     mlflow_compat.delete_artifacts(client, run_id, "best", client.get_run(run_id).info.artifact_uri)
     assert [item.path for item in client.list_artifacts(run_id)] == ["kept.txt"]
+
+
+def test_a_local_artifact_folder_is_where_mlflow_keeps_a_run_s_artifacts(tracking_uri, tmp_path):
+    """Checkpoints are written straight into it (`RunTracker.write_artifact`): MLflow must list and
+    download them as its own."""
+    client, run_id = new_run(tracking_uri)
+    (tmp_path / "a.pt").write_text("through MLflow")
+    client.log_artifact(run_id, str(tmp_path / "a.pt"), "checkpoint")
+    folder = mlflow_compat.local_artifact_folder(client.get_run(run_id).info.artifact_uri)
+    assert (folder / "checkpoint" / "a.pt").read_text() == "through MLflow"
+    (folder / "checkpoint" / "b.pt").write_text("beside it")
+    assert sorted(item.path for item in client.list_artifacts(run_id, "checkpoint")) == ["checkpoint/a.pt",
+                                                                                         "checkpoint/b.pt"]
+    assert Path(client.download_artifacts(run_id, "checkpoint/b.pt", str(tmp_path))).read_text() == "beside it"
+    for remote in ("mlflow-artifacts:/1/abc/artifacts", "s3://bucket/1/abc/artifacts", "file://otherhost/x", None):
+        assert mlflow_compat.local_artifact_folder(remote) is None
 
 
 def test_system_metrics_monitor_logs_into_a_run_given_by_id(tracking_uri):

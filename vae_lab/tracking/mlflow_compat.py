@@ -6,6 +6,9 @@ each degrades to MLflow's own behaviour (slower, or a warning) rather than faili
 from __future__ import annotations
 
 import json
+import urllib.parse
+import urllib.request
+from pathlib import Path
 
 
 def local_dataset_source(uri: str):
@@ -40,6 +43,18 @@ def delete_artifacts(client, run_id: str, path: str, artifact_uri: str | None = 
 
     artifact_uri = artifact_uri or client.get_run(run_id).info.artifact_uri
     get_artifact_repository(artifact_uri, tracking_uri=client.tracking_uri).delete_artifacts(path)
+
+
+def local_artifact_folder(artifact_uri: str | None) -> Path | None:
+    """The folder holding a run's artifacts where its artifact store is a local one (MLflow's
+    LocalArtifactRepository, for plain paths and `file:` URIs, keeps artifact `a/b` at
+    `<folder>/a/b`), else None (a server, a bucket: upload through MLflow)."""
+    if not artifact_uri:
+        return None
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme not in ("", "file") or parsed.netloc not in ("", "localhost"):
+        return None
+    return Path(urllib.request.url2pathname(parsed.path))
 
 
 def skip_requirement_scan() -> None:

@@ -26,6 +26,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from vae_lab import names
 from vae_lab.components import component_files, short_name
 from vae_lab.config import Config
+from vae_lab.files import replace_whole
 from vae_lab.interrupts import deferring
 from vae_lab.names import CHECKPOINT_DIR, CONFIG_ARTIFACT, MODEL_ARTIFACT
 from vae_lab.tracking import mlflow_compat
@@ -227,6 +228,23 @@ class RunTracker:
             self._checkpointed = True
 
     @deferring
+    def write_artifact(self, data: bytes, artifact_path: str, name: str) -> None:
+        """`data` as the run's artifact `artifact_path/name`. Where the run's artifacts are a
+        local folder it is written there directly, to a temporary name and renamed (a reader
+        sees the old file or the whole new one): a checkpoint was written once to a temporary
+        file and once more by MLflow's copy, 9 ms each for an MLP's 5 MB. Elsewhere MLflow uploads it."""
+        folder = mlflow_compat.local_artifact_folder(self.artifact_uri)
+        if folder is not None:
+            replace_whole(folder / artifact_path / name, lambda handle: handle.write(data))
+        else:
+            with tempfile.TemporaryDirectory() as staging:
+                path = Path(staging) / name
+                path.write_bytes(data)
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+        if artifact_path == CHECKPOINT_DIR:
+            self._checkpointed = True
+
+    @deferring
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
@@ -318,6 +336,7 @@ class NullTracker:
     def attempt(self, action, what): return True
     def flush(self): pass
     def log_artifacts(self, local_dir, artifact_path=None): pass
+    def write_artifact(self, data, artifact_path, name): pass
     def finish_with_model(self, model): pass
     def end(self, status="FINISHED", reason=None, resumable=False): pass
 

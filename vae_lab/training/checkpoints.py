@@ -137,11 +137,8 @@ def decode(data: bytes, config: Config | None) -> Checkpoint:
 
 
 def save_checkpoint(tracker, checkpoint: Checkpoint, config: Config) -> None:
-    """Upload `checkpoint` over the older slot of the run's `checkpoint/` artifact folder."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / checkpoint.slot
-        path.write_bytes(encode(checkpoint, config))
-        tracker.log_artifact(path, CHECKPOINT_DIR)
+    """Write `checkpoint` over the older slot of the run's `checkpoint/` artifact folder."""
+    tracker.write_artifact(encode(checkpoint, config), CHECKPOINT_DIR, checkpoint.slot)
 
 
 def read_checkpoint(client, run_id: str, config: Config | None = None,
