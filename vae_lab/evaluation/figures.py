@@ -18,6 +18,9 @@ from PIL import Image  # noqa: E402
 from vae_lab.models.autoencoders import Autoencoder  # noqa: E402
 
 
+FAST_PNG = 1  # zlib's level for the pictures a run writes (Pillow's default, 6, saves about 10% more)
+
+
 def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> torch.Tensor:
     """[B, C, H, W] images as one [C', H', W'] picture, `nrow` to a row, `padding` pixels of
     `pad_value` around each: `torchvision.utils.make_grid`'s layout (grey images become three
@@ -43,10 +46,11 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value:
 def save_image(images: torch.Tensor, path, nrow: int = 8, padding: int = 2, pad_value: float = 0.0,
                format: str | None = None) -> None:
     """`image_grid` written as a PNG (a path or a binary stream): `torchvision.utils.save_image`'s
-    pixels, each value v in [0, 1] stored as round(255 v)."""
+    pixels, each value v in [0, 1] stored as round(255 v). zlib's fastest level: the same pixels
+    in a file about 10% larger, written 2-6x faster (a run writes four)."""
     picture = image_grid(images.detach().float().cpu(), nrow=nrow, padding=padding, pad_value=pad_value)
     pixels = picture.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
-    Image.fromarray(pixels).save(path, format=format)
+    Image.fromarray(pixels).save(path, format=format, compress_level=FAST_PNG)
 
 
 def _pixels(logits: torch.Tensor) -> torch.Tensor:

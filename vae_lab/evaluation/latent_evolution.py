@@ -152,7 +152,7 @@ def save_still(means: np.ndarray, labels: np.ndarray, path: Path, class_names=No
     caption = title if means.shape[1] <= 2 else f"{title}, first two principal components"
     [image] = _frames([(0, means)], labels, class_names, lambda step: caption)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", optimize=False)
+    image.save(path, format="PNG", optimize=False, compress_level=1)  # figures.FAST_PNG
     return path
 
 
