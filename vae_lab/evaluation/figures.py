@@ -15,10 +15,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from vae_lab.evaluation.latent_evolution import FAST_PNG  # noqa: E402
 from vae_lab.models.autoencoders import Autoencoder  # noqa: E402
-
-
-FAST_PNG = 1  # zlib's level for the pictures a run writes (Pillow's default, 6, saves about 10% more)
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> torch.Tensor:

@@ -222,12 +222,6 @@ class RunTracker:
         return True
 
     @deferring
-    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
-        if artifact_path == CHECKPOINT_DIR:
-            self._checkpointed = True
-
-    @deferring
     def write_artifact(self, data: bytes, artifact_path: str, name: str) -> None:
         """`data` as the run's artifact `artifact_path/name`. Where the run's artifacts are a
         local folder it is written there directly, to a temporary name and renamed (a reader

@@ -279,30 +279,27 @@ class StackedStep:
             leaves, self.buffers, images, noise, weights)
         # the gradients as backward lays them out (`.backward()` would copy each into its
         # parameter's layout first: `_follow_gradient_layouts`)
-        grads = torch.autograd.grad(values.sum(), list(leaves.values()))
-        self._adam_step(self._follow_gradient_layouts(dict(zip(leaves, grads))))
+        grads = dict(zip(leaves, torch.autograd.grad(values.sum(), list(leaves.values()))))
+        self._follow_gradient_layouts(grads)
+        self._adam_step(grads)
         return sums
 
-    def _follow_gradient_layouts(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each gradient in its parameter's layout, which the fused Adam kernel needs (it reads
-        its tensors' memory in order, whatever their strides). A vmapped linear layer's weight
-        gradient comes transposed ([K, out, in] stored as [K, in, out]): its stacked weight, and
-        its Adam moments, move into that layout once, so no step copies a gradient (a 784 x 256
-        weight's transposing copy was about 20% of a 3-trial MLP step). A gradient in a layout no
-        tensor can share (overlapping or with gaps) is copied into its parameter's."""
+    def _follow_gradient_layouts(self, grads: dict[str, torch.Tensor]) -> None:
+        """Move each stacked tensor whose gradient comes in another dense layout, with its Adam
+        moments, into that layout. A vmapped linear layer's weight gradient comes transposed
+        ([K, out, in] stored as [K, in, out]); once its weight is stored that way too, no step
+        copies a gradient (a 784 x 256 weight's transposing copy was about 20% of a 3-trial MLP
+        step). A gradient in a layout no tensor can share (overlapping, or with gaps) is left
+        as it is: `FusedAdam` copies it into its tensor's layout."""
         moved = {}
         for name, grad in grads.items():
-            value = self.params[name]
-            if grad.stride() == value.stride():
+            if grad.stride() == self.params[name].stride():
                 continue
             like = torch.empty_like(grad, memory_format=torch.preserve_format)  # the grad's layout, if dense
             if like.stride() == grad.stride():
                 moved[name] = like
-            else:
-                grads[name] = torch.empty_like(value, memory_format=torch.preserve_format).copy_(grad)
         if moved:
             self._move_params(moved)
-        return grads
 
     @torch.no_grad()
     def _move_params(self, targets: dict[str, torch.Tensor]) -> None:
