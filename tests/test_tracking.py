@@ -274,3 +274,35 @@ def test_printed_commands_carry_the_environment_only_where_a_shell_would_miss_it
     in_a_venv = sys.prefix != sys.base_prefix
     assert shell_command("mlflow") in ({os.path.relpath(own), own} if in_a_venv else {"mlflow"})
     assert shell_command("no-such-program") == "no-such-program"
+
+
+def test_buffered_tags_go_out_with_the_metrics_in_requests_mlflow_accepts(tiny_overrides, tracking_uri):
+    """log_tags waits for flush() and goes in its requests (within MLflow's 1,000 entities and 100
+    tags per request); an interrupted end after a checkpoint drops them with the metrics, as the
+    continued run sets them again; a failure's reason still reaches the run."""
+    from vae_lab.config import load_config
+    from vae_lab.names import CHECKPOINT_DIR, FAILURE_REASON_TAG, STOP_REASON_TAG
+    from vae_lab.tracking.tracker import RunTracker
+
+    client = MlflowClient(tracking_uri)
+    tracker = RunTracker.start(load_config(None, tiny_overrides), torch.device("cpu"))
+    requests = []
+    send = tracker.client.log_batch
+    tracker.client.log_batch = lambda *args, **kwargs: requests.append(kwargs) or send(*args, **kwargs)
+    tracker.log_tags({f"t{index}": index for index in range(150)})
+    tracker.log_metrics({f"m{index}": float(index) for index in range(1900)}, step=0)
+    assert "t0" not in client.get_run(tracker.run_id).data.tags
+    tracker.flush()
+    run = client.get_run(tracker.run_id)
+    assert {f"t{index}": str(index) for index in range(150)}.items() <= run.data.tags.items()
+    assert len(run.data.metrics) == 1900 and run.data.metrics["m1899"] == 1899.0
+    assert len(requests) == 3 and all(len(request["metrics"]) + len(request["tags"]) <= 1000
+                                      and len(request["tags"]) <= 100 for request in requests)
+
+    tracker.write_artifact(b"state", CHECKPOINT_DIR, "trial.pt")
+    tracker.log_tags({STOP_REASON_TAG: "epochs"})
+    tracker.log_metrics({"test/loss": 1.0}, step=1)
+    tracker.end("KILLED", reason="KeyboardInterrupt", resumable=True)
+    run = client.get_run(tracker.run_id)
+    assert STOP_REASON_TAG not in run.data.tags and "test/loss" not in run.data.metrics
+    assert run.data.tags[FAILURE_REASON_TAG] == "KeyboardInterrupt" and run.info.status == "KILLED"

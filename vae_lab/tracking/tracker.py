@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import shutil
@@ -36,7 +37,8 @@ from vae_lab.tracking.provenance import dataset_inputs, environment_tags
 from vae_lab.tracking.stores import get_or_create_experiment, prepare_store
 from vae_lab.tracking.uris import redact, resolve_tracking_uri
 
-MAX_METRICS_PER_BATCH = 1000
+# what one log_batch request may carry (MLflow's limits): metrics, params and tags in all; of them, tags
+MAX_ENTITIES_PER_BATCH, MAX_TAGS_PER_BATCH = 1000, 100
 MAX_PARAMS_PER_BATCH = 100
 # the part of the package that unpickling and running a logged model imports: what its MLflow
 # model carries as code (tests/test_train.py loads one where vae_lab comes only from there)
@@ -91,6 +93,7 @@ class RunTracker:
         self.experiment_id = experiment_id
         self.artifact_uri = artifact_uri
         self._pending: list[Metric] = []
+        self._pending_tags: dict[str, str] = {}
         self._system_monitor = None
         self._logged: set[tuple] | None = None  # (key, step, value) a resumed run already holds
         self._failing_since: float | None = None
@@ -180,6 +183,11 @@ class RunTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
+    def log_tags(self, tags: dict[str, Any]) -> None:
+        """Buffered like metrics, and sent in the same request by `flush()`: at a run's end each
+        request to a SQLite store is a transaction costing 10-15 ms. (`set_tags` sends at once.)"""
+        self._pending_tags.update({key: str(value) for key, value in tags.items()})
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Buffered: nothing reaches the store until `flush()` (called once per epoch)."""
         timestamp = int(time.time() * 1000)
@@ -191,13 +199,18 @@ class RunTracker:
 
     @deferring
     def flush(self) -> None:
-        """Send the buffered metrics; they stay buffered if the store cannot take them."""
+        """Send the buffered metrics and tags; they stay buffered if the store cannot take them."""
         pending = self._pending
         if self._logged is not None:
             pending = [metric for metric in pending if (metric.key, metric.step, metric.value) not in self._logged]
-        for start in range(0, len(pending), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=pending[start:start + MAX_METRICS_PER_BATCH])
+        tags = [RunTag(key, value) for key, value in self._pending_tags.items()]
+        while pending or tags:
+            batch_tags, tags = tags[:MAX_TAGS_PER_BATCH], tags[MAX_TAGS_PER_BATCH:]
+            room = MAX_ENTITIES_PER_BATCH - len(batch_tags)
+            batch_metrics, pending = pending[:room], pending[room:]
+            self.client.log_batch(self.run_id, metrics=batch_metrics, tags=batch_tags)
         self._pending = []
+        self._pending_tags = {}
 
     def attempt(self, action, what: str) -> bool:
         """Run a store call that may wait: False while the store cannot be reached (training goes
@@ -267,10 +280,9 @@ class RunTracker:
                                 model_id=logged.model_id) for metric in self._pending]
         self.flush()
         model = model.to("cpu")
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = Path(folder) / "state_dict.pt"
-            torch.save({"state_dict": model.state_dict(), "image_shape": list(model.image_shape)}, checkpoint)
-            self.client.log_artifact(self.run_id, str(checkpoint), "model_state")
+        state = io.BytesIO()
+        torch.save({"state_dict": model.state_dict(), "image_shape": list(model.image_shape)}, state)
+        self.write_artifact(state.getvalue(), "model_state", "state_dict.pt")
         mlflow.set_tracking_uri(self.tracking_uri)
         # MLflow warns about pickle on every call; the state dict above is the safe copy
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
@@ -298,10 +310,11 @@ class RunTracker:
             self._system_monitor = None
         if resumable and self._checkpointed:
             self._pending = []
+            self._pending_tags = {}
         try:
-            self.flush()
             if reason:
-                self.set_tags({names.FAILURE_REASON_TAG: reason[:5000]})
+                self.log_tags({names.FAILURE_REASON_TAG: reason[:5000]})
+            self.flush()
             self.client.set_terminated(self.run_id, status=status)
         except Exception as error:
             if status == "FINISHED" or not is_store_error(error):
@@ -325,6 +338,7 @@ class NullTracker:
     def log_params(self, params): pass
     def log_datasets(self, data): pass
     def set_tags(self, tags): pass
+    def log_tags(self, tags): pass
     def log_metrics(self, metrics, step): pass
     def pending(self): return []
     def attempt(self, action, what): return True

@@ -45,7 +45,7 @@ def finalize_run(model: Autoencoder, data: ImageData, config: Config, device: to
     if evaluation is not None:
         metrics.update(evaluation.metrics)
         tracker.log_metrics(evaluation.metrics, step=0)
-        tracker.set_tags(evaluation.tags)
+        tracker.log_tags(evaluation.tags)
     if config.tracking.enabled:
         with tempfile.TemporaryDirectory() as folder:
             with end_of_run_stage("images and latents"):

@@ -389,7 +389,7 @@ class Engine:
             summary.update(trial.val)  # the restored weights' val/* become the run's latest val values
         trial.tracker.log_metrics(summary, trial.last_step)
         stopped_early = trial.epochs_trained < trial.config.train.epochs
-        trial.tracker.set_tags({names.STOP_REASON_TAG: "early_stopping" if stopped_early else "epochs"})
+        trial.tracker.log_tags({names.STOP_REASON_TAG: "early_stopping" if stopped_early else "epochs"})
         metrics = {**trial.last_train, **trial.last_epoch, **trial.val, **summary}
         frames = (trial.latent_frames, self.frame_labels) if trial.latent_frames else None
         metrics = finalize_run(model, self.data, trial.config, self.device, trial.tracker, metrics, frames)
