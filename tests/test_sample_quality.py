@@ -62,6 +62,29 @@ def test_precision_and_recall_of_real_images_are_near_one_and_of_noise_zero(mnis
     assert precision_recall(test_features, space.embed(noise)) == (0.0, 0.0)
 
 
+def test_precision_and_recall_are_the_definitions_of_kynkaanniemi_et_al():
+    """Against the definition written out with scipy: precision, the share of generated points
+    within the 3rd-nearest-neighbour radius of some real point; recall, the same the other way
+    round; in chunks smaller than either set, and with the real radii given."""
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(2)
+    real = rng.normal(size=(300, 5))
+    generated = rng.normal(loc=0.4, scale=1.3, size=(230, 5))  # overlapping: both shares strictly inside (0, 1)
+
+    def radii(points):
+        return np.sort(cdist(points, points), axis=1)[:, 3]  # column 0 is the point itself
+
+    expected = ((cdist(generated, real) <= radii(real)[None, :]).any(axis=1).mean(),
+                (cdist(real, generated) <= radii(generated)[None, :]).any(axis=1).mean())
+    assert 0.2 < expected[0] < 0.95 and 0.2 < expected[1] < 0.95
+    real_t, generated_t = torch.from_numpy(real), torch.from_numpy(generated)
+    assert precision_recall(real_t, generated_t, chunk=64) == pytest.approx(expected, abs=1.5 / 230)
+    given = precision_recall(real_t, generated_t, chunk=1000,
+                             real_radii=torch.from_numpy(radii(real)).float())
+    assert given == pytest.approx(expected, abs=1.5 / 230)
+
+
 def test_frechet_distance_is_the_textbook_formula():
     """Against the usual implementation: scipy's sqrtm of Σ1 Σ2, its imaginary part dropped."""
     rng = np.random.default_rng(0)

@@ -219,25 +219,24 @@ def _knn_radii(points: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
                       for start in range(0, points.shape[0], chunk)])
 
 
-def _coverage(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
-    """The share of `queries` inside some centre's ball."""
-    inside = [(torch.cdist(queries[start:start + chunk], centres) <= radii).any(dim=1)
-              for start in range(0, queries.shape[0], chunk)]
-    return float(torch.cat(inside).double().mean())
-
-
 def precision_recall(real: torch.Tensor, generated: torch.Tensor, k: int = NEIGHBOURS,
                      chunk: int = 1024, real_radii: torch.Tensor | None = None) -> tuple[float, float]:
     """Kynkäänniemi et al. (2019): precision, the share of generated points inside the real manifold
     (the union of balls around real points reaching their k-th nearest real neighbour); recall, the
     share of real points inside the generated manifold, built the same way. `real_radii`: the
-    real points' `_knn_radii`, when the caller keeps them (they are the same for every model)."""
+    real points' `_knn_radii`, when the caller keeps them (they are the same for every model).
+    Both read one table of generated-to-real distances, in chunks of `chunk` generated points."""
     real, generated = real.float(), generated.float()
     if real_radii is None:
         real_radii = _knn_radii(real, k, chunk)
-    precision = _coverage(generated, real, real_radii, chunk)
-    recall = _coverage(real, generated, _knn_radii(generated, k, chunk), chunk)
-    return precision, recall
+    generated_radii = _knn_radii(generated, k, chunk)
+    precise = []  # per generated point: inside some real point's ball
+    recalled = torch.zeros(real.shape[0], dtype=torch.bool)  # per real point: inside some generated point's ball
+    for start in range(0, generated.shape[0], chunk):
+        distances = torch.cdist(generated[start:start + chunk], real)
+        precise.append((distances <= real_radii).any(dim=1))
+        recalled |= (distances <= generated_radii[start:start + chunk, None]).any(dim=0)
+    return float(torch.cat(precise).double().mean()), float(recalled.double().mean())
 
 
 # ----------------------------------------------------------------------------- a model's samples
