@@ -29,7 +29,6 @@ from vae_lab.study.repair import kill_orphan_runs, repair_stale_trials
 from vae_lab.study.session import Session, SweepSettings
 from vae_lab.study.space import make_pruner, make_sampler
 from vae_lab.study.spec import StudySpec, fingerprint_changes
-from vae_lab.study.summary import log_summary
 from vae_lab.study.trials import work
 from vae_lab.study.workers import Helpers, Worker, machine_key, process_gone, worker_id
 from vae_lab.tracking.errors import StoreUnavailable, is_store_error, refusal
@@ -247,6 +246,10 @@ def unfinished(session: Session) -> int:
 
 def finish_parent(session: Session, interrupted: bool) -> dict:
     """Write the summary; end the parent run unless other workers still run trials."""
+    # imported here: the summary's charts and importances bring matplotlib and scikit-learn
+    # (about 2.5 s), which a helper worker, never writing the summary, does not need
+    from vae_lab.study.summary import log_summary
+
     kill_orphan_runs(session)
     summary = log_summary(session.client, session.parent_run_id, session.study, session.spec)
     live = session.study.get_trials(deepcopy=False, states=store.LIVE_STATES)
