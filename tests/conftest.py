@@ -7,6 +7,8 @@ starts, and the session fails if the checkout's own store or reports folder gain
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -52,6 +54,12 @@ TINY_RUN = [
     "eval.iwae_samples=4",
     "eval.iwae_points=64",
 ]
+
+
+def run_in_fresh_process(code: str) -> None:
+    """Run Python `code` in a new interpreter (what a fresh process imports); fail with its stderr."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 # an AE that memorizes its 90 training images: val/loss turns up after 15-20 epochs
 OVERFITS = ["data.train_limit=100", "model.name=ae", "model.hidden_dims=[256]", "model.latent_dim=16",

@@ -6,6 +6,7 @@ import optuna
 import pytest
 import yaml
 
+from conftest import run_in_fresh_process
 from vae_lab import sweep
 from vae_lab.config import ConfigError
 from vae_lab.study.spec import load_study_spec, parse_study, point_key
@@ -202,15 +203,10 @@ def test_a_large_grid_is_planned_and_queued_a_slice_at_a_time(tmp_path, tracking
 def test_a_helper_worker_imports_neither_the_summary_s_charts_nor_its_importances():
     """A `--workers` helper (or a Slurm array task before its end) never writes the summary: the
     modules of its charts (matplotlib) and fANOVA importances (scikit-learn) load only for it."""
-    import subprocess
-    import sys
-
-    code = ("import sys\n"
-            "import vae_lab.study.runner, vae_lab.sweep\n"
-            "loaded = sorted({name.split('.')[0] for name in sys.modules} & {'matplotlib', 'sklearn'})\n"
-            "assert not loaded, loaded\n"
-            "from vae_lab.study.runner import finish_parent\n"
-            "import vae_lab.study.summary\n"
-            "assert {'matplotlib', 'sklearn'} <= {name.split('.')[0] for name in sys.modules}\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_fresh_process(
+        "import sys\n"
+        "import vae_lab.study.runner, vae_lab.sweep\n"
+        "loaded = sorted({name.split('.')[0] for name in sys.modules} & {'matplotlib', 'sklearn'})\n"
+        "assert not loaded, loaded\n"
+        "import vae_lab.study.summary\n"
+        "assert {'matplotlib', 'sklearn'} <= {name.split('.')[0] for name in sys.modules}\n")

@@ -1,13 +1,11 @@
 """The PyTorch internals vae_lab relies on (vae_lab/training/torch_compat.py), against the real
 PyTorch: a release that changes one fails here, by name."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_in_fresh_process
 from vae_lab.training.adam import FusedAdam
 
 
@@ -83,23 +81,22 @@ def test_fused_adam_steps_transposed_tensors_in_place_and_reads_any_gradient_lay
 def test_plain_and_stacked_runs_never_import_torch_dynamo():
     """torch.optim's first step, torch.func's grad and torchvision's import all import
     torch._dynamo: 1.6 s of a process's start on a 2-core CPU, which vae_lab never uses."""
-    code = ("import sys, torch\n"
-            "from vae_lab.config import load_config\n"
-            "from vae_lab.data.datasets import load_data\n"
-            "from vae_lab.train import train\n"
-            "from vae_lab.training.run import run_trials\n"
-            "from vae_lab.training.trial import TrialSpec\n"
-            "overrides = ['data.name=digits', 'train.epochs=1', 'tracking.enabled=false', "
-            "'train.progress=false', 'eval.enabled=false']\n"
-            "config = load_config(None, overrides)\n"
-            "train(config)\n"
-            "specs = [TrialSpec(load_config(None, overrides + [f'train.seed={seed}'])) for seed in (0, 1)]\n"
-            "outcomes = run_trials(specs, data=load_data(config.data), stacked=True)\n"
-            "assert all(hasattr(outcome, 'metrics') for outcome in outcomes), outcomes\n"
-            "from vae_lab.evaluation import figures\n"
-            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_fresh_process(
+        "import sys, torch\n"
+        "from vae_lab.config import load_config\n"
+        "from vae_lab.data.datasets import load_data\n"
+        "from vae_lab.train import train\n"
+        "from vae_lab.training.run import run_trials\n"
+        "from vae_lab.training.trial import TrialSpec\n"
+        "overrides = ['data.name=digits', 'train.epochs=1', 'tracking.enabled=false', "
+        "'train.progress=false', 'eval.enabled=false']\n"
+        "config = load_config(None, overrides)\n"
+        "train(config)\n"
+        "specs = [TrialSpec(load_config(None, overrides + [f'train.seed={seed}'])) for seed in (0, 1)]\n"
+        "outcomes = run_trials(specs, data=load_data(config.data), stacked=True)\n"
+        "assert all(hasattr(outcome, 'metrics') for outcome in outcomes), outcomes\n"
+        "from vae_lab.evaluation import figures\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
 
 
 @pytest.mark.parametrize("shape, per_row", [((5, 1, 7, 6), 2), ((9, 3, 4, 4), 3), ((1, 1, 5, 5), 8), ((4, 3, 3, 5), 8)])
