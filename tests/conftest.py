@@ -61,6 +61,7 @@ def run_in_fresh_process(code: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
+
 # an AE that memorizes its 90 training images: val/loss turns up after 15-20 epochs
 OVERFITS = ["data.train_limit=100", "model.name=ae", "model.hidden_dims=[256]", "model.latent_dim=16",
             "train.lr=1e-2", "train.batch_size=32", "train.epochs=40"]
