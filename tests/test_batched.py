@@ -314,3 +314,37 @@ def test_stacked_weights_take_their_gradients_layout_and_a_trial_leaving_changes
     for key in ("exp_avg", "exp_avg_sq"):
         for name, value in alone.optimizer_state(0)[key].items():
             torch.testing.assert_close(pair.optimizer_state(0)[key][name], value, rtol=0, atol=1e-6)
+
+
+def test_a_stacked_trials_checkpoint_resumes_in_a_plain_step_as_the_trial_goes_on_in_the_stack():
+    """A stacked linear layer's Adam moments are stored transposed (as its weight is): a trial
+    resumed alone, in a plain step, takes them in its own weight's layout. Handed over as they
+    were, the fused kernel paired each weight with another entry's moments."""
+    import io
+
+    from vae_lab.models.components import build_model
+    from vae_lab.training.steps import PlainStep, StackedStep, loss_weights
+
+    configs = [build_config(None, [*TWO_EPOCHS, "tracking.enabled=false", "model.name=linear_vae",
+                                   f"train.seed={seed}"]) for seed in (0, 1)]
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    pair = StackedStep([build_model(config.model, (1, 28, 28), config.prior) for config in configs], configs, cpu)
+    generator = torch.Generator().manual_seed(3)
+    latent = configs[0].model.latent_dim
+    draws = [(torch.rand(2, 16, 1, 28, 28, generator=generator), torch.randn(2, 16, latent, generator=generator))
+             for _ in range(3)]
+    pair.train_step(draws[0][0], 0, draws[0][1], 0, loss_weights(configs, cpu))
+    buffer = io.BytesIO()  # as a checkpoint keeps them
+    torch.save({"model": pair.state(1), "optimizer": pair.optimizer_state(1)}, buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    assert not saved["optimizer"]["exp_avg"]["encoder.0.weight"].is_contiguous()
+    plain = PlainStep(build_model(configs[1].model, (1, 28, 28), configs[1].prior), configs[1], cpu)
+    plain.load_state(0, saved["model"])
+    plain.load_optimizer_states([saved["optimizer"]])
+    pair.keep([1])
+    for images, noise in draws[1:]:
+        pair.train_step(images[1:], 0, noise[1:], 0, loss_weights(pair.configs, cpu))
+        plain.train_step(images[1], None, noise[1], None, loss_weights(configs[1:], cpu))
+    for name, value in plain.state(0).items():
+        torch.testing.assert_close(pair.state(0)[name], value, rtol=0, atol=1e-6)

@@ -292,6 +292,99 @@ def test_a_users_objective_trains_in_a_batch_as_alone(tracking_uri):
     assert alone[0].metrics["val/kl"] != pytest.approx(alone[1].metrics["val/kl"], rel=1e-3)
 
 
+SPARE_LAYER = '''
+import math
+from torch import nn
+from vae_lab.models import Autoencoder
+
+
+class SpareVAE(Autoencoder):
+    """An MLP VAE with a layer its loss uses only while `use_spare` is set (never, by default)."""
+
+    variational = True
+    use_spare = False
+
+    def __init__(self, image_shape, latent_dim):
+        super().__init__(image_shape, latent_dim)
+        pixels = math.prod(image_shape)
+        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(pixels, 16), nn.ReLU(), nn.Linear(16, 2 * latent_dim))
+        self.decoder = nn.Linear(latent_dim, pixels)
+        self.spare = nn.Linear(latent_dim, 1)
+
+    def encode_stats(self, x):
+        return self.encoder(x)
+
+    def decode(self, z):
+        logits = self.decoder(z)
+        if self.use_spare:
+            logits = logits + self.spare(z)
+        return logits.view(-1, *self.image_shape)
+'''
+
+
+def test_a_parameter_the_loss_does_not_use_takes_no_step_in_a_batch_as_alone(tmp_path, tracking_uri):
+    """As with torch's Adam: a parameter without a gradient takes no step and has no Adam state,
+    in a stacked batch (which failed: autograd refused the unused tensor) as in a plain step.
+    Checkpoints keep each parameter's own step, so a run resumes exactly where it was."""
+    from test_batched import assert_batched_as_alone
+    from vae_lab.training.steps import PlainStep, StackedStep, loss_weights
+
+    path = tmp_path / "spare.py"
+    path.write_text(SPARE_LAYER)
+    configs = [build_config(None, [*TINY_RUN, f"tracking.uri={tracking_uri}", f"model.name={path}:SpareVAE",
+                                   "train.epochs=2", "train.checkpoint_every=1", "train.grad_clip=1",
+                                   "eval.enabled=false", "tracking.log_model=false", "tracking.log_images=false",
+                                   f"train.seed={seed}"]) for seed in (0, 1)]
+    assert_batched_as_alone(configs, ("val/loss", "test/loss", "train/loss"))
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    models = [build_model(config.model, (1, 28, 28), config.prior) for config in configs]
+    spare = [model.spare.weight.detach().clone() for model in models]
+    generator = torch.Generator().manual_seed(3)
+    latent = configs[0].model.latent_dim
+    draws = [(torch.rand(2, 8, 1, 28, 28, generator=generator).bernoulli(), torch.randn(2, 8, latent, generator=generator))
+             for _ in range(3)]
+
+    def stacked_step(stepper, index, rows):
+        images, noise = draws[index]
+        stepper.train_step(images[rows], 0, noise[rows], 0, loss_weights(stepper.configs, cpu))
+
+    def plain_step(stepper, index):  # the second trial's draws
+        images, noise = draws[index]
+        stepper.train_step(images[1], None, noise[1], None, loss_weights([configs[1]], cpu))
+
+    pair = StackedStep(models, configs, cpu)
+    stacked_step(pair, 0, [0, 1])
+    for row in (0, 1):
+        assert torch.equal(pair.state(row)["spare.weight"], spare[row])
+        moments = pair.optimizer_state(row)
+        assert "spare.weight" not in moments["exp_avg"] and "decoder.weight" in moments["exp_avg"]
+    plain = PlainStep(build_model(configs[1].model, (1, 28, 28), configs[1].prior), configs[1], cpu)
+    plain.load_state(0, pair.state(1))
+    plain.load_optimizer_states([pair.optimizer_state(1)])
+    pair.keep([1])  # the first trial leaves; the second goes on as it would alone
+    stacked_step(pair, 1, [1])
+    plain_step(plain, 1)
+    for name, value in plain.state(0).items():
+        torch.testing.assert_close(pair.state(0)[name], value, rtol=0, atol=1e-6)
+    assert torch.equal(plain.state(0)["spare.weight"], spare[1])
+
+    # used on the third step only: its own step count (1, against 3) survives a checkpoint
+    plain.model(0).use_spare = True
+    plain_step(plain, 2)
+    saved = plain.optimizer_state(0)
+    assert saved["step"] == 3 and saved["steps"] == {"spare.weight": 1.0, "spare.bias": 1.0}
+    resumed = PlainStep(build_model(configs[1].model, (1, 28, 28), configs[1].prior), configs[1], cpu)
+    resumed.load_state(0, plain.state(0))
+    resumed.load_optimizer_states([saved])
+    resumed.model(0).use_spare = True
+    for stepper in (plain, resumed):
+        plain_step(stepper, 0)
+    for name, value in plain.state(0).items():
+        torch.testing.assert_close(resumed.state(0)[name], value, rtol=0, atol=0)
+
+
 def test_an_installed_package_registers_through_an_entry_point(tmp_path, monkeypatch):
     """A distribution on sys.path that declares `[vae_lab.models] residual = ...` is found by name."""
     package = tmp_path / "residual_pkg"

@@ -49,7 +49,9 @@ class Checkpoint:
     sequence: int  # how many checkpoints this run has written before this one
     finished_training: bool  # epochs done or stopped early: what is left is test, eval, artifacts
     model_state: dict
-    optimizer_state: dict | None  # {"step": float, "exp_avg": {name: tensor}, "exp_avg_sq": {...}}
+    # {"step": float, "exp_avg": {name: tensor}, "exp_avg_sq": {...}}, and "steps": {name: float} for the
+    # parameters whose step differs; a parameter that has taken no step has no entry (steps._named_adam_state)
+    optimizer_state: dict | None
     order_generator: torch.Tensor
     noise_generator: torch.Tensor
     best_val_loss: float

@@ -45,10 +45,34 @@ CLIP_EPS = 1e-6  # clip_grad_norm_'s
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _adam_state(state: dict, name: str, like: torch.Tensor) -> dict:
-    """One tensor's fused-Adam state from a checkpoint's per-name moments."""
-    return {"step": torch.tensor(state["step"], dtype=torch.float32, device=like.device),
-            **{key: state[key][name].to(like.device, like.dtype).clone() for key in ADAM_MOMENTS}}
+def _adam_state(state: dict, name: str, like: torch.Tensor) -> dict | None:
+    """One tensor's fused-Adam state from a checkpoint's per-name moments; None for a tensor
+    that had taken no step (a parameter the loss has not used: Adam keeps no state for it)."""
+    if name not in state[ADAM_MOMENTS[0]]:
+        return None
+    step = state.get("steps", {}).get(name, state["step"])
+    # each moment in its tensor's memory layout: the fused kernel pairs their entries in memory
+    # order, and a stacked trial's moments may be stored transposed (`StackedStep._follow_gradient_layouts`)
+    return {"step": torch.tensor(step, dtype=torch.float32, device=like.device),
+            **{key: torch.empty_like(like, memory_format=torch.preserve_format).copy_(state[key][name])
+               for key in ADAM_MOMENTS}}
+
+
+def _named_adam_state(named_states: list[tuple[str, dict]], row=slice(None)) -> dict | None:
+    """A checkpoint's optimizer state from (name, fused-Adam state) pairs of the tensors that
+    have one: {"step": float, "exp_avg": {name: tensor}, "exp_avg_sq": {...}}, plus "steps":
+    {name: float} for the tensors whose step differs from "step" (a parameter the loss uses only
+    on some steps). A parameter the loss has not used has no entry, as in torch's Adam."""
+    if not named_states:
+        return None
+    steps = {name: float(state["step"]) for name, state in named_states}
+    step = max(steps.values())
+    checkpoint = {"step": step, **{key: {name: state[key][row].detach().clone() for name, state in named_states}
+                                   for key in ADAM_MOMENTS}}
+    differing = {name: value for name, value in steps.items() if value != step}
+    if differing:
+        checkpoint["steps"] = differing
+    return checkpoint
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -191,20 +215,17 @@ class PlainStep:
 
     def optimizer_state(self, row: int) -> dict | None:
         """The trial's Adam state by parameter name (None before its first step)."""
-        named = list(self._model.named_parameters())
-        if not self.optimizer.state:
-            return None
-        states = [self.optimizer.state[param] for _, param in named]
-        return {"step": float(states[0]["step"]),
-                **{key: {name: state[key].detach().clone() for (name, _), state in zip(named, states)}
-                   for key in ADAM_MOMENTS}}
+        return _named_adam_state([(name, self.optimizer.state[param]) for name, param in self._model.named_parameters()
+                                  if param in self.optimizer.state])
 
     def load_optimizer_states(self, states: list[dict | None]) -> None:
         (state,) = states
         if state is None:
             return
         for name, param in self._model.named_parameters():
-            self.optimizer.state[param] = _adam_state(state, name, param)
+            adam = _adam_state(state, name, param)
+            if adam is not None:
+                self.optimizer.state[param] = adam
 
     def model(self, row: int) -> Autoencoder:
         return self._model
@@ -253,7 +274,8 @@ class StackedStep:
         if states is not None:  # carried over from the previous optimizer, already row-selected
             params = [param for group in optimizer.param_groups for param in group["params"]]
             for param, state in zip(params, states):
-                optimizer.state[param] = state
+                if state is not None:  # None: a tensor that has taken no step
+                    optimizer.state[param] = state
         return optimizer
 
     def _forward(self, params, buffers, images, noise):
@@ -278,8 +300,9 @@ class StackedStep:
         values, sums = vmap(self._trial_loss, in_dims=(0, 0, images_dim, noise_dim, 0))(
             leaves, self.buffers, images, noise, weights)
         # the gradients as backward lays them out (`.backward()` would copy each into its
-        # parameter's layout first: `_follow_gradient_layouts`)
-        grads = dict(zip(leaves, torch.autograd.grad(values.sum(), list(leaves.values()))))
+        # parameter's layout first: `_follow_gradient_layouts`); None for a parameter the loss
+        # does not use, which Adam then leaves alone, as it does alone (`.grad` None)
+        grads = dict(zip(leaves, torch.autograd.grad(values.sum(), list(leaves.values()), allow_unused=True)))
         self._follow_gradient_layouts(grads)
         self._adam_step(grads)
         return sums
@@ -293,7 +316,7 @@ class StackedStep:
         as it is: `FusedAdam` copies it into its tensor's layout."""
         moved = {}
         for name, grad in grads.items():
-            if grad.stride() == self.params[name].stride():
+            if grad is None or grad.stride() == self.params[name].stride():
                 continue
             like = torch.empty_like(grad, memory_format=torch.preserve_format)  # the grad's layout, if dense
             if like.stride() == grad.stride():
@@ -310,6 +333,9 @@ class StackedStep:
             for group in self.optimizer.param_groups:
                 stop = start + group["params"][0].shape[0]
                 for name, param in zip(self.params, group["params"]):
+                    if param not in self.optimizer.state:  # it has taken no step
+                        states.append(None)
+                        continue
                     state = dict(self.optimizer.state[param])
                     if name in targets:
                         for key in ADAM_MOMENTS:
@@ -325,15 +351,15 @@ class StackedStep:
         """Per trial: clip_grad_norm_ (its total norm over all of the trial's tensors), then Adam."""
         stacked = [grads[name] for name in self.params]
         if self.clipping:
-            norms = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(grad.flatten(1), dim=1) for grad in stacked]), dim=0)
+            norms = torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(grad.flatten(1), dim=1) for grad in stacked if grad is not None]), dim=0)
             scale = (self.clip / (norms + CLIP_EPS)).clamp(max=1.0)
-            stacked = [grad * scale.view(-1, *[1] * (grad.dim() - 1)) for grad in stacked]
+            stacked = [None if grad is None else grad * scale.view(-1, *[1] * (grad.dim() - 1)) for grad in stacked]
         start = 0
         for group in self.optimizer.param_groups:
             stop = start + group["params"][0].shape[0]
             for param, grad in zip(group["params"], stacked):
-                param.grad = grad[start:stop]
+                param.grad = None if grad is None else grad[start:stop]
             start = stop
         self.optimizer.step()
 
@@ -357,26 +383,29 @@ class StackedStep:
     def keep(self, rows: list[int]) -> None:
         """Drop every row not in `rows` (trials that left), Adam moments included."""
         index = torch.tensor(rows, device=self.clip.device)
-        moments = {}  # per stacked tensor: its full-height exp_avg / exp_avg_sq
-        for key in ("exp_avg", "exp_avg_sq"):
-            moments[key] = {name: torch.cat([self.optimizer.state[group["params"][position]][key]
-                                             for group in self.optimizer.param_groups])
-                            if self.optimizer.state else None
-                            for position, name in enumerate(self.params)}
-        step = next(iter(self.optimizer.state.values()))["step"] if self.optimizer.state else None
+        # per stacked tensor that has taken a step (every group's rows of it have: they share
+        # their tensors' use): its step and full-height exp_avg / exp_avg_sq
+        first_group = self.optimizer.param_groups[0]["params"]
+        stepped = {name: position for position, name in enumerate(self.params)
+                   if first_group[position] in self.optimizer.state}
+        moments = {name: {"step": self.optimizer.state[first_group[position]]["step"],
+                          **{key: torch.cat([self.optimizer.state[group["params"][position]][key]
+                                             for group in self.optimizer.param_groups]) for key in ADAM_MOMENTS}}
+                   for name, position in stepped.items()}
         self.params = {name: value.index_select(0, index) for name, value in self.params.items()}
         self.buffers = {name: value.index_select(0, index) for name, value in self.buffers.items()}
         self.lrs = [self.lrs[row] for row in rows]
         self.configs = [self.configs[row] for row in rows]
         states = None
-        if step is not None:
+        if moments:
             states, start = [], 0
             for lr in dict.fromkeys(self.lrs):
                 stop = start + self.lrs.count(lr)
                 for name in self.params:
-                    states.append({"step": step.clone(),
-                                   **{key: moments[key][name].index_select(0, index)[start:stop].clone()
-                                      for key in moments}})
+                    kept = moments.get(name)
+                    states.append(None if kept is None else {
+                        "step": kept["step"].clone(),
+                        **{key: kept[key].index_select(0, index)[start:stop].clone() for key in ADAM_MOMENTS}})
                 start = stop
         self.optimizer = self._adam(self.lrs, states)
         self.clip = self.clip.index_select(0, index)
@@ -397,13 +426,10 @@ class StackedStep:
 
     def optimizer_state(self, row: int) -> dict | None:
         """The trial's Adam state by parameter name, as `PlainStep.optimizer_state` gives it."""
-        if not self.optimizer.state:
-            return None
         group, offset = self._group_of(row)
-        states = [self.optimizer.state[param] for param in group["params"]]
-        return {"step": float(states[0]["step"]),
-                **{key: {name.removeprefix("model."): state[key][offset].detach().clone()
-                         for name, state in zip(self.params, states)} for key in ADAM_MOMENTS}}
+        return _named_adam_state([(name.removeprefix("model."), self.optimizer.state[param])
+                                  for name, param in zip(self.params, group["params"])
+                                  if param in self.optimizer.state], offset)
 
     def load_optimizer_states(self, states: list[dict | None]) -> None:
         """Every row's Adam state at once (rows in order), before the first step."""
@@ -417,6 +443,13 @@ class StackedStep:
             for name, value in self.params.items():
                 plain = name.removeprefix("model.")
                 rows = [_adam_state(state, plain, value[0]) for state in states[start:stop]]
+                if any(row is None for row in rows):  # a tensor that has taken no step
+                    if any(row is not None for row in rows):
+                        raise ValueError("trials stacked together must resume from the same step")
+                    merged.append(None)
+                    continue
+                if len({float(row["step"]) for row in rows}) > 1:
+                    raise ValueError("trials stacked together must resume from the same step")
                 merged.append({"step": rows[0]["step"],
                                **{key: torch.stack([row[key] for row in rows]) for key in ADAM_MOMENTS}})
             start = stop
@@ -455,7 +488,7 @@ class PaddedStep(StackedStep):
         self.masks = {f"model.{name}": self.embedding.mask(name, device) for name, _ in template.named_parameters()}
 
     def _adam_step(self, grads: dict[str, torch.Tensor]) -> None:
-        super()._adam_step({name: grad.mul_(self.masks[name]) for name, grad in grads.items()})
+        super()._adam_step({name: None if grad is None else grad.mul_(self.masks[name]) for name, grad in grads.items()})
 
     def keep(self, rows: list[int]) -> None:
         super().keep(rows)
@@ -484,5 +517,5 @@ def _moments_mapped(state: dict | None, change) -> dict | None:
     to each moment tensor."""
     if state is None:
         return None
-    return {"step": state["step"], **{key: {name: change(name, value) for name, value in state[key].items()}
-                                      for key in ADAM_MOMENTS}}
+    return {**state, **{key: {name: change(name, value) for name, value in state[key].items()}
+                        for key in ADAM_MOMENTS}}
