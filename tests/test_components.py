@@ -299,7 +299,8 @@ from vae_lab.models import Autoencoder
 
 
 class SpareVAE(Autoencoder):
-    """An MLP VAE with a layer its loss uses only while `use_spare` is set (never, by default)."""
+    """An MLP VAE with a frozen first layer, and a layer its loss uses only while `use_spare` is
+    set (never, by default)."""
 
     variational = True
     use_spare = False
@@ -308,6 +309,7 @@ class SpareVAE(Autoencoder):
         super().__init__(image_shape, latent_dim)
         pixels = math.prod(image_shape)
         self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(pixels, 16), nn.ReLU(), nn.Linear(16, 2 * latent_dim))
+        self.encoder[1].requires_grad_(False)
         self.decoder = nn.Linear(latent_dim, pixels)
         self.spare = nn.Linear(latent_dim, 1)
 
@@ -322,10 +324,11 @@ class SpareVAE(Autoencoder):
 '''
 
 
-def test_a_parameter_the_loss_does_not_use_takes_no_step_in_a_batch_as_alone(tmp_path, tracking_uri):
+def test_a_parameter_without_a_gradient_takes_no_step_in_a_batch_as_alone(tmp_path, tracking_uri):
     """As with torch's Adam: a parameter without a gradient takes no step and has no Adam state,
-    in a stacked batch (which failed: autograd refused the unused tensor) as in a plain step.
-    Checkpoints keep each parameter's own step, so a run resumes exactly where it was."""
+    in a stacked batch as in a plain step. One the loss does not use failed the batch (autograd
+    refused it) and a plain run's checkpoint; a frozen one (requires_grad=False) trained in a
+    batch. Checkpoints keep each parameter's own step, so a run resumes exactly where it was."""
     from test_batched import assert_batched_as_alone
     from vae_lab.training.steps import PlainStep, StackedStep, loss_weights
 
@@ -341,6 +344,7 @@ def test_a_parameter_the_loss_does_not_use_takes_no_step_in_a_batch_as_alone(tmp
     torch.manual_seed(0)
     models = [build_model(config.model, (1, 28, 28), config.prior) for config in configs]
     spare = [model.spare.weight.detach().clone() for model in models]
+    frozen = [model.encoder[1].weight.detach().clone() for model in models]
     generator = torch.Generator().manual_seed(3)
     latent = configs[0].model.latent_dim
     draws = [(torch.rand(2, 8, 1, 28, 28, generator=generator).bernoulli(), torch.randn(2, 8, latent, generator=generator))
@@ -358,8 +362,10 @@ def test_a_parameter_the_loss_does_not_use_takes_no_step_in_a_batch_as_alone(tmp
     stacked_step(pair, 0, [0, 1])
     for row in (0, 1):
         assert torch.equal(pair.state(row)["spare.weight"], spare[row])
+        assert torch.equal(pair.state(row)["encoder.1.weight"], frozen[row])
         moments = pair.optimizer_state(row)
-        assert "spare.weight" not in moments["exp_avg"] and "decoder.weight" in moments["exp_avg"]
+        assert {"spare.weight", "encoder.1.weight"}.isdisjoint(moments["exp_avg"])
+        assert "decoder.weight" in moments["exp_avg"]
     plain = PlainStep(build_model(configs[1].model, (1, 28, 28), configs[1].prior), configs[1], cpu)
     plain.load_state(0, pair.state(1))
     plain.load_optimizer_states([pair.optimizer_state(1)])
@@ -369,6 +375,7 @@ def test_a_parameter_the_loss_does_not_use_takes_no_step_in_a_batch_as_alone(tmp
     for name, value in plain.state(0).items():
         torch.testing.assert_close(pair.state(0)[name], value, rtol=0, atol=1e-6)
     assert torch.equal(plain.state(0)["spare.weight"], spare[1])
+    assert torch.equal(plain.state(0)["encoder.1.weight"], frozen[1])
 
     # used on the third step only: its own step count (1, against 3) survives a checkpoint
     plain.model(0).use_spare = True

@@ -246,6 +246,8 @@ class StackedStep:
         # "model." because the template wraps the model in NoiseInput
         self.params = {f"model.{name}": value.detach() for name, value in params.items()}
         self.buffers = {f"model.{name}": value for name, value in buffers.items()}
+        # what the model trains: a parameter its own code froze (requires_grad=False) stays as it is
+        self.trainable = [f"model.{name}" for name, value in models[0].named_parameters() if value.requires_grad]
         self.template = NoiseInput(copy.deepcopy(models[0]).to("meta"))
         self.means_template = PosteriorMean(self.template.model)
         self.config = configs[0]  # the shared part (vae_lab.training.batching.batch_key) is the same in each
@@ -296,13 +298,18 @@ class StackedStep:
         grad would do the same under vmap, and imports torch._dynamo on its first call: 1.6 s.)"""
         from torch.func import vmap
 
-        leaves = {name: value.detach().requires_grad_() for name, value in self.params.items()}  # the same storage
+        # the same storage; a frozen parameter is no leaf to differentiate
+        leaves = {name: value.detach() for name, value in self.params.items()}
+        for name in self.trainable:
+            leaves[name].requires_grad_()
         values, sums = vmap(self._trial_loss, in_dims=(0, 0, images_dim, noise_dim, 0))(
             leaves, self.buffers, images, noise, weights)
         # the gradients as backward lays them out (`.backward()` would copy each into its
-        # parameter's layout first: `_follow_gradient_layouts`); None for a parameter the loss
-        # does not use, which Adam then leaves alone, as it does alone (`.grad` None)
-        grads = dict(zip(leaves, torch.autograd.grad(values.sum(), list(leaves.values()), allow_unused=True)))
+        # parameter's layout first: `_follow_gradient_layouts`); None for a frozen parameter and
+        # for one the loss does not use, which Adam then leaves alone, as it does alone (`.grad` None)
+        grads = dict.fromkeys(leaves)
+        grads.update(zip(self.trainable, torch.autograd.grad(
+            values.sum(), [leaves[name] for name in self.trainable], allow_unused=True)))
         self._follow_gradient_layouts(grads)
         self._adam_step(grads)
         return sums
