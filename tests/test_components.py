@@ -299,8 +299,8 @@ from vae_lab.models import Autoencoder
 
 
 class SpareVAE(Autoencoder):
-    """An MLP VAE with a frozen first layer, and a layer its loss uses only while `use_spare` is
-    set (never, by default)."""
+    """An MLP VAE with a frozen first layer, its encoder registered under a second name (`trunk`),
+    and a layer its loss uses only while `use_spare` is set (never, by default)."""
 
     variational = True
     use_spare = False
@@ -310,11 +310,12 @@ class SpareVAE(Autoencoder):
         pixels = math.prod(image_shape)
         self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(pixels, 16), nn.ReLU(), nn.Linear(16, 2 * latent_dim))
         self.encoder[1].requires_grad_(False)
+        self.trunk = self.encoder  # the same module: its tensors are in the state dict twice
         self.decoder = nn.Linear(latent_dim, pixels)
         self.spare = nn.Linear(latent_dim, 1)
 
     def encode_stats(self, x):
-        return self.encoder(x)
+        return self.trunk(x)
 
     def decode(self, z):
         logits = self.decoder(z)
@@ -328,7 +329,9 @@ def test_a_parameter_without_a_gradient_takes_no_step_in_a_batch_as_alone(tmp_pa
     """As with torch's Adam: a parameter without a gradient takes no step and has no Adam state,
     in a stacked batch as in a plain step. One the loss does not use failed the batch (autograd
     refused it) and a plain run's checkpoint; a frozen one (requires_grad=False) trained in a
-    batch. Checkpoints keep each parameter's own step, so a run resumes exactly where it was."""
+    batch. Checkpoints keep each parameter's own step, so a run resumes exactly where it was.
+    A module registered twice has its tensors under both names in every state a batch hands out
+    (its trials failed at the end: the model could not be rebuilt)."""
     from test_batched import assert_batched_as_alone
     from vae_lab.training.steps import PlainStep, StackedStep, loss_weights
 
@@ -359,6 +362,7 @@ def test_a_parameter_without_a_gradient_takes_no_step_in_a_batch_as_alone(tmp_pa
         stepper.train_step(images[1], None, noise[1], None, loss_weights([configs[1]], cpu))
 
     pair = StackedStep(models, configs, cpu)
+    assert set(pair.state(0)) == set(models[0].state_dict()) >= {"trunk.1.weight", "encoder.1.weight"}
     stacked_step(pair, 0, [0, 1])
     for row in (0, 1):
         assert torch.equal(pair.state(row)["spare.weight"], spare[row])

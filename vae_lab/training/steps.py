@@ -248,6 +248,7 @@ class StackedStep:
         self.buffers = {f"model.{name}": value for name, value in buffers.items()}
         # what the model trains: a parameter its own code froze (requires_grad=False) stays as it is
         self.trainable = [f"model.{name}" for name, value in models[0].named_parameters() if value.requires_grad]
+        self.aliases = aliases(models[0])
         self.template = NoiseInput(copy.deepcopy(models[0]).to("meta"))
         self.means_template = PosteriorMean(self.template.model)
         self.config = configs[0]  # the shared part (vae_lab.training.batching.batch_key) is the same in each
@@ -418,6 +419,13 @@ class StackedStep:
         self.clip = self.clip.index_select(0, index)
 
     def state(self, row: int) -> dict[str, torch.Tensor]:
+        """The trial's state dict, as its model's `state_dict()` names it (a tensor registered under
+        two names, by a module assigned twice, under both)."""
+        state = self._row_state(row)
+        return {**state, **{alias: state[name] for alias, name in self.aliases.items()}}
+
+    def _row_state(self, row: int) -> dict[str, torch.Tensor]:
+        """The trial's tensors, each once (by its first name)."""
         return {name.removeprefix("model."): value[row].detach().clone()
                 for name, value in (*self.params.items(), *self.buffers.items())}
 
@@ -503,12 +511,13 @@ class PaddedStep(StackedStep):
         index = torch.tensor(rows, device=self.clip.device)
         self.masks = {name: mask.index_select(0, index) for name, mask in self.masks.items()}
 
-    def state(self, row: int) -> dict[str, torch.Tensor]:
-        return {name: self.embedding.unpad(row, name, value) for name, value in super().state(row).items()}
+    def _row_state(self, row: int) -> dict[str, torch.Tensor]:
+        return {name: self.embedding.unpad(row, name, value) for name, value in super()._row_state(row).items()}
 
     @torch.no_grad()
     def load_state(self, row: int, state: dict[str, torch.Tensor]) -> None:
-        super().load_state(row, {name: self.embedding.pad(row, name, value) for name, value in state.items()})
+        super().load_state(row, {name: self.embedding.pad(row, name, value) for name, value in state.items()
+                                 if name not in self.aliases})
 
     def optimizer_state(self, row: int) -> dict | None:
         return _moments_mapped(super().optimizer_state(row), lambda name, value: self.embedding.unpad(row, name, value))
@@ -517,6 +526,17 @@ class PaddedStep(StackedStep):
         super().load_optimizer_states([
             _moments_mapped(state, lambda name, value, row=row: self.embedding.pad(row, name, value))
             for row, state in enumerate(states)])
+
+
+def aliases(model: nn.Module) -> dict[str, str]:
+    """{second name: first name} of each tensor the model registers under more than one name (a
+    module assigned to two attributes): `named_parameters()` gives it once, `state_dict()` under each."""
+    first, seconds = {}, {}
+    for name, tensor in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        first_name = first.setdefault(id(tensor), name)
+        if first_name != name:
+            seconds[name] = first_name
+    return seconds
 
 
 def _moments_mapped(state: dict | None, change) -> dict | None:
